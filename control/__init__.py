@@ -1,0 +1,1 @@
+"""stlflow.control (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""stlflow.datasets (see DESIGN.md)."""

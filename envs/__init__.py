@@ -1,0 +1,1 @@
+"""stlflow.envs (see DESIGN.md)."""

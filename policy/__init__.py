@@ -1,0 +1,1 @@
+"""stlflow.policy (see DESIGN.md)."""

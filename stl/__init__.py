@@ -1,0 +1,1 @@
+"""stlflow.stl (see DESIGN.md)."""
