@@ -39,3 +39,38 @@ class Expert(Protocol):
 def make_expert(env: Any, seed: int) -> Expert:
     """The scripted expert of ``env`` (a gymnasium env, wrapped or not) for episode ``seed``."""
     return env.unwrapped.make_expert(seed)
+
+
+class OffscreenRenderer:
+    """Off-screen RGB rendering of a MuJoCo model, created lazily on the first frame.
+
+    Needs an OpenGL back-end: set ``MUJOCO_GL=egl`` (GPU or Mesa EGL) or ``MUJOCO_GL=osmesa``
+    (software) on headless machines. Without one, the first frame raises a ``RuntimeError``
+    that says so, instead of MuJoCo's low-level GL message.
+    """
+
+    def __init__(self, model: Any, width: int = 480, height: int = 360) -> None:
+        self.model, self.width, self.height = model, width, height
+        self._renderer = None
+
+    def render(self, data: Any, camera: str | int = -1) -> np.ndarray:
+        """An (height, width, 3) uint8 frame of ``data`` seen from ``camera`` (name or id; -1 = free camera)."""
+        if self._renderer is None:
+            import mujoco
+
+            try:
+                self._renderer = mujoco.Renderer(self.model, height=self.height, width=self.width)
+            except Exception as err:  # mujoco raises various GL errors; make the remedy obvious
+                import os
+
+                raise RuntimeError(
+                    f"off-screen rendering failed ({err}); MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}. "
+                    "Set MUJOCO_GL=egl (or MUJOCO_GL=osmesa for software rendering) before importing mujoco."
+                ) from err
+        self._renderer.update_scene(data, camera=camera)
+        return self._renderer.render().copy()
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
