@@ -1,0 +1,266 @@
+"""Real-time-iteration (RTI) controller: a warm-started diffusion / flow policy that replans every tick.
+
+Symbols (Diffusion Policy's names): To = ``policy.n_obs_steps``, Tp = ``policy.horizon`` (chunk length),
+Da = ``policy.action_dim``, k = ``steps_per_tick``. Noise level t in [0, 1] (t = 1 pure noise, t = 0 clean),
+as in the policy contract for every head.
+
+What one tick does (one observation in, one action out, in physical units)::
+
+    tick 0 after reset():   x ~ N(0, I) --[full schedule, policy.nfe() evaluations]--> chunk_0 (clean, Tp x Da)
+    tick n >= 1:            guess = shift(chunk_{n-1}, by=1) with the last action repeated
+                            guess[discrete] = +-1/factor                      (discrete_mode="clip")
+                            x_init = guess            (renoise=False: fed as if it were the state at t_start)
+                                   | noise_to(guess, t_start)   (renoise=True: re-noised to t_start first)
+                            chunk_n = k solver steps from t_start down to 0, conditioned on the fresh history
+    every tick:             execute chunk_n[exec_offset]  (= To - 1: the chunk starts at the oldest observation)
+
+Timing (lock-step, one action executed per tick)::
+
+    obs_t --act--> a_t = chunk_t[To-1]  --env.step--> obs_{t+1} --act--> a_{t+1} = chunk_{t+1}[To-1] ...
+    chunk_t[To-1+j] plans time t+j, so chunk_{t+1}'s guess is chunk_t shifted left by one.
+
+Fallback to a cold start (full schedule) happens on ``reset()``, when the observation jumps by more than
+``obs_jump`` (max-abs difference of consecutive observations, physical units), and when the update residual
+(RMS of chunk_n - guess, normalised action units) exceeds ``residual_max``; in the last case the tick is
+redone cold and its network evaluations count both attempts. Residuals are logged every warm tick: contraction
+of the warm start is measured here, not assumed (the RTI-DP contraction bound is not a usable guarantee).
+
+Discrete action channels (``policy.discrete_action_mask``, e.g. a binary gripper in {-1, +1}):
+
+- ``"clip"``: the warm start's discrete channels are snapped to their discrete values before denoising, and
+  shrunk toward the channel's zero by ``clip_factor`` (1 = the clean values, 10 = RTI-DP's image setting);
+- ``"scale"``: for a policy trained on data whose discrete channels were divided by a factor (so a flip is a small
+  move); the warm start is left as it is;
+- in every mode the executed action's discrete channels are thresholded at 0 to {-1, +1}.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+
+DISCRETE_MODES = ("clip", "scale")
+
+
+class ObservationHistory:
+    """The last To observations of an episode, padded at the start by repeating the first one.
+
+    The padding replicates the edge frame, as Diffusion Policy's SequenceSampler does at an episode start.
+    """
+
+    def __init__(self, n_obs_steps: int, obs_dim: int) -> None:
+        if n_obs_steps < 1:
+            raise ValueError(f"n_obs_steps must be >= 1, got {n_obs_steps}")
+        self.n_obs_steps, self.obs_dim = int(n_obs_steps), int(obs_dim)
+        self._frames: deque[np.ndarray] = deque(maxlen=self.n_obs_steps)
+
+    def reset(self) -> None:
+        self._frames.clear()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def last(self) -> np.ndarray | None:
+        return self._frames[-1] if self._frames else None
+
+    def push(self, obs: Any) -> np.ndarray:
+        """Append one observation (Do,) and return the history (1, To, Do) float32."""
+        frame = np.asarray(obs, dtype=np.float32).reshape(-1)
+        if frame.shape[0] != self.obs_dim:
+            raise ValueError(f"observation has {frame.shape[0]} values, the policy expects obs_dim={self.obs_dim}")
+        if not self._frames:
+            self._frames.extend([frame] * self.n_obs_steps)
+        else:
+            self._frames.append(frame)
+        return np.stack(self._frames)[None]
+
+
+def exec_offset_of(policy: Any) -> int:
+    """Index in a predicted chunk of the action for the newest observation (Diffusion Policy: To - 1)."""
+    return int(getattr(policy, "action_offset", policy.n_obs_steps - 1))
+
+
+def latency_summary(latencies_s: list[float] | np.ndarray) -> dict[str, float]:
+    """p50/p95/p99/max/mean of per-tick latencies, in milliseconds (NaN when there are none)."""
+    lat = np.asarray(latencies_s, dtype=np.float64) * 1e3
+    if lat.size == 0:
+        return {k: float("nan") for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms")}
+    p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "max_ms": float(lat.max()),
+            "mean_ms": float(lat.mean())}
+
+
+class RTIController:
+    """Warm-started receding-horizon controller: a cold full denoise on the first tick, k steps afterwards.
+
+    Args:
+        policy: a ``stlflow.policy.Policy`` (or anything with the same names; see the policy contract).
+        steps_per_tick: k, solver steps on every warm tick (network evaluations ``policy.nfe(k, t_start)``).
+        t_start: noise level the warm start is treated as (DDPM/DDIM: timestep round(t (K-1)); flow: time).
+        renoise: re-noise the shifted clean chunk to ``t_start`` before integrating (False: RTI-DP's choice).
+        cold_steps: solver steps of a cold start (None: the head's default schedule).
+        discrete_mode: ``"clip"`` or ``"scale"`` (see the module docstring); ignored without discrete channels.
+        clip_factor: the warm start's discrete channels go to +-1/clip_factor (in the channel's normalised units
+            measured from the channel's zero) in ``"clip"`` mode.
+        obs_jump: cold start when max|obs_t - obs_{t-1}| exceeds this (physical units); None disables.
+        residual_max: redo a warm tick cold when RMS(chunk - guess) exceeds this (normalised units); None disables.
+        params: STL parameters for a conditioned policy (dict name -> value), passed to ``policy.condition``.
+        seed: seed of the controller's noise generator (``reset(seed=...)`` reseeds it).
+        shift: actions executed per tick (the chunk is shifted by this much between ticks).
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        steps_per_tick: int = 2,
+        t_start: float = 0.4,
+        renoise: bool = True,
+        cold_steps: int | None = None,
+        discrete_mode: str = "clip",
+        clip_factor: float = 1.0,
+        obs_jump: float | None = None,
+        residual_max: float | None = None,
+        params: Any = None,
+        seed: int = 0,
+        shift: int = 1,
+    ) -> None:
+        if int(steps_per_tick) < 1:
+            raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
+        if not 0.0 < float(t_start) <= 1.0:
+            raise ValueError(f"t_start is a noise level in (0, 1], got {t_start}")
+        if discrete_mode not in DISCRETE_MODES:
+            raise ValueError(f"discrete_mode must be one of {DISCRETE_MODES}, got {discrete_mode!r}")
+        if clip_factor <= 0:
+            raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
+        if not 1 <= int(shift) < policy.horizon:
+            raise ValueError(f"shift must be in [1, horizon={policy.horizon}), got {shift}")
+        self.policy = policy
+        self.steps_per_tick, self.t_start, self.renoise = int(steps_per_tick), float(t_start), bool(renoise)
+        self.cold_steps = cold_steps
+        self.discrete_mode, self.clip_factor = discrete_mode, float(clip_factor)
+        self.obs_jump, self.residual_max = obs_jump, residual_max
+        self.params, self.seed, self.shift = params, int(seed), int(shift)
+        self.exec_offset = exec_offset_of(policy)
+        if not 0 <= self.exec_offset < policy.horizon:
+            raise ValueError(f"executed index {self.exec_offset} is outside the chunk (horizon {policy.horizon})")
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.history = ObservationHistory(policy.n_obs_steps, policy.obs_dim)
+        mask = np.asarray(getattr(policy, "discrete_action_mask", np.zeros(policy.action_dim, bool)), dtype=bool)
+        self.discrete_mask = torch.as_tensor(mask.reshape(policy.action_dim))
+        with torch.no_grad():  # normalised images of the physical discrete values -1, 0, +1
+            levels = torch.tensor([-1.0, 0.0, 1.0]).repeat_interleave(policy.action_dim).reshape(3, -1)
+            self._discrete_levels = policy.normalize_action(levels).float()
+        self._chunk: torch.Tensor | None = None  # last clean chunk, normalised, (1, Tp, Da)
+        self.last_nfe = 0
+        self.last_residual = float("nan")
+        self.last_cold = False
+        self.log: dict[str, list] = {}
+        self.clear_stats()
+
+    # ------------------------------------------------------------------ episode bookkeeping
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new episode: forget the warm start and the history (the next tick is cold); reseed if asked."""
+        self._chunk = None
+        self.history.reset()
+        if seed is not None:
+            self.seed = int(seed)
+            self.generator.manual_seed(self.seed)
+
+    def clear_stats(self) -> None:
+        """Empty the per-tick logs behind :attr:`stats`."""
+        self.log = {"latency_s": [], "nfe": [], "residual": [], "cold": [], "reason": []}
+        self.fallbacks = {"obs_jump": 0, "residual": 0}
+
+    # ------------------------------------------------------------------ the warm start
+    def warm_start(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The initial guess for the next tick from a clean chunk (B, Tp, Da) normalised.
+
+        Drop the ``shift`` executed actions, repeat the last action to refill the end, and in ``"clip"`` mode
+        snap the discrete channels to their discrete values (divided by ``clip_factor``).
+        """
+        s = self.shift
+        guess = torch.cat([chunk[:, s:], chunk[:, -1:].expand(-1, s, -1)], dim=1)
+        if self.discrete_mode == "clip" and bool(self.discrete_mask.any()):
+            lo, zero, hi = self._discrete_levels
+            snapped = torch.where(guess > zero, hi, lo)
+            snapped = zero + (snapped - zero) / self.clip_factor
+            guess = torch.where(self.discrete_mask, snapped, guess)
+        return guess
+
+    # ------------------------------------------------------------------ one tick
+    @torch.no_grad()
+    def act(self, obs: Any) -> np.ndarray:
+        """One control tick: observation (Do,) physical -> action (Da,) physical, discrete channels thresholded."""
+        t0 = time.perf_counter()
+        frame = np.asarray(obs, dtype=np.float32).reshape(-1)
+        reason = ""
+        if self._chunk is None:
+            reason = "reset"
+        elif self.obs_jump is not None and self.history.last is not None:
+            jump = float(np.max(np.abs(frame - self.history.last)))
+            if jump > self.obs_jump:
+                reason = "obs_jump"
+                self.fallbacks["obs_jump"] += 1
+        history = self.history.push(frame)
+        cond = self.policy.condition(history, self.params)
+        nfe, residual = 0, float("nan")
+        if not reason:
+            guess = self.warm_start(self._chunk)
+            x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
+                else guess
+            chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
+                                                  steps=self.steps_per_tick, generator=self.generator)
+            nfe += self.policy.nfe(self.steps_per_tick, self.t_start)
+            residual = float(torch.sqrt(torch.mean((chunk - guess) ** 2)))
+            if self.residual_max is not None and residual > self.residual_max:
+                reason = "residual"
+                self.fallbacks["residual"] += 1
+        if reason:
+            chunk = self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator)
+            nfe += self.policy.nfe(self.cold_steps)
+        self._chunk = chunk.detach()
+        action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
+        if bool(self.discrete_mask.any()):
+            action = self.policy.threshold_discrete(action)
+        action = np.asarray(action.detach().cpu().numpy() if torch.is_tensor(action) else action, dtype=np.float32)
+        self.last_nfe, self.last_residual, self.last_cold = nfe, residual, bool(reason)
+        self.log["latency_s"].append(time.perf_counter() - t0)
+        self.log["nfe"].append(nfe)
+        self.log["residual"].append(residual)
+        self.log["cold"].append(bool(reason))
+        self.log["reason"].append(reason)
+        return action
+
+    # ------------------------------------------------------------------ telemetry
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Per-tick telemetry since construction or :meth:`clear_stats`.
+
+        ``latency`` (p50/p95/p99/max/mean in ms, wall time of ``act``), ``nfe_per_tick`` (mean network
+        evaluations per ``act``), ``nfe_per_action`` (the same divided by the actions executed per tick, here 1),
+        ``cold_ticks``, ``fallbacks`` (by reason), ``residual_mean`` / ``residual_max`` over warm ticks and the raw
+        per-tick ``residuals`` (NaN on cold ticks).
+        """
+        nfe = np.asarray(self.log["nfe"], dtype=np.float64)
+        res = np.asarray(self.log["residual"], dtype=np.float64)
+        warm = res[~np.isnan(res)]
+        return {
+            "ticks": len(nfe),
+            "latency": latency_summary(self.log["latency_s"]),
+            "nfe_per_tick": float(nfe.mean()) if nfe.size else float("nan"),
+            "nfe_per_action": float(nfe.sum() / nfe.size) if nfe.size else float("nan"),
+            "cold_ticks": int(np.sum(self.log["cold"])),
+            "fallbacks": dict(self.fallbacks),
+            "residual_mean": float(warm.mean()) if warm.size else float("nan"),
+            "residual_max": float(warm.max()) if warm.size else float("nan"),
+            "residuals": res.tolist(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"RTIController(k={self.steps_per_tick}, t_start={self.t_start}, renoise={self.renoise}, "
+                f"discrete_mode={self.discrete_mode!r}, obs_jump={self.obs_jump}, residual_max={self.residual_max})")
