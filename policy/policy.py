@@ -1,0 +1,319 @@
+"""The Policy: normalise, condition on the observation history (and θ), sample an action chunk, unnormalise.
+
+Notation (Diffusion Policy): To = ``n_obs_steps``, Tp = ``horizon``, Ta = ``n_action_steps``, Do = obs dim,
+Da = action dim, P = number of STL parameters θ.
+
+Timing (To = 2, Tp = 16, Ta = 8; the same windows as :class:`stlflow.datasets.SequenceSampler`)::
+
+    chunk index j:   0    1    2   ...   8   9  ...  15
+    obs history:   [t-1   t]
+    actions:       [a_{t-1} a_t a_{t+1} ... a_{t+7}  ...  a_{t+14}]
+                        executed: j = To-1 ... To-1+Ta-1  (a_t ... a_{t+7})
+
+``predict(obs_history)`` returns the whole chunk ``(B, Tp, Da)``; the caller executes
+``chunk[:, To-1 : To-1+Ta]`` (``Policy.executed_slice``).
+
+The condition is ``[normalised obs history flattened (To*Do), θ_normalised * keep (P), keep (1)]`` where
+``keep`` is 1 when θ is given and 0 for the unconditional branch (no θ, or dropped at training time with
+probability ``cfg_dropout`` for classifier-free guidance). At sampling, ``guidance_scale`` s != 1 combines
+the predictions as u + s (c - u), which costs two network evaluations per step (batched).
+
+Discrete action channels (``discrete_action_mask``, from the env) take the values {-1, +1} in physical
+units; :meth:`predict` snaps them at threshold 0.
+
+A checkpoint directory holds ``policy.yaml`` (configuration), ``model.safetensors`` (weights and the head's
+buffers, e.g. the DDPM schedule) and ``normalizer.safetensors``; it loads on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from stlflow.datasets.normalizer import Normalizer
+from stlflow.policy.heads import HEADS, Head, build_head
+from stlflow.policy.nets import build_net, count_parameters
+
+__all__ = ["Policy"]
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = "policy.yaml", "model.safetensors", "normalizer.safetensors"
+
+
+class Policy(nn.Module):
+    """A chunking generative policy.
+
+    Args:
+        obs_dim: Do.
+        action_dim: Da.
+        n_obs_steps: To, observation history length.
+        horizon: Tp, predicted chunk length.
+        n_action_steps: Ta, actions executed per chunk; ``Ta <= Tp - To + 1``.
+        head: head config ``{"kind": "ddpm"|"flow"|"meanflow", ...}`` (see ``heads.py``).
+        net: network config ``{"name": "mlp"|"unet", ...}`` (see ``nets.py``).
+        param_names: names of the STL parameters θ, in order ([] = unconditioned).
+        discrete_action_mask: bool (Da,), channels that take values {-1, +1}.
+        normalizer: a :class:`stlflow.datasets.Normalizer` with keys ``obs``, ``action`` (and ``params`` when
+            θ is used); None = identity.
+        cfg_dropout: probability of dropping θ at training (classifier-free guidance); used only with θ.
+        guidance_scale: classifier-free guidance scale at sampling (1.0 = off).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        n_obs_steps: int = 2,
+        horizon: int = 16,
+        n_action_steps: int = 8,
+        head: Mapping[str, Any] | None = None,
+        net: Mapping[str, Any] | None = None,
+        param_names: Sequence[str] = (),
+        discrete_action_mask: Sequence[bool] | np.ndarray | None = None,
+        normalizer: Normalizer | None = None,
+        cfg_dropout: float = 0.1,
+        guidance_scale: float = 1.0,
+    ):
+        super().__init__()
+        if min(obs_dim, action_dim, n_obs_steps, horizon, n_action_steps) < 1:
+            raise ValueError("obs_dim, action_dim, n_obs_steps, horizon and n_action_steps must all be >= 1")
+        if n_action_steps > horizon - n_obs_steps + 1:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} must be <= horizon - n_obs_steps + 1 = "
+                f"{horizon - n_obs_steps + 1} (the chunk must cover the executed actions)"
+            )
+        self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
+        self.n_obs_steps, self.horizon, self.n_action_steps = int(n_obs_steps), int(horizon), int(n_action_steps)
+        self.param_names = [str(p) for p in param_names]
+        self.head_cfg = dict(head or {"kind": "flow"})
+        self.net_cfg = dict(net or {"name": "mlp"})
+        mask = np.zeros(action_dim, bool) if discrete_action_mask is None else np.asarray(discrete_action_mask, bool)
+        if mask.shape != (action_dim,):
+            raise ValueError(f"discrete_action_mask must have shape ({action_dim},), got {mask.shape}")
+        self.discrete_action_mask = mask
+        self.cfg_dropout, self.guidance_scale = float(cfg_dropout), float(guidance_scale)
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
+        if normalizer is None:
+            data = {"obs": np.zeros((1, obs_dim)), "action": np.zeros((1, action_dim))}
+            if self.param_names:
+                data["params"] = np.zeros((1, len(self.param_names)))
+            normalizer = Normalizer.fit(data, modes="identity")
+        needed = ["obs", "action"] + (["params"] if self.param_names else [])
+        missing = [k for k in needed if k not in normalizer]
+        if missing:
+            raise ValueError(f"normalizer lacks keys {missing}; it has {normalizer.keys}")
+        self.normalizer = normalizer
+        kind = self.head_cfg.get("kind")
+        if kind not in HEADS:
+            raise ValueError(f"unknown head kind {kind!r}; choose one of {sorted(HEADS)}")
+        self.cond_dim = self.n_obs_steps * self.obs_dim + (len(self.param_names) + 1 if self.param_names else 0)
+        net_module = build_net(self.net_cfg, self.action_dim, self.horizon, self.cond_dim, HEADS[kind].n_times)
+        self.head: Head = build_head(self.head_cfg, net_module, self.horizon, self.action_dim)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def executed_slice(self) -> slice:
+        """Chunk indices of the Ta actions to execute after the latest observation: [To-1, To-1+Ta)."""
+        return slice(self.n_obs_steps - 1, self.n_obs_steps - 1 + self.n_action_steps)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def config(self) -> dict[str, Any]:
+        """Everything (except weights and normaliser) needed to rebuild the policy."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "n_obs_steps": self.n_obs_steps,
+            "horizon": self.horizon,
+            "n_action_steps": self.n_action_steps,
+            "head": self.head_cfg,
+            "net": self.net_cfg,
+            "param_names": list(self.param_names),
+            "discrete_action_mask": [bool(b) for b in self.discrete_action_mask],
+            "cfg_dropout": self.cfg_dropout,
+            "guidance_scale": self.guidance_scale,
+        }
+
+    # ------------------------------------------------------------------ normalisation
+    def _tensor(self, x: Any) -> Tensor:
+        return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32).to(self.device)
+
+    def normalize_action(self, a: Tensor) -> Tensor:
+        """Physical -> normalised actions, any leading dims ``(..., Da)``."""
+        return self.normalizer.normalize("action", a)
+
+    def unnormalize_action(self, x: Tensor) -> Tensor:
+        """Normalised -> physical actions, any leading dims ``(..., Da)``."""
+        return self.normalizer.unnormalize("action", x)
+
+    def threshold_discrete(self, a: Any) -> Any:
+        """Snap discrete channels to {-1, +1} (threshold 0); ``a`` (..., Da) physical, numpy or torch."""
+        if not self.discrete_action_mask.any():
+            return a
+        if isinstance(a, Tensor):
+            a = a.clone()
+            m = torch.as_tensor(self.discrete_action_mask, device=a.device)
+            a[..., m] = torch.where(a[..., m] > 0, 1.0, -1.0).to(a.dtype)
+            return a
+        a = np.array(a, copy=True)
+        a[..., self.discrete_action_mask] = np.where(a[..., self.discrete_action_mask] > 0, 1.0, -1.0)
+        return a
+
+    # ------------------------------------------------------------------ conditioning
+    def _params_matrix(self, params: Any, batch: int) -> Tensor | None:
+        if params is None or not self.param_names:
+            if params is not None:
+                raise ValueError("params given, but this policy was trained without θ (param_names is empty)")
+            return None
+        if isinstance(params, Mapping):
+            unknown = set(params) - set(self.param_names)
+            missing = [n for n in self.param_names if n not in params]
+            if unknown or missing:
+                raise KeyError(f"params must name exactly {self.param_names}; missing {missing}, unknown {unknown}")
+            cols = [self._tensor(params[n]).reshape(-1).expand(batch) if self._tensor(params[n]).numel() == 1
+                    else self._tensor(params[n]).reshape(batch) for n in self.param_names]
+            theta = torch.stack(cols, dim=-1)
+        else:
+            theta = self._tensor(params)
+            if theta.ndim == 1:
+                theta = theta.expand(batch, -1)
+        if theta.shape != (batch, len(self.param_names)):
+            raise ValueError(f"params must have shape ({batch}, {len(self.param_names)}), got {tuple(theta.shape)}")
+        return theta
+
+    def condition(self, obs_history: Any, params: Any = None, keep: Tensor | None = None) -> Tensor:
+        """Condition vector ``(B, Dc)`` from ``obs_history`` (B, To, Do) in physical units and θ.
+
+        ``params``: ``{name: float | (B,)}``, an array (B, P) or (P,), or None (unconditional).
+        ``keep``: optional (B,) 0/1 mask (training-time θ dropout).
+        """
+        obs = self._tensor(obs_history)
+        if obs.ndim == 2:
+            obs = obs.unsqueeze(0)
+        if obs.shape[1:] != (self.n_obs_steps, self.obs_dim):
+            raise ValueError(
+                f"obs_history must have shape (B, To={self.n_obs_steps}, Do={self.obs_dim}), got {tuple(obs.shape)}"
+            )
+        parts = [self.normalizer.normalize("obs", obs).flatten(1)]
+        if self.param_names:
+            b = obs.shape[0]
+            theta = self._params_matrix(params, b)
+            if theta is None:
+                theta_n, k = obs.new_zeros(b, len(self.param_names)), obs.new_zeros(b)
+            else:
+                theta_n = self.normalizer.normalize("params", theta)
+                k = obs.new_ones(b) if keep is None else keep.to(obs)
+            parts += [theta_n * k[:, None], k[:, None]]
+        return torch.cat(parts, dim=-1)
+
+    def unconditional(self, cond: Tensor) -> Tensor:
+        """The same condition with θ removed (the classifier-free guidance's unconditional branch)."""
+        if not self.param_names:
+            return cond
+        out = cond.clone()
+        out[:, self.n_obs_steps * self.obs_dim :] = 0
+        return out
+
+    # ------------------------------------------------------------------ training
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """All training randomness for ``batch`` samples (head noise/times and the θ-dropout mask)."""
+        dev = generator.device if generator is not None else self.device
+        noise = self.head.draw_noise(batch, generator=generator, device=dev)
+        if self.param_names:
+            noise["cfg_keep"] = (torch.rand((batch,), generator=generator, device=dev) >= self.cfg_dropout).float()
+        return noise
+
+    def compute_loss(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Training loss of a batch ``{"obs": (B,To,Do), "action": (B,Tp,Da), ["params": (B,P)]}`` (physical)."""
+        obs, act = batch["obs"].to(self.device), batch["action"].to(self.device)
+        b = act.shape[0]
+        noise = dict(noise) if noise is not None else self.draw_noise(b)
+        keep = noise.pop("cfg_keep", None)
+        params = batch.get("params") if self.param_names else None
+        if self.param_names and params is None:
+            raise KeyError(f"batch lacks 'params' for the θ conditioning on {self.param_names}")
+        cond = self.condition(obs[:, : self.n_obs_steps], params, keep=keep)
+        return self.head.loss(self.normalize_action(act), cond, noise)
+
+    def forward(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Training loss (so that DistributedDataParallel can wrap the policy)."""
+        return self.compute_loss(batch, noise)
+
+    # ------------------------------------------------------------------ sampling
+    def nfe(self, steps: int | None = None, t_start: float = 1.0) -> int:
+        """Network evaluations of one :meth:`sample_normalized` call (x2 with classifier-free guidance)."""
+        n = self.head.nfe(steps, t_start)
+        return 2 * n if (self.param_names and self.guidance_scale != 1.0) else n
+
+    @torch.no_grad()
+    def sample_normalized(
+        self,
+        cond: Tensor,
+        x_init: Tensor | None = None,
+        t_start: float = 1.0,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        guidance_fn: Callable[[Tensor, float], Tensor] | None = None,
+    ) -> Tensor:
+        """Normalised chunk (B, Tp, Da) for ``cond`` (B, Dc), with classifier-free guidance when configured."""
+        use_cfg = bool(self.param_names) and self.guidance_scale != 1.0
+        return self.head.sample(
+            cond, x_init=x_init, t_start=t_start, steps=steps, generator=generator, guidance_fn=guidance_fn,
+            uncond=self.unconditional(cond) if use_cfg else None, guidance_scale=self.guidance_scale,
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, obs_history: Any, params: Any = None, steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """Action chunks ``(B, Tp, Da)`` in physical units, discrete channels thresholded.
+
+        ``obs_history``: (B, To, Do) or (To, Do), physical units. ``steps``: solver steps (head default if None).
+        """
+        cond = self.condition(obs_history, params)
+        x = self.sample_normalized(cond, steps=steps, generator=generator)
+        return self.threshold_discrete(self.unnormalize_action(x).cpu().numpy())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike, state_dict: Mapping[str, Tensor] | None = None) -> Path:
+        """Write ``policy.yaml``, ``model.safetensors`` (``state_dict`` or this policy's) and the normaliser."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        sd = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(d / WEIGHTS_FILE),
+                  metadata={"format": "stlflow.Policy"})
+        self.normalizer.save(d / NORMALIZER_FILE)
+        (d / CONFIG_FILE).write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Policy:
+        """Rebuild a policy saved with :meth:`save` on ``map_location`` (CPU by default)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{d} is not a policy checkpoint: {CONFIG_FILE} is missing")
+        cfg = yaml.safe_load((d / CONFIG_FILE).read_text())
+        if cfg.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError(f"{d / CONFIG_FILE}: unsupported format_version (this code reads {FORMAT_VERSION})")
+        policy = cls(**cfg, normalizer=Normalizer.load(d / NORMALIZER_FILE))
+        policy.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
+        return policy.to(map_location).eval()
