@@ -6,16 +6,18 @@ Units are metres, seconds, radians; the table top is the plane z = 0. The MJCF m
 ``envs/assets/pickplace.xml`` (its header documents the mechanism).
 
 Control
-    ``dt = 0.1`` s per env step (10 Hz policy) = ``frame_skip = 50`` MuJoCo sub-steps of 2 ms
-    (implicit-fast integrator, elliptic friction cones). ``max_steps`` (default 100, i.e. 10 s)
+    ``dt = 0.1`` s per env step (10 Hz policy) = ``frame_skip = 25`` MuJoCo sub-steps of 4 ms
+    (implicit-fast integrator, elliptic friction cones). ``max_steps`` (default 120, i.e. 12 s)
     is enforced inside the env: the step that reaches it returns ``truncated=True``.
 
 Action, shape (4,), float32
     ``[x, y, z, grip]``: ``x, y, z`` is the ABSOLUTE target position (m, world frame) of the tool
     centre point (TCP: midway between the finger pads), bounded by :data:`WORKSPACE_LOW` /
-    :data:`WORKSPACE_HIGH` (targets outside are clipped). Three slide joints with position servos
-    (kp 800 N/m, damping 45 N s/m, force limit 40 N) track it; a jump in the target is therefore
-    followed at high speed, which is what the speed rule limits. ``grip`` is BINARY:
+    :data:`WORKSPACE_HIGH` (targets outside are clipped). Within the step the servo set-point moves
+    linearly from the previous target to this one (so the TCP moves smoothly, at about
+    ``|target - previous target| / dt``); three slide joints with position servos (kp 800 N/m,
+    damping 45 N s/m, force limit 40 N) track it. A large jump in the target is therefore followed
+    at high speed, which is what the speed rule limits. ``grip`` is BINARY:
     ``+1`` closes, ``-1`` opens; any real value is thresholded at 0 (``grip > 0`` closes).
     ``discrete_action_mask = [False, False, False, True]``.
 
@@ -46,7 +48,7 @@ Rules (``rules``; the ``stlflow.stl`` syntax)::
 
     G(ee_speed <= {v_max}) & G(ee_height_clear >= {h_min}) & F[0,{T}](in_target >= 0)
 
-with ``rule_defaults = {"v_max": 0.5, "h_min": 0.04, "T": 9.0}`` (m/s, m, s) and the three
+with ``rule_defaults = {"v_max": 0.5, "h_min": 0.04, "T": 10.0}`` (m/s, m, s) and the three
 conjuncts in ``rule_list`` as ``speed_limit``, ``clearance`` and ``place``.
 
 Success, termination, collision, reward
@@ -105,7 +107,7 @@ RULE_LIST: dict[str, str] = {
     "place": "F[0,{T}](in_target >= 0)",
 }
 RULES = " & ".join(RULE_LIST.values())
-RULE_DEFAULTS: dict[str, float] = {"v_max": 0.5, "h_min": 0.04, "T": 9.0}
+RULE_DEFAULTS: dict[str, float] = {"v_max": 0.5, "h_min": 0.04, "T": 10.0}
 
 
 def pickplace_signals(obs: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,12 +145,12 @@ class PickPlaceEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    frame_skip = 50  # MuJoCo sub-steps per env step
+    frame_skip = 25  # MuJoCo sub-steps per env step
 
     def __init__(
         self,
         render_mode: str | None = None,
-        max_steps: int = 100,
+        max_steps: int = 120,
         width: int = 480,
         height: int = 360,
         camera: str = "front",
@@ -160,7 +162,7 @@ class PickPlaceEnv(gym.Env):
         self.render_mode, self.max_steps, self.camera = render_mode, int(max_steps), camera
         self.model = mujoco.MjModel.from_xml_path(str(MODEL_PATH))
         self.data = mujoco.MjData(self.model)
-        self.dt = self.model.opt.timestep * self.frame_skip  # 0.1 s
+        self.dt = round(float(self.model.opt.timestep) * self.frame_skip, 9)  # 0.1 s
         if camera not in ("front", "top"):
             raise ValueError(f"camera must be 'front' or 'top'; got {camera!r}")
         self._renderer = OffscreenRenderer(self.model, width=width, height=height) if render_mode else None
@@ -220,10 +222,12 @@ class PickPlaceEnv(gym.Env):
             raise ValueError(f"action must be 4 finite numbers [x, y, z, grip]; got {action!r}")
         m, d = self.model, self.data
         self._grip_closed = bool(a[3] > 0.0)
-        d.ctrl[:3] = np.clip(a[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
+        start, goal = d.ctrl[:3].copy(), np.clip(a[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
         d.ctrl[3:5] = GRIP_CLOSED if self._grip_closed else GRIP_OPEN
         collision = False
-        for _ in range(self.frame_skip):
+        for i in range(1, self.frame_skip + 1):
+            # the servo set-point moves linearly from the previous target to the new one over the step
+            d.ctrl[:3] = start + (i / self.frame_skip) * (goal - start)
             mujoco.mj_step(m, d)
             collision = collision or d.sensordata[self._sens_table] > 0
         self._step_count += 1
@@ -245,7 +249,7 @@ class PickPlaceEnv(gym.Env):
 
     # ------------------------------------------------------------------ task interface
     def signals(self, obs: np.ndarray) -> dict[str, np.ndarray]:
-        """STL signals of observations (T, 18) or (B, T, 18) -> ``{name: (T,) or (B, T)}`` (:func:`pickplace_signals`)."""
+        """STL signals of observations (T, 18) or (B, T, 18) -> {name: (T,) or (B, T)} (:func:`pickplace_signals`)."""
         return pickplace_signals(obs)
 
     def make_expert(self, seed: int) -> PickPlaceExpert:
@@ -310,14 +314,20 @@ class PickPlaceEnv(gym.Env):
 
 
 class PickPlaceExpert:
-    """Scripted pick-and-place expert: reach over the cube, descend, close, lift, carry, lower, open.
+    """Scripted pick-and-place expert: level, reach over the cube, descend, close, lift, carry, lower, open.
+
+    Phases: ``level`` (move vertically to the approach height), ``reach`` (travel horizontally to
+    above the cube), ``descend``, ``grasp`` (close and wait), ``lift`` (to the carry height),
+    ``carry`` (over the drop point), ``lower`` (until the cube is 2 mm above the table), ``release``
+    (open and wait), ``retreat`` (up to the approach height; the env usually ends the episode on
+    success before this).
 
     ``mode`` is the target zone (``"left"`` or ``"right"``, equally likely). ``style`` holds the
     per-episode randomised parameters, all drawn from ``seed`` alone:
 
     - ``speed`` (m/s): cruise speed of the commanded TCP target, U[0.12, 0.32];
     - ``descend_ratio``: vertical approach speed as a fraction of ``speed``, U[0.4, 0.8];
-    - ``approach_height`` (m): TCP height when travelling to the cube, U[0.06, 0.15];
+    - ``approach_height`` (m): TCP height when travelling to the cube, U[0.05, 0.15];
     - ``carry_height`` (m): TCP height when carrying the cube, U[0.08, 0.18];
     - ``grasp_offset`` (m): TCP height relative to the cube centre at the grasp, U[-0.004, 0.006];
     - ``place_dx``, ``place_dy`` (m): drop point relative to the zone centre, uniform in a 2.5 cm disc;
@@ -338,7 +348,7 @@ class PickPlaceExpert:
         self.style: dict[str, Any] = {
             "speed": float(rng.uniform(0.12, 0.32)),
             "descend_ratio": float(rng.uniform(0.4, 0.8)),
-            "approach_height": float(rng.uniform(0.06, 0.15)),
+            "approach_height": float(rng.uniform(0.05, 0.15)),
             "carry_height": float(rng.uniform(0.08, 0.18)),
             "grasp_offset": float(rng.uniform(-0.004, 0.006)),
             "place_dx": float(r * np.cos(ang)),
@@ -350,7 +360,7 @@ class PickPlaceExpert:
 
     def reset(self) -> None:
         """Start a new episode (call after ``env.reset``)."""
-        self.phase, self._target, self._wait = "reach", None, 0
+        self.phase, self._target, self._start, self._wait = "level", None, None, 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """The action (4,) float32 for observation ``obs`` (18,)."""
@@ -359,12 +369,16 @@ class PickPlaceExpert:
         ee, cube = obs[OBS_INDEX["ee_pos"]], obs[OBS_INDEX["cube_pos"]]
         zone = obs[OBS_INDEX[f"zone_{self.mode}"]] + [s["place_dx"], s["place_dy"]]
         if self._target is None:
-            self._target = ee.copy()
+            self._target, self._start = ee.copy(), ee.copy()
         held = self.phase in ("lift", "carry", "lower") and np.linalg.norm(cube - ee) > 0.03
         if held:  # the cube slipped: open and start over
             self.phase = "reach"
 
         grip, speed = -1.0, s["speed"]
+        if self.phase == "level":  # go straight up or down to the approach height first
+            goal = np.array([self._start[0], self._start[1], s["approach_height"]])
+            if self._arrived(goal, ee, tol=0.01):
+                self.phase = "reach"
         if self.phase == "reach":
             goal = np.array([cube[0], cube[1], s["approach_height"]])
             if self._arrived(goal, ee, tol=0.008):
