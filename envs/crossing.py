@@ -1,0 +1,499 @@
+"""``stlflow/Crossing-v0``: a planar robot drives down a corridor while pedestrians cross its path.
+
+The human-robot encounter task. The robot (a MuJoCo body on slide-x, slide-y and yaw joints, radius
+0.25 m) starts near x = 0 and must reach a goal disc near x = 9 m; one pedestrian (two in about half
+of the episodes) walks across the corridor on a scripted straight path with randomised crossing
+point, direction, speed (0.7-1.3 m/s) and timing. Pedestrians are mocap bodies: they follow their
+script and are never pushed; touching one (or a wall) is a collision and ends the episode.
+
+Frames and units: world x along the corridor, y lateral (centre line y = 0, wall faces at
+y = +-``HALF_WIDTH`` = 2 m); metres, seconds, radians.
+
+Control: ``dt`` = 0.1 s per ``step`` (10 Hz), ``SUBSTEPS`` = 10 MuJoCo steps of 0.01 s (Euler).
+Action ``(v_cmd, omega_cmd)``: forward speed in [-0.5, 1.6] m/s and turn rate in [-2, 2] rad/s
+(``action_space``). The robot's drive is acceleration limited: at each control step the speed
+target moves from the measured speed v by ``ACCEL_V * dt * tanh((v_cmd - v) / (ACCEL_V * dt))``
+(|a| <= ``ACCEL_V`` = 2 m/s^2; the turn rate likewise with ``ACCEL_W`` = 4 rad/s^2) and is ramped
+linearly over the sub-steps; a small internal controller sets the three motor forces so that the
+joint velocities follow that ramp exactly (``M (qvel_target - qvel) / h``). The same equations,
+in torch, are :class:`stlflow.envs.crossing_dynamics.CrossingDynamics`.
+
+Observation (float32, ``OBS_DIM`` = 20; world-frame vectors)::
+
+    0 x        robot position along the corridor (m)      1 y        lateral position = ``lateral`` (m)
+    2 cos(yaw) 3 sin(yaw)                                  4 v        measured forward speed (m/s)
+    5 omega    measured yaw rate (rad/s)                   6,7        goal position minus robot position (m)
+    8 wall_left  HALF_WIDTH - y (m)                        9 wall_right HALF_WIDTH + y (m)
+    10-14 pedestrian 0: present (1.0), dx, dy (position minus robot, m), vx, vy (m/s)
+    15-19 pedestrian 1: the same; an absent pedestrian is all zeros (present = 0, so it is ignored)
+
+STL signals (``signals(obs)``, ``info["signals"]``): ``speed`` = |v| (m/s); ``clearance`` = the
+smallest gap between the robot's and a present pedestrian's discs (centre distance - 0.55 m),
+capped at ``CLEARANCE_CAP`` = 10 m; ``lateral`` = y (m); ``dist_goal`` = distance to the goal centre (m).
+
+Episode: ends (``terminated``) when the goal is reached (dist_goal <= ``GOAL_RADIUS`` = 0.3 m:
+success) or on a collision (clearance <= 0 or robot-wall contact); ``truncated`` after ``max_steps``
+(default 300 = 30 s). ``info``: ``signals``, ``success`` (goal reached with no collision so far),
+``collision``, ``time`` (s).
+Reward: progress towards the goal (previous minus current dist_goal, m) - 0.01 per step,
++10 on success, -10 on a collision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
+
+from stlflow.envs.base import OffscreenRenderer
+
+ASSET = Path(__file__).resolve().parent / "assets" / "crossing.xml"
+
+DT = 0.1  # control period (s)
+SUBSTEPS = 10  # MuJoCo steps per control step (timestep 0.01 s, in the asset)
+ACCEL_V = 2.0  # forward acceleration limit (m/s^2)
+ACCEL_W = 4.0  # yaw acceleration limit (rad/s^2)
+V_BOUNDS = (-0.5, 1.6)  # commanded forward speed (m/s)
+W_BOUNDS = (-2.0, 2.0)  # commanded turn rate (rad/s)
+HALF_WIDTH = 2.0  # corridor centre line to wall face (m)
+ROBOT_RADIUS = 0.25
+PED_RADIUS = 0.3
+CONTACT_DISTANCE = ROBOT_RADIUS + PED_RADIUS  # centre distance at which robot and pedestrian touch (m)
+CLEARANCE_CAP = 10.0  # clearance reported when no pedestrian is nearer (m)
+GOAL_RADIUS = 0.3  # success when dist_goal <= this (m)
+N_PEDS = 2  # pedestrian slots in the observation
+
+OBS_DIM = 10 + 5 * N_PEDS
+# Observation indices (see the module docstring).
+I_X, I_Y, I_COS, I_SIN, I_V, I_W, I_GOAL, I_WALLS, I_PEDS = 0, 1, 2, 3, 4, 5, slice(6, 8), slice(8, 10), 10
+PED_STRIDE = 5  # per pedestrian: present, dx, dy, vx, vy
+
+SIGNAL_NAMES = ("speed", "clearance", "lateral", "dist_goal")
+RULE_LIST = {
+    "speed": "G(speed <= {v_max})",
+    "clearance": "G(clearance >= {d_safe})",
+    "corridor": "G(abs(lateral) <= {w})",
+    "reach": "F[0,{T}](dist_goal <= {eps})",
+}
+RULES = " & ".join(RULE_LIST.values())
+RULE_DEFAULTS = {"v_max": 1.5, "d_safe": 0.3, "w": 1.6, "T": 25.0, "eps": GOAL_RADIUS}
+
+
+def signals_from_obs(obs: np.ndarray) -> dict[str, np.ndarray]:
+    """The STL signals of observations ``obs`` (..., T, OBS_DIM) -> {name: (..., T)} float arrays.
+
+    A pure function of the observation (the module docstring defines each signal).
+    """
+    obs = np.asarray(obs)
+    if obs.ndim not in (2, 3) or obs.shape[-1] != OBS_DIM:
+        raise ValueError(f"obs must be shaped (T, {OBS_DIM}) or (B, T, {OBS_DIM}); got {obs.shape}")
+    peds = obs[..., I_PEDS:].reshape(*obs.shape[:-1], N_PEDS, PED_STRIDE)
+    gap = np.hypot(peds[..., 1], peds[..., 2]) - CONTACT_DISTANCE
+    gap = np.where(peds[..., 0] > 0.5, gap, np.inf)
+    return {
+        "speed": np.abs(obs[..., I_V]),
+        "clearance": np.minimum(gap.min(axis=-1), CLEARANCE_CAP),
+        "lateral": obs[..., I_Y].copy(),
+        "dist_goal": np.hypot(obs[..., 6], obs[..., 7]),
+    }
+
+
+@dataclass
+class PedestrianScript:
+    """Straight-line walks: pedestrian i waits at ``start[i]`` until ``t0[i]`` (s), walks at ``speed[i]``
+    (m/s) along ``direction[i]`` for ``length[i]`` m, then stands still. ``present[i]`` False = absent."""
+
+    start: np.ndarray  # (P, 2) m
+    direction: np.ndarray  # (P, 2) unit vectors
+    speed: np.ndarray  # (P,) m/s
+    t0: np.ndarray  # (P,) s
+    length: np.ndarray  # (P,) m
+    present: np.ndarray  # (P,) bool
+
+    def position(self, t: np.ndarray | float) -> np.ndarray:
+        """Positions at times ``t`` (...,) s -> (..., P, 2) m (absent pedestrians: parked far away)."""
+        t = np.asarray(t, dtype=float)[..., None]
+        s = np.clip((t - self.t0) * self.speed, 0.0, self.length)
+        pos = self.start + s[..., None] * self.direction
+        return np.where(self.present[:, None], pos, np.array([-20.0, 0.0]))
+
+    def velocity(self, t: np.ndarray | float) -> np.ndarray:
+        """Velocities at times ``t`` (...,) s -> (..., P, 2) m/s."""
+        t = np.asarray(t, dtype=float)[..., None]
+        s = (t - self.t0) * self.speed
+        walking = (s > 0.0) & (s < self.length) & self.present
+        return np.where(walking[..., None], self.speed[:, None] * self.direction, 0.0)
+
+
+class CrossingEnv(gym.Env):
+    """The Crossing task (see the module docstring for spaces, signals, rules and reward).
+
+    Args:
+        render_mode: None or ``"rgb_array"`` (top-down camera; needs ``MUJOCO_GL=egl`` or ``osmesa`` headless).
+        max_steps: time limit in control steps (truncation).
+        second_pedestrian_prob: probability that a second pedestrian crosses further down the corridor.
+        width, height: rendered frame size in pixels.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
+
+    dt = DT
+    rules = RULES
+    rule_list = RULE_LIST
+    rule_defaults = RULE_DEFAULTS
+
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        max_steps: int = 300,
+        second_pedestrian_prob: float = 0.5,
+        width: int = 480,
+        height: int = 360,
+    ) -> None:
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array'; got {render_mode!r}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1; got {max_steps}")
+        if not 0.0 <= second_pedestrian_prob <= 1.0:
+            raise ValueError(f"second_pedestrian_prob must be in [0, 1]; got {second_pedestrian_prob}")
+        self.render_mode = render_mode
+        self.max_steps = int(max_steps)
+        self.second_pedestrian_prob = float(second_pedestrian_prob)
+        self.discrete_action_mask = np.array([False, False])
+
+        self.model = mujoco.MjModel.from_xml_path(str(ASSET))
+        self.data = mujoco.MjData(self.model)
+        if abs(self.model.opt.timestep * SUBSTEPS - DT) > 1e-12:
+            raise RuntimeError(
+                f"{ASSET}: timestep {self.model.opt.timestep} does not give dt={DT} in {SUBSTEPS} sub-steps"
+            )
+        self._h = float(self.model.opt.timestep)
+        mujoco.mj_forward(self.model, self.data)
+        full_m = np.zeros((self.model.nv, self.model.nv))
+        mujoco.mj_fullM(self.model, self.data, full_m)
+        self._mass = np.diag(full_m).copy()  # (3,) kg, kg, kg m^2; the asset makes M diagonal
+        self._robot_geom = self.model.geom("robot").id
+        self._wall_geoms = {self.model.geom(n).id for n in ("wall_left", "wall_right", "wall_back", "wall_end")}
+        self._ped_mocap = [self.model.body(f"ped{i}").mocapid[0] for i in range(N_PEDS)]
+        self._goal_mocap = self.model.body("goal").mocapid[0]
+        self._renderer = OffscreenRenderer(self.model, width, height) if render_mode == "rgb_array" else None
+
+        self.action_space = spaces.Box(
+            low=np.array([V_BOUNDS[0], W_BOUNDS[0]], np.float32),
+            high=np.array([V_BOUNDS[1], W_BOUNDS[1]], np.float32),
+            dtype=np.float32,
+        )
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float32)
+
+        self.peds: PedestrianScript | None = None
+        self.goal = np.array([9.0, 0.0])
+        self.scenario: dict[str, Any] = {}
+        self.step_count = 0
+        self.episode_id = 0
+        self._collided = False
+        self._reached = False
+
+    # ---------------------------------------------------------------- task API
+    @property
+    def time(self) -> float:
+        """Seconds since reset."""
+        return self.step_count * DT
+
+    def signals(self, obs: np.ndarray) -> dict[str, np.ndarray]:
+        """STL signals from observations (T, Do) or (B, T, Do) -> {name: (T,) or (B, T)}."""
+        return signals_from_obs(obs)
+
+    def make_expert(self, seed: int) -> CrossingExpert:
+        """The scripted expert for episode ``seed`` (mode and style drawn from ``seed`` alone)."""
+        return CrossingExpert(self, seed)
+
+    def dynamics_model(self):
+        """The differentiable torch model of the robot (:class:`~stlflow.envs.crossing_dynamics.CrossingDynamics`)."""
+        from stlflow.envs.crossing_dynamics import CrossingDynamics
+
+        return CrossingDynamics()
+
+    def pedestrian_context(self, horizon: int):
+        """Privileged context for the next ``horizon`` control steps (times t + dt .. t + horizon*dt), batch 1.
+
+        Returns a :class:`~stlflow.envs.crossing_dynamics.CrossingContext` (pedestrian positions (1, H, P, 2),
+        presence (1, P), goal (1, 2)), matching ``dynamics_model().rollout`` states step for step.
+        """
+        import torch
+
+        from stlflow.envs.crossing_dynamics import CrossingContext
+
+        if self.peds is None:
+            raise RuntimeError("call reset() before pedestrian_context()")
+        times = self.time + DT * np.arange(1, horizon + 1)
+        pos = self.peds.position(times)
+        return CrossingContext(
+            ped_pos=torch.as_tensor(pos[None], dtype=torch.float32),
+            ped_present=torch.as_tensor(self.peds.present[None], dtype=torch.float32),
+            goal=torch.as_tensor(self.goal[None], dtype=torch.float32),
+        )
+
+    # ---------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        rng = self.np_random
+        mujoco.mj_resetData(self.model, self.data)
+        y0, yaw0 = rng.uniform(-0.5, 0.5), rng.uniform(-0.3, 0.3)
+        self.data.qpos[:] = (0.0, y0, yaw0)
+        self.goal = np.array([9.0, rng.uniform(-1.0, 1.0)])
+        self.peds, self.scenario = self._sample_pedestrians(rng)
+        self.step_count, self._collided, self._reached = 0, False, False
+        self.episode_id += 1
+        self._place_mocap(0.0)
+        mujoco.mj_forward(self.model, self.data)
+        obs = self._obs()
+        return obs, self._info(obs)
+
+    def step(self, action):
+        if self.peds is None:
+            raise RuntimeError("call reset() before step()")
+        action = np.asarray(action, dtype=float).reshape(-1)
+        if action.shape != (2,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be 2 finite numbers (v m/s, omega rad/s); got {action!r}")
+        u = np.clip(action, self.action_space.low, self.action_space.high)
+        d_prev = float(np.hypot(*(self.goal - self.data.qpos[:2])))
+
+        v0, w0 = self._measured_velocity()
+        dv = ACCEL_V * DT * math.tanh((u[0] - v0) / (ACCEL_V * DT))
+        dw = ACCEL_W * DT * math.tanh((u[1] - w0) / (ACCEL_W * DT))
+        wall_contact = False
+        for k in range(1, SUBSTEPS + 1):
+            v_k, w_k = v0 + dv * k / SUBSTEPS, w0 + dw * k / SUBSTEPS
+            yaw_k = self.data.qpos[2] + self._h * w_k  # heading at the end of this sub-step
+            target = np.array([v_k * math.cos(yaw_k), v_k * math.sin(yaw_k), w_k])
+            self.data.ctrl[:] = self._mass * (target - self.data.qvel) / self._h
+            self._place_mocap(self.time + k * self._h)
+            mujoco.mj_step(self.model, self.data)
+            wall_contact |= self._wall_contact()
+        self.step_count += 1
+
+        obs = self._obs()
+        sig = signals_from_obs(obs[None])
+        d_now = float(sig["dist_goal"][0])
+        if wall_contact or sig["clearance"][0] <= 0.0:
+            self._collided = True
+        if not self._collided and d_now <= GOAL_RADIUS:
+            self._reached = True
+        terminated = self._collided or self._reached
+        truncated = (not terminated) and self.step_count >= self.max_steps
+        reward = (d_prev - d_now) - 0.01 + (10.0 if self._reached else 0.0) - (10.0 if self._collided else 0.0)
+        return obs, float(reward), terminated, truncated, self._info(obs)
+
+    def render(self):
+        if self._renderer is None:
+            return None
+        return self._renderer.render(self.data, camera="top")
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+
+    # ---------------------------------------------------------------- internals
+    def _sample_pedestrians(self, rng: np.random.Generator) -> tuple[PedestrianScript, dict[str, Any]]:
+        """Scripted crossings. Pedestrian 0 crosses at x_c in [3, 5] m; its timing is drawn so that a robot
+        cruising at 1.2 m/s can pass in front with ~0.8 m to spare, up to 2.5 s later (so slower robots meet it)."""
+        start, direction, speed, t0, length = [], [], [], [], []
+        present = np.array([True, rng.random() < self.second_pedestrian_prob])
+        x_c = rng.uniform(3.0, 5.0)
+        t_cross = None
+        for i in range(N_PEDS):
+            if i == 1:
+                x_c = min(x_c + rng.uniform(2.0, 3.0), 8.0)
+            side = rng.choice([-1.0, 1.0])  # the pedestrian starts on this side (y sign) and walks across
+            slant = rng.uniform(-0.6, 0.6)  # x drift over the whole walk (m)
+            y_start = side * (HALF_WIDTH + 1.0)
+            a = np.array([x_c + slant / 2, y_start])
+            b = np.array([x_c - slant / 2, -y_start])
+            s = rng.uniform(0.7, 1.3)
+            # The robot passes x_c + 1.2 m at about this time when it cruises at 1.2 m/s from a standstill.
+            t_front = 0.6 + (x_c + 1.2 - 0.36) / 1.2
+            if i == 0:
+                t_cross = t_front + (1.4 + CONTACT_DISTANCE) / s + rng.uniform(0.0, 2.5)
+                t_c = t_cross
+            else:
+                t_c = t_cross + rng.uniform(0.5, 4.0)
+            half = np.hypot(*(b - a)) / 2
+            start.append(a)
+            direction.append((b - a) / (2 * half))
+            speed.append(s)
+            t0.append(t_c - half / s)
+            length.append(2 * half)
+        script = PedestrianScript(
+            np.array(start), np.array(direction), np.array(speed), np.array(t0), np.array(length), present
+        )
+        return script, {"t_cross": float(t_cross), "n_peds": int(present.sum())}
+
+    def _place_mocap(self, t: float) -> None:
+        pos = self.peds.position(t)
+        for i, mid in enumerate(self._ped_mocap):
+            self.data.mocap_pos[mid] = (*pos[i], 0.0) if self.peds.present[i] else (-20.0, 2.0 * i, -5.0)
+        self.data.mocap_pos[self._goal_mocap] = (*self.goal, 0.0)
+
+    def _measured_velocity(self) -> tuple[float, float]:
+        qv, yaw = self.data.qvel, self.data.qpos[2]
+        return float(qv[0] * math.cos(yaw) + qv[1] * math.sin(yaw)), float(qv[2])
+
+    def _wall_contact(self) -> bool:
+        for c in self.data.contact[: self.data.ncon]:
+            pair = {int(c.geom1), int(c.geom2)}
+            if self._robot_geom in pair and pair & self._wall_geoms and c.dist <= 0.0:
+                return True
+        return False
+
+    def _obs(self) -> np.ndarray:
+        x, y, yaw = self.data.qpos
+        v, w = self._measured_velocity()
+        ped_pos, ped_vel = self.peds.position(self.time), self.peds.velocity(self.time)
+        peds = np.zeros((N_PEDS, PED_STRIDE))
+        for i in range(N_PEDS):
+            if self.peds.present[i]:
+                peds[i] = (1.0, ped_pos[i, 0] - x, ped_pos[i, 1] - y, *ped_vel[i])
+        head = [
+            x,
+            y,
+            math.cos(yaw),
+            math.sin(yaw),
+            v,
+            w,
+            self.goal[0] - x,
+            self.goal[1] - y,
+            HALF_WIDTH - y,
+            HALF_WIDTH + y,
+        ]
+        return np.concatenate([head, peds.ravel()]).astype(np.float32)
+
+    def _info(self, obs: np.ndarray) -> dict[str, Any]:
+        sig = signals_from_obs(obs[None])
+        return {
+            "signals": {k: float(v[0]) for k, v in sig.items()},
+            "success": bool(self._reached and not self._collided),
+            "collision": bool(self._collided),
+            "time": self.time,
+        }
+
+
+MODES = ("yield", "front", "behind", "left", "right")
+# Per-mode style ranges: cruise speed (m/s), clearance kept to pedestrians (m), lateral lane offset (m, +y = left).
+STYLE_RANGES = {
+    "yield": {"v_cruise": (0.7, 1.1), "clearance": (0.6, 1.0), "lane": (-0.3, 0.3)},
+    "front": {"v_cruise": (1.3, 1.45), "clearance": (0.45, 0.8), "lane": (-0.3, 0.3)},
+    "behind": {"v_cruise": (0.7, 1.1), "clearance": (0.45, 0.8), "lane": (-0.3, 0.3)},
+    "left": {"v_cruise": (0.8, 1.2), "clearance": (0.5, 0.9), "lane": (0.8, 1.2)},
+    "right": {"v_cruise": (0.8, 1.2), "clearance": (0.5, 0.9), "lane": (-1.2, -0.8)},
+}
+
+
+class CrossingExpert:
+    """Scripted expert with five behaviour modes; reads the env's pedestrian scripts (privileged).
+
+    Modes (drawn uniformly from ``seed``): ``yield`` (stop before the first pedestrian's path and wait
+    until it has passed), ``front`` (drive fast and pass before it), ``behind`` (slow down early so as to
+    cross its path just after it, without stopping), ``left`` / ``right`` (swerve to a large lateral offset
+    on that side, +y = left, and pass there). ``style`` (also from ``seed``): cruise speed ``v_cruise`` (m/s),
+    the clearance it keeps to pedestrians ``clearance`` (m), lateral offset ``lane`` (m) and steering gain.
+
+    How it drives: it follows a lateral reference path y_ref(x) with a heading controller, and picks its
+    speed each step as the fastest of a grid of constant speeds whose predicted path keeps ``clearance``
+    from every pedestrian over the next 6 s (and, in ``behind``/``yield``, does not cross the first
+    pedestrian's path before it has gone by).
+    """
+
+    def __init__(self, env: CrossingEnv, seed: int) -> None:
+        self.env = env.unwrapped if hasattr(env, "unwrapped") else env
+        self.seed = int(seed)
+        rng = np.random.default_rng(self.seed)
+        self.mode = str(MODES[rng.integers(len(MODES))])
+        ranges = STYLE_RANGES[self.mode]
+        self.style: dict[str, Any] = {k: float(rng.uniform(*ranges[k])) for k in ("v_cruise", "clearance", "lane")}
+        self.style["k_lat"] = float(rng.uniform(1.0, 2.0))
+        self._plan_episode = -1
+
+    def reset(self) -> None:
+        self._plan_episode = -1
+
+    # ------------------------------------------------------------------ plan
+    def _plan(self) -> None:
+        """Per-episode quantities from the env's scenario: the gate (x limit until a time) in yield/behind."""
+        env, st = self.env, self.style
+        peds = env.peds
+        self._plan_episode = env.episode_id
+        self._x0, self._y0 = float(env.data.qpos[0]), float(env.data.qpos[1])
+        # Where pedestrian 0's path crosses the robot's lane, and when it is clear of it.
+        d, a = peds.direction[0], peds.start[0]
+        s_lane = (st["lane"] - a[1]) / d[1]
+        self._x_cross = float(a[0] + s_lane * d[0])
+        self._x_gate = self._x_cross - (CONTACT_DISTANCE + st["clearance"] + 0.1)
+        s_clear = s_lane + (CONTACT_DISTANCE + st["clearance"] + 0.15) / abs(d[1])
+        self._t_open = float(peds.t0[0] + s_clear / peds.speed[0])
+        self._x_lane_in = self._x_cross - 2.5
+        self._x_lane_out = self._x_cross + 1.5
+
+    def _y_ref(self, x: np.ndarray) -> np.ndarray:
+        """Reference lateral position (m) at corridor positions ``x`` (m): start -> lane -> goal, smoothstep blends."""
+        st, gy = self.style, self.env.goal[1]
+        x = np.asarray(x, dtype=float)
+
+        def blend(x, xa, xb):
+            u = np.clip((x - xa) / max(xb - xa, 1e-6), 0.0, 1.0)
+            return u * u * (3 - 2 * u)
+
+        into = blend(x, max(self._x_lane_in - 2.0, self._x0), self._x_lane_in)
+        out = blend(x, self._x_lane_out, 8.3)
+        return (1 - out) * ((1 - into) * self._y0 + into * st["lane"]) + out * gy
+
+    def _speed(self, x: float, y: float, v: float) -> float:
+        """The fastest safe constant speed (m/s) from a grid, by forward prediction along y_ref."""
+        env, st = self.env, self.style
+        t_now = env.time
+        cands = np.linspace(0.0, st["v_cruise"], 12)
+        times = DT * np.arange(1, 61)  # 6 s ahead
+        # Speed ramps from v to each candidate at the acceleration limit.
+        gap_v = cands[:, None] - v
+        vel = v + np.sign(gap_v) * np.minimum(np.abs(gap_v), ACCEL_V * times)  # (C, T)
+        xs = x + np.cumsum(vel, axis=1) * DT  # (C, T)
+        err0 = y - float(self._y_ref(x))
+        ys = self._y_ref(xs) + err0 * np.exp(-times * st["k_lat"])
+        ped = env.peds.position(t_now + times)  # (T, P, 2)
+        gap = np.hypot(xs[..., None] - ped[None, :, :, 0], ys[..., None] - ped[None, :, :, 1]) - CONTACT_DISTANCE
+        gap = np.where(env.peds.present, gap, np.inf).min(axis=(1, 2))  # (C,)
+        ok = gap >= st["clearance"]
+        if self.mode == "behind" and t_now < self._t_open:
+            # Time the approach so as to reach the first pedestrian's path only once it has gone by.
+            ok &= np.all((xs <= self._x_gate) | (t_now + times >= self._t_open), axis=1)
+        if self.mode == "yield" and t_now < self._t_open:
+            # Brake to a standstill at the gate and wait there until the pedestrian has passed.
+            cap = math.sqrt(max(2 * 0.8 * ACCEL_V * (self._x_gate - x), 0.0))
+            ok &= cands <= cap + 1e-9
+        if ok.any():
+            return float(cands[ok].max())
+        return float(cands[np.argmax(gap)])
+
+    # ------------------------------------------------------------------ act
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Action (v m/s, omega rad/s) float32 (2,) for observation ``obs`` (OBS_DIM,)."""
+        env, st = self.env, self.style
+        if self._plan_episode != env.episode_id:
+            self._plan()
+        x, y = float(obs[I_X]), float(obs[I_Y])
+        yaw = math.atan2(obs[I_SIN], obs[I_COS])
+        v = float(obs[I_V])
+        if x > 8.3:  # final approach: head for the goal
+            heading = math.atan2(env.goal[1] - y, env.goal[0] - x)
+        else:
+            slope = (float(self._y_ref(x + 0.05)) - float(self._y_ref(x - 0.05))) / 0.1
+            heading = math.atan(slope) + math.atan(st["k_lat"] * (float(self._y_ref(x)) - y))
+        err = (heading - yaw + math.pi) % (2 * math.pi) - math.pi
+        omega = float(np.clip(3.0 * err, *W_BOUNDS))
+        speed = self._speed(x, y, v) * max(math.cos(err), 0.0)
+        return np.array([speed, omega], dtype=np.float32)
