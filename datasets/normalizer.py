@@ -15,6 +15,7 @@ that :meth:`state_dict` alone rebuilds the normaliser (e.g. inside a policy chec
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -175,20 +176,24 @@ class Normalizer:
         return cls(params)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state to a safetensors file."""
+        """Write the state to a safetensors file (key order kept in the file's metadata)."""
         from safetensors.torch import save_file
 
-        save_file(
-            {k: v.contiguous() for k, v in self.state_dict().items()},
-            str(path),
-            metadata={"format": "stlflow.Normalizer"},
-        )
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "stlflow.Normalizer", "keys": json.dumps(self.keys)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Normalizer:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return cls.from_state_dict(load_file(str(path)))
+        with safe_open(str(path), framework="pt") as f:
+            order = json.loads((f.metadata() or {}).get("keys", "[]"))
+        state = load_file(str(path))
+        rank = {k: i for i, k in enumerate(order)}
+        return cls.from_state_dict(
+            dict(sorted(state.items(), key=lambda kv: rank.get(kv[0].rpartition(".")[0], 1 << 30)))
+        )
 
     def __repr__(self) -> str:
         return (
