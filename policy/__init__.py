@@ -11,6 +11,7 @@ Notation (Diffusion Policy): To = ``n_obs_steps``, Tp = ``horizon``, Ta = ``n_ac
 from stlflow.policy.heads import DDPMHead, FlowHead, Head, MeanFlowHead, build_head
 from stlflow.policy.nets import ResidualMLP, UNet1D, build_net, count_parameters
 from stlflow.policy.policy import Policy
+from stlflow.policy.rti import RTIController as RTIController
 
 __all__ = [
     "DDPMHead",

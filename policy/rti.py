@@ -82,7 +82,8 @@ class ObservationHistory:
 
 def exec_offset_of(policy: Any) -> int:
     """Index in a predicted chunk of the action for the newest observation (Diffusion Policy: To - 1)."""
-    return int(getattr(policy, "action_offset", policy.n_obs_steps - 1))
+    executed = getattr(policy, "executed_slice", None)
+    return int(executed.start) if executed is not None else int(policy.n_obs_steps - 1)
 
 
 def latency_summary(latencies_s: list[float] | np.ndarray) -> dict[str, float]:

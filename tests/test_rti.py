@@ -1,0 +1,242 @@
+"""RTIController on real (tiny, randomly initialised) stlflow Policies: NFE accounting, shift, discrete channels,
+fallbacks, reset, determinism, telemetry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stlflow.datasets import Normalizer
+from stlflow.policy import Policy
+from stlflow.policy.rti import RTIController
+
+torch.set_num_threads(1)
+DO, TO, TP = 5, 2, 8
+
+
+def tiny_policy(kind: str = "flow", da: int = 2, discrete: bool = False, seed: int = 0, **head) -> Policy:
+    """A randomly initialised small policy with a min-max normaliser fitted on random data."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    actions = rng.uniform(-2.0, 3.0, size=(200, da))
+    mask = np.zeros(da, bool)
+    if discrete:
+        mask[-1] = True
+        actions[:, -1] = rng.choice([-1.0, 1.0], size=200)
+    norm = Normalizer.fit({"obs": rng.normal(size=(200, DO)), "action": actions})
+    return Policy(DO, da, n_obs_steps=TO, horizon=TP, n_action_steps=4, head={"kind": kind, **head},
+                  net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
+                  discrete_action_mask=mask, normalizer=norm).eval()
+
+
+def observations(n: int, seed: int = 0, step: float = 0.05) -> np.ndarray:
+    """A smooth random walk of n observations (Do,)."""
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.normal(scale=step, size=(n, DO)), axis=0).astype(np.float32)
+
+
+class NetCalls:
+    """Counts real forward passes of the policy's network (a forward hook; batch-2 CFG calls count once)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.n = 0
+        policy.head.net.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+class Spy:
+    """Records the keyword arguments of every ``policy.sample_normalized`` call and its result."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.calls: list[dict] = []
+        self._orig = policy.sample_normalized
+        policy.sample_normalized = self  # instance attribute shadows the method
+
+    def __call__(self, cond, **kw):
+        out = self._orig(cond, **kw)
+        self.calls.append({**kw, "out": out.clone()})
+        return out
+
+
+@pytest.mark.parametrize(("kind", "head", "k"), [
+    ("flow", {}, 1), ("flow", {}, 3), ("flow", {"solver": "midpoint"}, 2), ("ddpm", {}, 2), ("meanflow", {}, 1),
+])
+def test_first_tick_cold_later_ticks_exactly_k(kind, head, k):
+    policy = tiny_policy(kind, **head)
+    calls = NetCalls(policy)
+    ctrl = RTIController(policy, steps_per_tick=k, t_start=0.5)
+    ctrl.reset(seed=0)
+    per_tick = []
+    for obs in observations(6):
+        before = calls.n
+        ctrl.act(obs)
+        per_tick.append((ctrl.last_nfe, calls.n - before))
+    full, warm = policy.nfe(), policy.nfe(k, 0.5)
+    assert full == policy.head.default_steps * (2 if head.get("solver") == "midpoint" else 1)
+    assert per_tick[0] == (full, full)
+    assert warm == k * (2 if head.get("solver") == "midpoint" else 1)
+    assert all(t == (warm, warm) for t in per_tick[1:])
+    assert ctrl.stats["cold_ticks"] == 1 and ctrl.stats["nfe_per_tick"] == pytest.approx((full + 5 * warm) / 6)
+
+
+def test_reset_forces_cold_and_nothing_leaks_across_episodes():
+    policy = tiny_policy("flow")
+    a = RTIController(policy, steps_per_tick=2)
+    a.reset(seed=3)
+    for obs in observations(5, seed=1):
+        a.act(obs)
+    a.reset(seed=4)
+    first = a.act(observations(1, seed=2)[0])
+    assert a.last_cold and a.last_nfe == policy.nfe()
+    fresh = RTIController(policy, steps_per_tick=2)
+    fresh.reset(seed=4)
+    np.testing.assert_array_equal(first, fresh.act(observations(1, seed=2)[0]))
+
+
+def test_shift_semantics_in_the_loop():
+    policy = tiny_policy("flow")
+    spy = Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=2, t_start=0.3, renoise=False)
+    ctrl.reset(seed=0)
+    obs = observations(3)
+    ctrl.act(obs[0])
+    ctrl.act(obs[1])
+    prev, warm = spy.calls[0]["out"], spy.calls[1]
+    assert spy.calls[0].get("x_init") is None  # cold: from noise
+    expected = torch.cat([prev[:, 1:], prev[:, -1:]], dim=1)
+    torch.testing.assert_close(warm["x_init"], expected, rtol=0, atol=0)
+    assert warm["t_start"] == 0.3 and warm["steps"] == 2
+    # the executed action is chunk[To-1] of the newest chunk, in physical units
+    np.testing.assert_allclose(ctrl.act(obs[2]), policy.unnormalize_action(spy.calls[2]["out"][0, TO - 1]).numpy(),
+                               rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shift=st.integers(1, TP - 1), seed=st.integers(0, 10_000))
+def test_warm_start_is_the_shifted_chunk_with_the_last_action_repeated(shift, seed):
+    ctrl = RTIController(_SHARED_POLICY, shift=shift, discrete_mode="scale")
+    chunk = torch.randn((1, TP, 2), generator=torch.Generator().manual_seed(seed))
+    guess = ctrl.warm_start(chunk)
+    torch.testing.assert_close(guess[:, : TP - shift], chunk[:, shift:], rtol=0, atol=0)
+    for j in range(TP - shift, TP):
+        torch.testing.assert_close(guess[:, j], chunk[:, -1], rtol=0, atol=0)
+
+
+_SHARED_POLICY = tiny_policy("flow")
+
+
+def test_renoise_option_renoises_the_shifted_chunk_to_t_start():
+    policy = tiny_policy("flow")
+    spy = Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=1, t_start=0.4, renoise=True)
+    ctrl.reset(seed=0)
+    for obs in observations(2):
+        ctrl.act(obs)
+    prev, x_init = spy.calls[0]["out"], spy.calls[1]["x_init"]
+    guess = torch.cat([prev[:, 1:], prev[:, -1:]], dim=1)
+    eps = (x_init - 0.6 * guess) / 0.4  # flow path: x_t = (1 - t) x0 + t eps
+    assert not torch.allclose(x_init, guess)
+    assert 0.5 < float(eps.std()) < 1.6  # the added part is standard normal noise
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0])
+def test_discrete_channels_clip_mode(factor):
+    policy = tiny_policy("flow", da=3, discrete=True)
+    spy = Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=2, renoise=False, discrete_mode="clip", clip_factor=factor)
+    ctrl.reset(seed=1)
+    actions = [ctrl.act(obs) for obs in observations(8)]
+    assert all(a[-1] in (-1.0, 1.0) for a in actions)  # executed gripper thresholded to its discrete values
+    assert len({round(float(a[0]), 6) for a in actions}) > 1  # continuous channels are not thresholded
+    zero, one = (policy.normalize_action(torch.tensor([[0.0] * 3, [1.0] * 3]))[:, -1]).tolist()
+    for call in spy.calls[1:]:
+        g = call["x_init"][0, :, -1]
+        assert torch.allclose(torch.abs(g - zero), torch.full_like(g, abs(one - zero) / factor), atol=1e-6)
+
+
+def test_discrete_channels_scale_mode_leaves_the_warm_start():
+    policy = tiny_policy("flow", da=3, discrete=True)
+    spy = Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=2, renoise=False, discrete_mode="scale")
+    ctrl.reset(seed=1)
+    actions = [ctrl.act(obs) for obs in observations(4)]
+    assert all(a[-1] in (-1.0, 1.0) for a in actions)
+    prev = spy.calls[0]["out"]
+    torch.testing.assert_close(spy.calls[1]["x_init"], torch.cat([prev[:, 1:], prev[:, -1:]], 1), rtol=0, atol=0)
+
+
+def test_fallback_to_cold_on_an_observation_jump():
+    policy = tiny_policy("flow")
+    ctrl = RTIController(policy, steps_per_tick=1, obs_jump=1.0)
+    ctrl.reset(seed=0)
+    obs = observations(6, step=0.05)
+    obs[4:] += 5.0  # the world jumps between ticks 3 and 4
+    cold = []
+    for o in obs:
+        ctrl.act(o)
+        cold.append((ctrl.last_cold, ctrl.last_nfe))
+    full, warm = policy.nfe(), policy.nfe(1, ctrl.t_start)
+    assert cold == [(True, full), (False, warm), (False, warm), (False, warm), (True, full), (False, warm)]
+    assert ctrl.stats["fallbacks"] == {"obs_jump": 1, "residual": 0}
+    assert ctrl.log["reason"][4] == "obs_jump"
+
+
+def test_fallback_on_residual_growth_and_residuals_logged():
+    policy = tiny_policy("flow")
+    never = RTIController(policy, steps_per_tick=2, residual_max=None)
+    always = RTIController(policy, steps_per_tick=2, residual_max=0.0)
+    for ctrl in (never, always):
+        ctrl.reset(seed=0)
+        for o in observations(5):
+            ctrl.act(o)
+    res = never.stats["residuals"]
+    assert np.isnan(res[0]) and all(np.isfinite(r) and r > 0 for r in res[1:])
+    assert never.stats["fallbacks"]["residual"] == 0
+    assert always.stats["fallbacks"]["residual"] == 4
+    assert always.log["nfe"][1:] == [policy.nfe(2, always.t_start) + policy.nfe()] * 4
+    # a threshold between the smallest and the largest residual triggers on exactly the larger ones
+    mid = float(np.median(res[1:]))
+    some = RTIController(policy, steps_per_tick=2, residual_max=mid)
+    some.reset(seed=0)
+    for o in observations(2):
+        some.act(o)
+    assert some.stats["fallbacks"]["residual"] == int(res[1] > mid)
+
+
+@pytest.mark.parametrize("renoise", [False, True])
+def test_same_seed_same_actions(renoise):
+    policy = tiny_policy("ddpm")
+    obs = observations(6)
+
+    def run(seed):
+        ctrl = RTIController(policy, steps_per_tick=2, renoise=renoise)
+        ctrl.reset(seed=seed)
+        return np.stack([ctrl.act(o) for o in obs])
+
+    np.testing.assert_array_equal(run(5), run(5))
+    assert not np.array_equal(run(5), run(6))
+
+
+def test_stats_and_validation():
+    policy = tiny_policy("flow")
+    ctrl = RTIController(policy, steps_per_tick=2)
+    ctrl.reset(seed=0)
+    for o in observations(10):
+        ctrl.act(o)
+    s = ctrl.stats
+    lat = s["latency"]
+    assert s["ticks"] == 10 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert s["nfe_per_action"] == pytest.approx(np.mean(ctrl.log["nfe"]))
+    with pytest.raises(ValueError, match="steps_per_tick"):
+        RTIController(policy, steps_per_tick=0)
+    with pytest.raises(ValueError, match="discrete_mode"):
+        RTIController(policy, discrete_mode="round")
+    with pytest.raises(ValueError, match="t_start"):
+        RTIController(policy, t_start=0.0)
+    with pytest.raises(ValueError, match="obs_dim"):
+        ctrl.act(np.zeros(DO + 1))
