@@ -75,14 +75,21 @@ def evaluate_episode(policy: Any, env_id: str, seed: int, controller: str = "rec
     env = make_env(env_id, env_kwargs, render_mode="rgb_array" if render else None)
     try:
         u = env.unwrapped
+        params = {**{k: float(v) for k, v in u.rule_defaults.items()}, **dict(stl_params or {})}
         if controller == EXPERT:
             ctrl = u.make_expert(int(seed))
         else:
-            if isinstance(policy, str):
-                policy = _load_policy(policy)
-            ctrl = make_controller(controller, policy, seed=int(seed), **dict(controller_kw or {}))
+            if isinstance(policy, (str, os.PathLike)):
+                policy = _load_policy(str(policy))
+            kw = dict(controller_kw or {})
+            names = list(getattr(policy, "param_names", []))
+            if names and kw.get("params") is None:  # a controllable policy is asked for the measured parameters
+                missing = [n for n in names if n not in params]
+                if missing:
+                    raise KeyError(f"the policy is conditioned on {names}; give values for {missing} in stl_params")
+                kw["params"] = {n: params[n] for n in names}
+            ctrl = make_controller(controller, policy, seed=int(seed), **kw)
         result = run_episode(env, ctrl, int(seed), delay=delay, max_steps=max_steps, render=render)
-        params = {**{k: float(v) for k, v in u.rule_defaults.items()}, **dict(stl_params or {})}
         signals = {k: np.asarray(v, dtype=np.float64) for k, v in u.signals(result.obs).items()}
         rho, per_rule = rule_robustness(u.rules, dict(getattr(u, "rule_list", {}) or {}), signals, u.dt, params)
         record = {
