@@ -103,6 +103,11 @@ def evaluate_episode(policy: Any, env_id: str, seed: int, controller: str = "rec
             "nfe": result.nfe.tolist(),
             "return": float(result.reward.sum()),
         }
+        log = getattr(ctrl, "log", None)
+        if isinstance(log, dict) and "residual" in log:  # RTI telemetry: contraction is measured, not assumed
+            res = np.asarray(log["residual"][-result.length:], dtype=np.float64)
+            record["residual_mean"] = float(np.nanmean(res)) if np.isfinite(res).any() else float("nan")
+            record["cold_ticks"] = int(np.sum(log["cold"][-result.length:]))
         if render:
             record["frames"] = result.frames
         return record
@@ -144,6 +149,9 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
         metrics[f"stl_{name}_rate"] = sum(r["rule_robustness"][name] >= 0 for r in records) / n
     metrics.update(_percentiles(lat, "latency"))
     metrics.update(_percentiles(warm, "latency_warm"))
+    if all("residual_mean" in r for r in records):
+        metrics["residual_mean"] = float(np.nanmean([r["residual_mean"] for r in records]))
+        metrics["cold_ticks_per_episode"] = float(np.mean([r["cold_ticks"] for r in records]))
     ran = nfe[nfe > 0]
     metrics["nfe_per_action"] = float(nfe.mean())
     metrics["nfe_per_call"] = float(ran.mean()) if ran.size else 0.0

@@ -1,0 +1,146 @@
+"""The RTI comparison table: controllers on the same seeds of one task, from one trained checkpoint.
+
+    MUJOCO_GL=egl python benchmarks/rti.py --ckpt CKPT --env crossing --episodes 50 [--workers 2]
+        [--scale-ckpt CKPT_SCALED] [--onestep-ckpt CKPT_MEANFLOW] [--ddpm100] [--delays 0 1 2 3 4]
+        [--out bench_out/rti]
+
+Rows (all on seeds ``--seed .. --seed+episodes-1``; one action executed per tick):
+- expert: the scripted expert (reference);
+- receding: Diffusion Policy's standard, cold full schedule (head default, DDIM-16 for a DDPM head), Ta = 8;
+  with ``--ddpm100`` also the 100-step schedule, Ta = 8;
+- full: the full schedule every tick (Ta = 1);
+- cold k=1,2,3: cold k-step sampling every tick; cold k=2 Ta=8: few-step sampling with a receding horizon;
+- rti k=1,2,3 with the default warm start (re-noised to t_start) and rti k=2 with the other choice (clean);
+- PickPlace (a discrete gripper channel): rti k=2 in "clip" mode, and in "scale" mode on ``--scale-ckpt`` (a
+  policy trained on data whose gripper channel was divided by 10: ``--make-scaled-data SRC DST``);
+- onestep: one-step sampling of ``--onestep-ckpt`` (a MeanFlow head);
+- ``--delays``: rti k=2 and receding under an injected observation-to-action delay of d ticks.
+
+Prints the Markdown table and the issue's quality-bar checks, and writes report.json / report.md / plots to
+``--out``. Latency is wall time per ``act`` call on one torch thread per worker process; with ``--workers`` > 1 on
+a shared machine the percentiles include contention, so the timing rows should be read with ``--workers 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stlflow.control.collect import init_worker
+from stlflow.control.evaluate import evaluate, markdown_table, run_label, write_report
+from stlflow.policy import RTIController
+
+
+def scale_store(src: str, dst: str, factor: float = 10.0) -> None:
+    """Copy an EpisodeStore, dividing its discrete action channels by ``factor`` (RTI-DP's "scale" data)."""
+    from stlflow.datasets import EpisodeStore
+
+    store = EpisodeStore.open(src)
+    mask = np.asarray(store.attrs.get("discrete_action_mask", []), dtype=bool)
+    if not mask.any():
+        raise ValueError(f"{src} has no discrete action channels (store attribute discrete_action_mask)")
+    out = EpisodeStore.create(dst, dt=store.dt, attrs={**store.attrs, "discrete_scale": float(factor)})
+    for i in range(store.n_episodes):
+        ep = store.episode(i)
+        ep["action"] = ep["action"].copy()
+        ep["action"][:, mask] /= factor
+        out.add_episode(ep, attrs=store.episode_attrs(i))
+    print(f"wrote {out.n_episodes} episodes with discrete channels / {factor} to {dst}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="policy checkpoint directory")
+    ap.add_argument("--env", default="crossing")
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--t-start", type=float, default=None, help="RTI start noise level (default: the controller's)")
+    ap.add_argument("--scale-ckpt", help="checkpoint trained on gripper-scaled data (PickPlace 'scale' mode)")
+    ap.add_argument("--onestep-ckpt", help="checkpoint with a one-step (meanflow) head")
+    ap.add_argument("--ddpm100", action="store_true", help="also the 100-step receding row (slow)")
+    ap.add_argument("--delays", type=int, nargs="*", default=[], help="injected delays (ticks) to sweep")
+    ap.add_argument("--quick", action="store_true", help="only expert, receding, full, cold k=2, rti k=2")
+    ap.add_argument("--out", default="bench_out/rti")
+    ap.add_argument("--make-scaled-data", nargs=2, metavar=("SRC", "DST"),
+                    help="write a copy of SRC with discrete action channels / 10 to DST and exit")
+    args = ap.parse_args()
+    if args.make_scaled_data:
+        scale_store(*args.make_scaled_data)
+        return
+    if not args.ckpt:
+        ap.error("--ckpt is required")
+    init_worker()
+    torch.set_num_threads(1)
+    rti_kw = {} if args.t_start is None else {"t_start": args.t_start}
+    default_renoise = inspect.signature(RTIController).parameters["renoise"].default
+    runs: list[tuple[str | None, str, dict, int]] = [(None, "expert", {}, 0), (args.ckpt, "receding", {}, 0)]
+    if args.ddpm100:
+        runs.append((args.ckpt, "receding", {"steps": 100}, 0))
+    runs.append((args.ckpt, "full", {}, 0))
+    ks = [2] if args.quick else [1, 2, 3]
+    runs += [(args.ckpt, "cold", {"k": k}, 0) for k in ks]
+    if not args.quick:
+        runs.append((args.ckpt, "cold", {"k": 2, "n_action_steps": 8}, 0))
+    runs += [(args.ckpt, "rti", {"k": k, **rti_kw}, 0) for k in ks]
+    runs.append((args.ckpt, "rti", {"k": 2, "renoise": not default_renoise, **rti_kw}, 0))
+    from stlflow.policy import Policy
+
+    policy = Policy.load(args.ckpt)
+    if policy.discrete_action_mask.any():
+        runs.append((args.ckpt, "rti", {"k": 2, "discrete_mode": "clip", **rti_kw}, 0))
+        if args.scale_ckpt:
+            runs.append((args.scale_ckpt, "rti", {"k": 2, "discrete_mode": "scale", **rti_kw}, 0))
+        else:
+            print("note: no --scale-ckpt, so the 'scale' discrete mode row is skipped")
+    if args.onestep_ckpt:
+        runs.append((args.onestep_ckpt, "onestep", {}, 0))
+    for d in args.delays:
+        runs += [(args.ckpt, "rti", {"k": 2, **rti_kw}, d), (args.ckpt, "receding", {}, d)]
+
+    reports = []
+    for ckpt, controller, kw, delay in runs:
+        t0 = time.perf_counter()
+        rep = evaluate(ckpt, args.env, args.episodes, seed=args.seed, workers=args.workers, controller=controller,
+                       controller_kw=kw, delay=delay)
+        rep["ckpt"] = ckpt
+        if ckpt not in (None, args.ckpt):
+            rep["controller_kw"] = {**rep["controller_kw"], "ckpt": Path(ckpt).name}
+        reports.append(rep)
+        m = rep["metrics"]
+        print(f"{run_label(rep):40s} success {m['success_rate']:.1%}  p99 {m['latency_p99_ms']:.2f} ms  "
+              f"NFE/action {m['nfe_per_action']:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    paths = write_report(reports, args.out, title=f"RTI comparison, {args.ckpt}")
+    print()
+    print(markdown_table(reports))
+    print(quality_bar(reports))
+    print(f"report: {paths['json']}")
+
+
+def quality_bar(reports: list[dict]) -> str:
+    """The issue's checks: RTI k<=3 within 3 points of full, above cold at the same k, p99 >= 5x below full."""
+    by = {run_label(r): r["metrics"] for r in reports}
+    full = next((r["metrics"] for r in reports if r["controller"] == "full" and not r["delay"]), None)
+    if full is None:
+        return "quality bar: no 'full' row"
+    lines = ["quality bar (issue #6):"]
+    for r in reports:
+        if r["controller"] != "rti" or r["delay"] or set(r["controller_kw"]) - {"k", "t_start"}:
+            continue
+        m, k = r["metrics"], r["controller_kw"]["k"]
+        cold = by.get(f"cold k={k}")
+        gap = (full["success_rate"] - m["success_rate"]) * 100
+        ratio = full["latency_p99_ms"] / m["latency_p99_ms"]
+        vs_cold = "n/a" if cold is None else f"{(m['success_rate'] - cold['success_rate']) * 100:+.1f} pts"
+        lines.append(f"  rti k={k}: {gap:+.1f} pts below full ({'ok' if gap <= 3 else 'MISSED'}), vs cold k={k} "
+                     f"{vs_cold}, p99 {ratio:.1f}x below full ({'ok' if ratio >= 5 else 'MISSED'})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
