@@ -74,6 +74,8 @@ class Head(nn.Module):
 
     kind: str = ""
     n_times: int = 1
+    # Scale of the network's sinusoidal time embedding the head is trained with (``nets.py`` time_scale).
+    time_scale: float = 1000.0
 
     def __init__(self, net: nn.Module, horizon: int, action_dim: int, default_steps: int):
         super().__init__()
@@ -343,6 +345,8 @@ class MeanFlowHead(Head):
 
     kind = "meanflow"
     n_times = 2
+    # du/dt flows through the time embedding: high frequencies (scale 1000) make the JVP target explode.
+    time_scale = 10.0
 
     def __init__(
         self,

@@ -67,10 +67,10 @@ class SinusoidalEmbedding(nn.Module):
 class TimeEncoder(nn.Module):
     """Embed ``n_times`` scalars (each sinusoidally), concatenate, then an MLP: ``(B, n_times) -> (B, dim)``."""
 
-    def __init__(self, dim: int, n_times: int = 1):
+    def __init__(self, dim: int, n_times: int = 1, scale: float = 1000.0):
         super().__init__()
         self.n_times = n_times
-        self.embed = SinusoidalEmbedding(dim)
+        self.embed = SinusoidalEmbedding(dim, scale)
         self.mlp = nn.Sequential(nn.Linear(dim * n_times, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
 
     def forward(self, times: Tensor) -> Tensor:
@@ -123,6 +123,7 @@ class UNet1D(nn.Module):
         time_embed_dim: width of the time embedding (DP's ``diffusion_step_embed_dim``).
         kernel_size: temporal kernel (5 in DP).
         n_groups: GroupNorm groups (8 in DP); every entry of ``down_dims`` must be divisible by it.
+        time_scale: times in [0, 1] are multiplied by this before the sinusoidal embedding.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class UNet1D(nn.Module):
         time_embed_dim: int = 64,
         kernel_size: int = 5,
         n_groups: int = 8,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         down_dims = [int(d) for d in down_dims]
@@ -150,7 +152,7 @@ class UNet1D(nn.Module):
         if bad:
             raise ValueError(f"UNet1D: down_dims {bad} are not divisible by n_groups={n_groups}")
         self.action_dim, self.horizon, self.cond_dim, self.n_times = action_dim, horizon, cond_dim, n_times
-        self.time_encoder = TimeEncoder(time_embed_dim, n_times)
+        self.time_encoder = TimeEncoder(time_embed_dim, n_times, time_scale)
         film_dim = time_embed_dim + cond_dim
         dims = [action_dim, *down_dims]
         pairs = list(zip(dims[:-1], dims[1:]))
@@ -206,10 +208,11 @@ class ResidualMLP(nn.Module):
         width: int = 256,
         n_blocks: int = 4,
         time_embed_dim: int = 64,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         self.action_dim, self.horizon, self.cond_dim, self.n_times = action_dim, horizon, cond_dim, n_times
-        self.time_encoder = TimeEncoder(time_embed_dim, n_times)
+        self.time_encoder = TimeEncoder(time_embed_dim, n_times, time_scale)
         self.inp = nn.Linear(horizon * action_dim + time_embed_dim + cond_dim, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Mish(), nn.Linear(2 * width, width))

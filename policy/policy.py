@@ -93,7 +93,10 @@ class Policy(nn.Module):
         self.n_obs_steps, self.horizon, self.n_action_steps = int(n_obs_steps), int(horizon), int(n_action_steps)
         self.param_names = [str(p) for p in param_names]
         self.head_cfg = dict(head or {"kind": "flow"})
-        self.net_cfg = dict(net or {"name": "mlp"})
+        kind = self.head_cfg.get("kind")
+        if kind not in HEADS:
+            raise ValueError(f"unknown head kind {kind!r}; choose one of {sorted(HEADS)}")
+        self.net_cfg = {"time_scale": HEADS[kind].time_scale, **dict(net or {"name": "mlp"})}
         mask = np.zeros(action_dim, bool) if discrete_action_mask is None else np.asarray(discrete_action_mask, bool)
         if mask.shape != (action_dim,):
             raise ValueError(f"discrete_action_mask must have shape ({action_dim},), got {mask.shape}")
@@ -111,9 +114,6 @@ class Policy(nn.Module):
         if missing:
             raise ValueError(f"normalizer lacks keys {missing}; it has {normalizer.keys}")
         self.normalizer = normalizer
-        kind = self.head_cfg.get("kind")
-        if kind not in HEADS:
-            raise ValueError(f"unknown head kind {kind!r}; choose one of {sorted(HEADS)}")
         self.cond_dim = self.n_obs_steps * self.obs_dim + (len(self.param_names) + 1 if self.param_names else 0)
         net_module = build_net(self.net_cfg, self.action_dim, self.horizon, self.cond_dim, HEADS[kind].n_times)
         self.head: Head = build_head(self.head_cfg, net_module, self.horizon, self.action_dim)
