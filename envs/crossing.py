@@ -179,7 +179,8 @@ class CrossingEnv(gym.Env):
         mujoco.mj_fullM(self.model, self.data, full_m)
         self._mass = np.diag(full_m).copy()  # (3,) kg, kg, kg m^2; the asset makes M diagonal
         self._robot_geom = self.model.geom("robot").id
-        self._wall_geoms = {self.model.geom(n).id for n in ("wall_left", "wall_right", "wall_back", "wall_end")}
+        walls = ("wall_left", "wall_right", "wall_back", "wall_end")
+        self._wall_geoms = np.array([self.model.geom(n).id for n in walls])
         self._ped_mocap = [self.model.body(f"ped{i}").mocapid[0] for i in range(N_PEDS)]
         self._goal_mocap = self.model.body("goal").mocapid[0]
         self._renderer = OffscreenRenderer(self.model, width, height) if render_mode == "rgb_array" else None
@@ -273,10 +274,10 @@ class CrossingEnv(gym.Env):
             yaw_k = self.data.qpos[2] + self._h * w_k  # heading at the end of this sub-step
             target = np.array([v_k * math.cos(yaw_k), v_k * math.sin(yaw_k), w_k])
             self.data.ctrl[:] = self._mass * (target - self.data.qvel) / self._h
-            self._place_mocap(self.time + k * self._h)
             mujoco.mj_step(self.model, self.data)
             wall_contact |= self._wall_contact()
         self.step_count += 1
+        self._place_mocap(self.time)  # pedestrians only matter for rendering and the (geometric) clearance
 
         obs = self._obs()
         sig = signals_from_obs(obs[None])
@@ -293,6 +294,7 @@ class CrossingEnv(gym.Env):
     def render(self):
         if self._renderer is None:
             return None
+        mujoco.mj_kinematics(self.model, self.data)  # geom poses of the current qpos and mocap positions
         return self._renderer.render(self.data, camera="top")
 
     def close(self) -> None:
@@ -301,8 +303,9 @@ class CrossingEnv(gym.Env):
 
     # ---------------------------------------------------------------- internals
     def _sample_pedestrians(self, rng: np.random.Generator) -> tuple[PedestrianScript, dict[str, Any]]:
-        """Scripted crossings. Pedestrian 0 crosses at x_c in [3, 5] m; its timing is drawn so that a robot
-        cruising at 1.2 m/s can pass in front with ~0.8 m to spare, up to 2.5 s later (so slower robots meet it)."""
+        """Scripted crossings. Pedestrian 0 crosses at x_c in [3, 5] m; its timing is drawn so that a robot cruising
+        at 1.2 m/s can pass in front with >= 1 m between centres, up to 2 s later (so slower robots meet it).
+        Pedestrian 1 (if present) crosses 2-3 m further on, 0.5-4 s after pedestrian 0."""
         start, direction, speed, t0, length = [], [], [], [], []
         present = np.array([True, rng.random() < self.second_pedestrian_prob])
         x_c = rng.uniform(3.0, 5.0)
@@ -319,7 +322,7 @@ class CrossingEnv(gym.Env):
             # The robot passes x_c + 1.2 m at about this time when it cruises at 1.2 m/s from a standstill.
             t_front = 0.6 + (x_c + 1.2 - 0.36) / 1.2
             if i == 0:
-                t_cross = t_front + (1.4 + CONTACT_DISTANCE) / s + rng.uniform(0.0, 2.5)
+                t_cross = t_front + (1.0 + CONTACT_DISTANCE) / s + rng.uniform(0.0, 2.0)
                 t_c = t_cross
             else:
                 t_c = t_cross + rng.uniform(0.5, 4.0)
@@ -345,11 +348,14 @@ class CrossingEnv(gym.Env):
         return float(qv[0] * math.cos(yaw) + qv[1] * math.sin(yaw)), float(qv[2])
 
     def _wall_contact(self) -> bool:
-        for c in self.data.contact[: self.data.ncon]:
-            pair = {int(c.geom1), int(c.geom2)}
-            if self._robot_geom in pair and pair & self._wall_geoms and c.dist <= 0.0:
-                return True
-        return False
+        ncon = self.data.ncon
+        if ncon == 0:
+            return False
+        con = self.data.contact
+        geoms, dist = con.geom[:ncon], con.dist[:ncon]
+        robot = (geoms == self._robot_geom).any(axis=1)
+        wall = np.isin(geoms, self._wall_geoms).any(axis=1)
+        return bool(np.any(robot & wall & (dist <= 0.0)))
 
     def _obs(self) -> np.ndarray:
         x, y, yaw = self.data.qpos
@@ -448,7 +454,7 @@ class CrossingExpert:
             u = np.clip((x - xa) / max(xb - xa, 1e-6), 0.0, 1.0)
             return u * u * (3 - 2 * u)
 
-        into = blend(x, max(self._x_lane_in - 2.0, self._x0), self._x_lane_in)
+        into = blend(x, max(self._x_lane_in - 2.5, self._x0 + 0.3), self._x_lane_in)
         out = blend(x, self._x_lane_out, 8.3)
         return (1 - out) * ((1 - into) * self._y0 + into * st["lane"]) + out * gy
 
