@@ -1,1 +1,3 @@
-"""stlflow.stl (see DESIGN.md)."""
+"""temporary"""
+from .robustness import STLInputError, first_violation, horizon, robustness, robustness_trace, smooth_error_bound
+from .syntax import Formula, STLSyntaxError, parse
