@@ -327,7 +327,7 @@ class PickPlaceExpert:
 
     - ``speed`` (m/s): cruise speed of the commanded TCP target, U[0.12, 0.32];
     - ``descend_ratio``: vertical approach speed as a fraction of ``speed``, U[0.4, 0.8];
-    - ``approach_height`` (m): TCP height when travelling to the cube, U[0.05, 0.15];
+    - ``approach_height`` (m): TCP height when travelling to the cube, U[0.07, 0.16] (the pads clear the cube top);
     - ``carry_height`` (m): TCP height when carrying the cube, U[0.08, 0.18];
     - ``grasp_offset`` (m): TCP height relative to the cube centre at the grasp, U[-0.004, 0.006];
     - ``place_dx``, ``place_dy`` (m): drop point relative to the zone centre, uniform in a 2.5 cm disc;
@@ -348,7 +348,7 @@ class PickPlaceExpert:
         self.style: dict[str, Any] = {
             "speed": float(rng.uniform(0.12, 0.32)),
             "descend_ratio": float(rng.uniform(0.4, 0.8)),
-            "approach_height": float(rng.uniform(0.05, 0.15)),
+            "approach_height": float(rng.uniform(0.07, 0.16)),
             "carry_height": float(rng.uniform(0.08, 0.18)),
             "grasp_offset": float(rng.uniform(-0.004, 0.006)),
             "place_dx": float(r * np.cos(ang)),
