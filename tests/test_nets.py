@@ -1,0 +1,88 @@
+"""Networks: shapes, construction-time validation, documented parameter counts, FiLM conditioning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stlflow.policy.nets import ResidualMLP, SinusoidalEmbedding, UNet1D, build_net, count_parameters
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+@pytest.mark.parametrize("n_times", [1, 2])
+def test_output_shape_matches_input(name, n_times):
+    torch.manual_seed(0)
+    net = build_net({"name": name}, action_dim=3, horizon=16, cond_dim=7, n_times=n_times)
+    x = torch.randn(5, 16, 3)
+    y = net(x, torch.rand(5, n_times), torch.randn(5, 7))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@given(levels=st.integers(1, 4), mult=st.integers(1, 3))
+@settings(max_examples=15, deadline=None)
+def test_unet_accepts_every_horizon_divisible_by_its_downsampling(levels, mult):
+    dims = [8 * 2**i for i in range(levels)]
+    horizon = mult * 2 ** (levels - 1)
+    net = UNet1D(2, horizon, 4, down_dims=dims, time_embed_dim=8)
+    assert net(torch.randn(2, horizon, 2), torch.rand(2, 1), torch.randn(2, 4)).shape == (2, horizon, 2)
+
+
+def test_unet_rejects_indivisible_horizon_with_a_clear_message():
+    with pytest.raises(ValueError, match=r"horizon=12 must be divisible by 2\*\*\(len\(down_dims\)-1\)=8"):
+        UNet1D(2, 12, 4, down_dims=(8, 16, 32, 64))
+
+
+def test_unet_rejects_channels_not_divisible_by_groups():
+    with pytest.raises(ValueError, match="n_groups"):
+        UNet1D(2, 16, 4, down_dims=(12, 24), n_groups=8)
+
+
+def test_wrong_time_shape_is_reported():
+    net = ResidualMLP(2, 8, 3, n_times=2)
+    with pytest.raises(ValueError, match=r"times must have shape \(B, 2\)"):
+        net(torch.randn(4, 8, 2), torch.rand(4, 1), torch.randn(4, 3))
+
+
+def test_documented_parameter_counts():
+    # Pinned so that a silent change of a default shows up (numbers in nets.py's docstring).
+    assert count_parameters(ResidualMLP(2, 16, 20)) == 1_125_472
+    assert count_parameters(UNet1D(2, 16, 20)) == 1_144_162
+    assert count_parameters(UNet1D(2, 16, 20, down_dims=(64, 128, 256))) == 4_159_874
+
+
+def test_diffusion_policy_low_dim_default_is_constructible():
+    net = UNet1D(2, 16, 20, down_dims=(256, 512, 1024), time_embed_dim=256)
+    assert 60e6 < count_parameters(net) < 70e6  # DP's analytic count: ~65.8M (cond 2 x 20)
+    with torch.no_grad():
+        assert net(torch.randn(1, 16, 2), torch.rand(1, 1), torch.randn(1, 20)).shape == (1, 16, 2)
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_condition_and_time_change_the_output(name):
+    torch.manual_seed(0)
+    net = build_net({"name": name}, action_dim=2, horizon=8, cond_dim=4, n_times=1)
+    x, t, c = torch.randn(3, 8, 2), torch.rand(3, 1), torch.randn(3, 4)
+    y = net(x, t, c)
+    assert not torch.allclose(y, net(x, t, c + 1.0))
+    assert not torch.allclose(y, net(x, (t + 0.3) % 1, c))
+
+
+@given(t=st.lists(st.floats(0, 1), min_size=1, max_size=8), dim=st.sampled_from([2, 8, 64]))
+@settings(max_examples=30, deadline=None)
+def test_sinusoidal_embedding_is_bounded_and_distinguishes_times(t, dim):
+    emb = SinusoidalEmbedding(dim)(torch.tensor(t, dtype=torch.float64))
+    assert emb.shape == (len(t), dim)
+    assert emb.abs().max() <= 1.0 + 1e-12
+    # sin^2 + cos^2 = 1 for every frequency
+    half = dim // 2
+    np.testing.assert_allclose((emb[:, :half] ** 2 + emb[:, half:] ** 2).numpy(), 1.0, atol=1e-12)
+
+
+def test_unknown_net_name():
+    with pytest.raises(ValueError, match="unknown network 'transformer'"):
+        build_net({"name": "transformer"}, 2, 8, 3, 1)
