@@ -203,7 +203,10 @@ def test_expert_succeeds_in_both_modes_within_the_rules():
             cube = obs[-1, OBS_INDEX["cube_pos"]]
             zone = obs[-1, OBS_INDEX[f"zone_{mode}"]]
             assert np.linalg.norm(cube[:2] - zone) < ZONE_RADIUS  # in the zone of its mode
-            assert rules_hold_numpy(u.signals(obs), u.rule_defaults, u.dt)
+            sig = u.signals(obs)
+            assert rules_hold_numpy(sig, u.rule_defaults, u.dt)
+            # the style drives the tightest speed limit (what calibration will recover per demo)
+            assert sig["ee_speed"].max() == pytest.approx(expert.style["speed"], abs=0.005)
             assert u.action_space.contains(actions.min(0)) and u.action_space.contains(actions.max(0))
 
 
