@@ -21,16 +21,14 @@ Action, shape (4,), float32
     ``+1`` closes, ``-1`` opens; any real value is thresholded at 0 (``grip > 0`` closes).
     ``discrete_action_mask = [False, False, False, True]``.
 
-Observation, shape (18,), float32 (indices in :data:`OBS_INDEX`)
-    ====== ============ ==========================================================
-    0:3    ``ee_pos``   TCP position (m)
-    3:6    ``ee_vel``   TCP velocity (m/s)
-    6      ``grip``     gripper opening: distance between the pad faces (m), 0 .. 0.1
-    7:10   ``cube_pos`` cube centre (m); the cube is 0.04 m wide, so 0.02 m high when resting
-    10:14  ``cube_quat``cube orientation quaternion (w, x, y, z), sign fixed so that w >= 0
-    14:16  ``zone_left``  centre (x, y) of the left target zone (m)
-    16:18  ``zone_right`` centre (x, y) of the right target zone (m)
-    ====== ============ ==========================================================
+Observation, shape (18,), float32 (slices in :data:`OBS_INDEX`)
+    - ``[0:3]`` ``ee_pos``: TCP position (m);
+    - ``[3:6]`` ``ee_vel``: TCP velocity (m/s);
+    - ``[6]`` ``grip``: gripper opening, the distance between the pad faces (m): 0.09 open, 0 closed
+      on nothing, 0.04 .. 0.057 closed on the cube (face-on .. corner-to-corner);
+    - ``[7:10]`` ``cube_pos``: cube centre (m); the cube is 0.04 m wide, so z = 0.02 when resting;
+    - ``[10:14]`` ``cube_quat``: cube orientation quaternion (w, x, y, z), sign fixed so that w >= 0;
+    - ``[14:16]`` ``zone_left``, ``[16:18]`` ``zone_right``: zone centres (x, y) (m).
 
 STL signals (``signals(obs)``; pure functions of the observation)
     - ``ee_speed``: ``|ee_vel|`` (m/s).
@@ -57,7 +55,8 @@ Success, termination, collision, reward
     below 0.05 m/s. The episode terminates on success. ``info["collision"]`` is True when a gripper
     geom (pads, palm, wrist) touched the table during any sub-step of this step (checked by a MuJoCo
     contact sensor); collisions do not end the episode; ``info["n_collisions"]`` counts the steps with
-    one so far. Reward is sparse: 1.0 on the step that succeeds, else 0.0.
+    one so far. Reward is sparse: 1.0 on the step that succeeds, else 0.0. ``info`` also holds
+    ``signals`` (``{name: float}`` for the returned observation, reset included) and ``step``.
 
 State (for rollouts from stored states)
     ``get_state()`` returns ``[mj_getState(mjSTATE_INTEGRATION), step_count, n_collisions, grip_cmd]``
