@@ -1,0 +1,139 @@
+"""Evaluation runner: metrics against a direct computation, worker-count independence, reports, the eval CLI."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import stlflow.envs  # noqa: F401
+from stlflow.control.evaluate import aggregate, evaluate, evaluate_policy, write_report
+from stlflow.datasets import Normalizer
+from stlflow.policy import Policy
+from stlflow.stl import parse
+
+torch.set_num_threads(1)
+ENV_ID = "stlflow/PickPlace-v0"
+
+
+def tiny_pickplace_policy(seed: int = 0) -> Policy:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    acts = np.concatenate([rng.uniform([-0.3, -0.4, 0.0], [0.3, 0.4, 0.35], (100, 3)),
+                           rng.choice([-1.0, 1.0], (100, 1))], axis=1)
+    norm = Normalizer.fit({"obs": rng.normal(size=(100, 18)), "action": acts})
+    return Policy(18, 4, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow", "default_steps": 4},
+                  net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
+                  discrete_action_mask=[False, False, False, True], normalizer=norm).eval()
+
+
+def test_expert_metrics_match_a_direct_computation():
+    seeds = range(20, 24)
+    report = evaluate(None, "pickplace", len(seeds), seed=20, controller="expert", stl_params={"v_max": 0.3})
+    env = gym.make(ENV_ID)
+    u = env.unwrapped
+    params = {**u.rule_defaults, "v_max": 0.3}
+    spec, rules = parse(u.rules), {name: parse(text) for name, text in u.rule_list.items()}
+    success, collision, sat, lengths, per_rule = [], [], [], [], {name: [] for name in rules}
+    for s in seeds:
+        obs, _ = env.reset(seed=s)
+        expert = u.make_expert(s)
+        expert.reset()
+        traj, hit, done = [obs], False, False
+        while not done:
+            obs, _, term, trunc, info = env.step(expert.act(obs))
+            traj.append(obs)
+            hit |= info["collision"]
+            done = term or trunc
+        signals = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in u.signals(np.stack(traj)).items()}
+
+        def rho(f, signals=signals):
+            return float(f.robustness({k: signals[k] for k in f.signals}, dt=u.dt,
+                                      params={k: v for k, v in params.items() if k in f.params}))
+
+        success.append(info["success"])
+        collision.append(hit)
+        sat.append(rho(spec) >= 0)
+        lengths.append(len(traj) - 1)
+        for name, f in rules.items():
+            per_rule[name].append(rho(f) >= 0)
+    m = report["metrics"]
+    assert m["success_rate"] == np.mean(success)
+    assert m["collision_rate"] == np.mean(collision)
+    assert m["stl_satisfaction_rate"] == np.mean(sat)
+    assert m["mean_length"] == np.mean(lengths)
+    for name in rules:
+        assert m[f"stl_{name}_rate"] == np.mean(per_rule[name])
+    assert m["nfe_per_action"] == 0.0 and m["episodes"] == 4.0
+    assert [e["seed"] for e in report["episodes"]] == list(seeds)
+    assert len(report["ticks"]["latency_ms"]) == sum(lengths)
+
+
+def test_aggregate_latency_and_nfe_figures():
+    recs = [
+        {"success": True, "collision": False, "robustness": 0.1, "rule_robustness": {"a": 1.0}, "length": 3,
+         "latency_s": [0.010, 0.001, 0.002], "nfe": [10, 2, 2]},
+        {"success": False, "collision": True, "robustness": -0.2, "rule_robustness": {"a": -1.0}, "length": 2,
+         "latency_s": [0.020, 0.003], "nfe": [10, 0]},
+    ]
+    m = aggregate(recs)
+    lat = np.array([10.0, 1.0, 2.0, 20.0, 3.0])
+    assert m["success_rate"] == 0.5 and m["collision_rate"] == 0.5 and m["stl_satisfaction_rate"] == 0.5
+    assert m["stl_a_rate"] == 0.5
+    assert m["latency_p50_ms"] == pytest.approx(np.percentile(lat, 50))
+    assert m["latency_p99_ms"] == pytest.approx(np.percentile(lat, 99))
+    assert m["latency_max_ms"] == pytest.approx(20.0)
+    assert m["latency_warm_max_ms"] == pytest.approx(3.0)  # each episode's first tick left out
+    assert m["nfe_per_action"] == pytest.approx(24 / 5)
+    assert m["nfe_per_call"] == pytest.approx(24 / 4)
+    assert m["nfe_per_tick_max"] == 10
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+def test_worker_count_does_not_change_results_and_policy_mode_is_restored():
+    policy = tiny_pickplace_policy()
+    policy.train()
+    kw = {"controller": "rti", "controller_kw": {"k": 2}, "max_steps": 8, "seed": 3}
+    one = evaluate(policy, "pickplace", 3, workers=1, **kw)
+    assert policy.training  # the trainer's policy is handed back in training mode
+    two = evaluate(policy, "pickplace", 3, workers=2, **kw)
+    assert one["episodes"] == two["episodes"]
+    for key in ("success_rate", "stl_satisfaction_rate", "collision_rate", "nfe_per_action", "nfe_per_call"):
+        assert one["metrics"][key] == two["metrics"][key]
+    assert one["ticks"]["nfe"] == ([policy.nfe()] + [policy.nfe(2, 0.4)] * 7) * 3
+    metrics = evaluate_policy(policy, "stlflow/PickPlace-v0", 2, controller="cold", k=1, max_steps=5)
+    assert "success_rate" in metrics and metrics["nfe_per_action"] == 1.0
+
+
+def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
+    from stlflow.verbs.eval import main
+
+    policy = tiny_pickplace_policy()
+    ckpt = tmp_path / "ckpt"
+    policy.save(ckpt)
+    out = tmp_path / "ev"
+    rc = main([f"ckpt={ckpt}", "env=pickplace", "controller=rti", "k=3", "episodes=2", "max_steps=6", f"out={out}",
+               "progress=false", "delay=1", "videos=1"])
+    assert rc == 0
+    reports = json.loads((out / "report.json").read_text())
+    assert len(reports) == 1 and reports[0]["controller"] == "rti" and reports[0]["controller_kw"]["k"] == 3
+    assert reports[0]["delay"] == 1
+    assert reports[0]["ticks"]["nfe"][:2] == [policy.nfe(), policy.nfe(3, 0.4)]
+    assert "| rti " in (out / "report.md").read_text() and "| rti " in capsys.readouterr().out
+    for png in ("success_vs_nfe.png", "latency_hist.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    videos = list(out.glob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 1000
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(videos[0]) as reader:  # the reset frame and one per step
+        assert reader.count_frames() == 7
+    paths = write_report(reports * 2, tmp_path / "two")
+    assert (tmp_path / "two" / "report.md").read_text().count("| rti ") == 2 and paths["json"].exists()
+    assert main(["env=pickplace", "controller=rti", "episodes=1", f"out={out}"]) == 2  # no checkpoint
+    assert main(["env=pickplace", "controller=expert", "k=2", "episodes=1", f"out={out}"]) == 2  # expert takes no k
+
