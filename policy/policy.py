@@ -175,9 +175,7 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ conditioning
     def _params_matrix(self, params: Any, batch: int) -> Tensor | None:
-        if params is None or not self.param_names:
-            if params is not None:
-                raise ValueError("params given, but this policy was trained without θ (param_names is empty)")
+        if params is None:
             return None
         if isinstance(params, Mapping):
             unknown = set(params) - set(self.param_names)
@@ -209,6 +207,8 @@ class Policy(nn.Module):
                 f"obs_history must have shape (B, To={self.n_obs_steps}, Do={self.obs_dim}), got {tuple(obs.shape)}"
             )
         parts = [self.normalizer.normalize("obs", obs).flatten(1)]
+        if params is not None and not self.param_names:
+            raise ValueError("params given, but this policy was trained without θ (param_names is empty)")
         if self.param_names:
             b = obs.shape[0]
             theta = self._params_matrix(params, b)
