@@ -303,9 +303,14 @@ class CrossingEnv(gym.Env):
 
     # ---------------------------------------------------------------- internals
     def _sample_pedestrians(self, rng: np.random.Generator) -> tuple[PedestrianScript, dict[str, Any]]:
-        """Scripted crossings. Pedestrian 0 crosses at x_c in [3, 5] m; its timing is drawn so that a robot cruising
-        at 1.2 m/s can pass in front with >= 1 m between centres, up to 2 s later (so slower robots meet it).
-        Pedestrian 1 (if present) crosses 2-3 m further on, 0.5-4 s after pedestrian 0."""
+        """Scripted crossings (all scenario randomness, from the env's seeded ``np_random``).
+
+        Pedestrian 0 crosses at x_c in [3, 5] m, from either side, at 0.7-1.3 m/s, slanted by up to 0.6 m. Its
+        timing is drawn so that a robot cruising at 1.2 m/s from the start is 0.8 m past x_c while the pedestrian
+        is still >= 0.7 m + contact distance from the centre line, plus 0-1.5 s (so that slower robots meet it):
+        passing in front, behind, yielding and swerving are all feasible. Pedestrian 1 (when present) crosses
+        2-3 m further on (x <= 8 m), 0.5-4 s after pedestrian 0.
+        """
         start, direction, speed, t0, length = [], [], [], [], []
         present = np.array([True, rng.random() < self.second_pedestrian_prob])
         x_c = rng.uniform(3.0, 5.0)
@@ -319,10 +324,10 @@ class CrossingEnv(gym.Env):
             a = np.array([x_c + slant / 2, y_start])
             b = np.array([x_c - slant / 2, -y_start])
             s = rng.uniform(0.7, 1.3)
-            # The robot passes x_c + 1.2 m at about this time when it cruises at 1.2 m/s from a standstill.
-            t_front = 0.6 + (x_c + 1.2 - 0.36) / 1.2
+            # The robot passes x_c + 0.8 m at about this time when it cruises at 1.2 m/s from a standstill.
+            t_front = 0.6 + (x_c + 0.8 - 0.36) / 1.2
             if i == 0:
-                t_cross = t_front + (1.0 + CONTACT_DISTANCE) / s + rng.uniform(0.0, 2.0)
+                t_cross = t_front + (0.7 + CONTACT_DISTANCE) / s + rng.uniform(0.0, 1.5)
                 t_c = t_cross
             else:
                 t_c = t_cross + rng.uniform(0.5, 4.0)
@@ -454,7 +459,7 @@ class CrossingExpert:
             u = np.clip((x - xa) / max(xb - xa, 1e-6), 0.0, 1.0)
             return u * u * (3 - 2 * u)
 
-        into = blend(x, max(self._x_lane_in - 2.5, self._x0 + 0.3), self._x_lane_in)
+        into = blend(x, max(self._x_lane_in - 2.5, self._x0 + 0.3), max(self._x_lane_in, self._x0 + 2.8))
         out = blend(x, self._x_lane_out, 8.3)
         return (1 - out) * ((1 - into) * self._y0 + into * st["lane"]) + out * gy
 
