@@ -58,6 +58,7 @@ if kill_at:
         count[0] += 1
         if count[0] == kill_at:
             if half:  # leave a half-written temporary file behind
+                path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path.parent / f".{path.name}.dying{store_mod._TMP_SUFFIX}", "wb") as f:
                     f.write(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
