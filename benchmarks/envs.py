@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names (default: all)")
     ap.add_argument("--episodes", type=int, default=200, help="expert episodes per task")
     ap.add_argument("--steps", type=int, default=2000, help="random-action env steps for the steps/s figure")
-    ap.add_argument("--collect", type=int, default=40, help="episodes per collection-speed run")
+    ap.add_argument("--collect", type=int, default=100, help="episodes per collection-speed run")
     ap.add_argument("--out", default="bench_out/envs", help="directory of the rendered PNG frames")
     args = ap.parse_args()
     init_worker()
