@@ -1,0 +1,184 @@
+"""The trainer: loss decreases, multimodal data is reproduced (not averaged), exact resume, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stlflow.datasets import EpisodeStore
+from stlflow.policy import Policy
+from stlflow.policy.data import ChunkData, episode_params
+from stlflow.policy.trainer import TrainConfig, Trainer, ema_decay, lr_lambda
+
+torch.set_num_threads(1)
+
+NET = {"name": "mlp", "width": 64, "n_blocks": 2, "time_embed_dim": 32}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, progress=False, val_every=0, ckpt_every=0,
+                tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _store(path, n_episodes=12, length=30, seed=0) -> EpisodeStore:
+    """A real zarr store: obs = a 2-D point on a circle, action = its next position (smooth, learnable)."""
+    rng = np.random.default_rng(seed)
+    store = EpisodeStore.create(path, dt=0.1)
+    for i in range(n_episodes):
+        phase = rng.uniform(0, 2 * np.pi) + 0.1 * np.arange(length + 1)
+        xy = np.stack([np.cos(phase), np.sin(phase)], -1).astype(np.float32)
+        store.add_episode({"obs": xy[:-1], "action": xy[1:] * 3.0},
+                          attrs={"seed": i, "stl_params": {"v_max": 0.5 + 0.1 * i, "d_safe": 1.0}})
+    return EpisodeStore.open(path)
+
+
+def test_lr_schedule_and_ema_decay():
+    assert lr_lambda(0, 10, 100) == pytest.approx(0.1) and lr_lambda(9, 10, 100) == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100) == pytest.approx(0.5) and lr_lambda(100, 10, 100) == pytest.approx(0.0)
+    vals = [lr_lambda(s, 10, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert ema_decay(0) == 0.0
+    assert ema_decay(10) == pytest.approx(1 - 11**-0.75)
+    assert ema_decay(10**9) == 0.9999
+    decays = [ema_decay(s) for s in range(1, 2000)]
+    assert all(a <= b for a, b in zip(decays, decays[1:]))
+
+
+def test_loss_decreases_on_a_real_store_and_theta_comes_from_episode_attrs(tmp_path):
+    store = _store(tmp_path / "demos.zarr")
+    theta = episode_params(store, ["v_max", "d_safe"])
+    np.testing.assert_allclose(theta[:, 0], 0.5 + 0.1 * np.arange(12), rtol=1e-6)
+    data = ChunkData(store, horizon=8, n_obs_steps=2, n_action_steps=4, params=theta)
+    batch = data.batch([0, 5, 40])
+    assert batch["obs"].shape == (3, 2, 2) and batch["action"].shape == (3, 8, 2) and batch["params"].shape == (3, 2)
+    np.testing.assert_allclose(batch["params"][:, 0].numpy(), theta[data.sampler.window_episode[[0, 5, 40]], 0])
+    torch.manual_seed(0)
+    policy = Policy(2, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, param_names=["v_max", "d_safe"],
+                    normalizer=data.fit_normalizer())
+    trainer = Trainer(policy, data, _cfg(steps=150), tmp_path / "out")
+    trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert np.mean(losses[-15:]) < 0.5 * np.mean(losses[:15])
+    with pytest.raises(KeyError, match="stl_params lack"):
+        episode_params(store, ["v_max", "t_goal"])
+
+
+def _bimodal_data() -> ChunkData:
+    # Episodes act +1 or -1 for their whole length from the same (zero) observation: two separated modes.
+    rng = np.random.default_rng(0)
+    n_ep, length = 40, 12
+    sign = np.where(np.arange(n_ep) % 2 == 0, 1.0, -1.0)
+    act = np.repeat(sign, length)[:, None] * np.ones((1, 2)) + 0.02 * rng.standard_normal((n_ep * length, 2))
+    return ChunkData({"obs": np.zeros((n_ep * length, 3)), "action": act}, 8, 2, 4,
+                     episode_ends=np.arange(1, n_ep + 1) * length)
+
+
+@pytest.mark.parametrize("kind,solvers", [("ddpm", [None]), ("flow", ["euler", "midpoint"]), ("meanflow", [None])])
+def test_multimodal_toy_is_reproduced_not_averaged(tmp_path, kind, solvers):
+    data = _bimodal_data()
+    torch.manual_seed(0)
+    policy = Policy(3, 2, 2, 8, 4, head={"kind": kind}, net=NET, normalizer=data.fit_normalizer())
+    trainer = Trainer(policy, data, _cfg(steps=500, batch_size=64, warmup_steps=20), tmp_path)
+    trainer.fit()
+    ema = trainer.ema.model
+    for solver in solvers:
+        if solver:
+            ema.head.solver = solver
+        chunk = ema.predict(np.zeros((300, 2, 3)), generator=torch.Generator().manual_seed(1))
+        m = chunk[:, :, 0].mean(1)  # each chunk's mean action on channel 0: near +1 or -1, not 0
+        plus, minus, between = (m > 0.5).mean(), (m < -0.5).mean(), (np.abs(m) < 0.5).mean()
+        assert plus > 0.3 and minus > 0.3 and between < 0.25, (kind, solver, plus, minus, between)
+
+
+def _losses_csv(path):
+    with open(path, newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "meanflow"])
+def test_exact_resume_reproduces_the_uninterrupted_run(tmp_path, kind):
+    store = _store(tmp_path / "demos.zarr", n_episodes=6)
+    data = ChunkData(store, horizon=8, n_obs_steps=2, n_action_steps=4)
+    norm = data.fit_normalizer()
+
+    def make(out, resume=False):
+        torch.manual_seed(0)
+        policy = Policy(2, 2, 2, 8, 4, head={"kind": kind}, net=NET, normalizer=norm)
+        # 8 batches per epoch: the run crosses epoch boundaries, the interruption falls mid-epoch
+        return Trainer(policy, data, _cfg(steps=20, batch_size=16, ckpt_every=0), out, resume=resume)
+
+    full = make(tmp_path / "full")
+    full.fit()
+    part = make(tmp_path / "part")
+    assert part.batches_per_epoch < 13
+    part.fit(until=13)
+    torch.manual_seed(12345)  # the resumed process's global RNG must not matter
+    resumed = make(tmp_path / "part", resume=True)
+    assert resumed.step == 13
+    resumed.fit()
+    a = [h["loss"] for h in full.history[13:]]
+    b = [h["loss"] for h in resumed.history]
+    assert a == b  # bit-identical
+    assert _losses_csv(tmp_path / "full" / "metrics.csv") == _losses_csv(tmp_path / "part" / "metrics.csv")
+    wa = load_file(str(tmp_path / "full" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoints_keep_last_k_and_final_policy_loads(tmp_path):
+    store = _store(tmp_path / "demos.zarr", n_episodes=6)
+    data = ChunkData(store, horizon=8, n_obs_steps=2, n_action_steps=4, episodes=[0, 1, 2, 3, 4])
+    val = ChunkData(store, horizon=8, n_obs_steps=2, n_action_steps=4, episodes=[5])
+    calls = []
+
+    def eval_fn(policy, step):
+        calls.append(step)
+        assert isinstance(policy, Policy)
+        return {"success_rate": 0.5}
+
+    torch.manual_seed(0)
+    policy = Policy(2, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=data.fit_normalizer())
+    trainer = Trainer(policy, data, _cfg(steps=12, ckpt_every=3, keep_last=2, val_every=4, eval_every=6), tmp_path,
+                      val_data=val, eval_fn=eval_fn)
+    last = trainer.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000009", "step_00000012"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000012"
+    assert calls == [6, 12] and math.isfinite(last["val_loss"]) and last["eval/success_rate"] == 0.5
+    with open(tmp_path / "val.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [4, 6, 8, 12]
+    assert [s for s, _ in _losses_csv(tmp_path / "metrics.csv")] == list(range(12))
+    final = Policy.load(tmp_path)  # the EMA weights, not the live ones
+    ema_sd, live = trainer.ema.model.state_dict(), trainer.policy.state_dict()
+    assert all(torch.equal(final.state_dict()[k], ema_sd[k]) for k in ema_sd)
+    assert any(not torch.equal(ema_sd[k], live[k]) for k in ema_sd)
+    assert Policy.load(tmp_path / "checkpoints" / "step_00000012").state_dict().keys() == live.keys()
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    data = _bimodal_data()
+    policy = Policy(3, 2, 2, 8, 4, net=NET)
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        Trainer(policy, data, _cfg(batch_size=10_000), tmp_path)
+
+
+def test_cli_train_then_eval_end_to_end(tmp_path, monkeypatch, capsys):
+    from stlflow import cli
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    demos, out = tmp_path / "demos.zarr", tmp_path / "ckpt"
+    assert cli.main(["collect", "env=crossing", "episodes=4", f"out={demos}"]) == 0
+    rc = cli.main(["train", "env=crossing", "policy=flow", f"data={demos}", f"out={out}", "train=tiny",
+                   "train.steps=20", "train.batch_size=32", "train.progress=false", "eval_episodes=0"])
+    assert rc == 0
+    policy = Policy.load(out)
+    assert policy.head.kind == "flow" and policy.n_obs_steps == 2 and policy.horizon == 16
+    assert policy.discrete_action_mask.shape == (policy.action_dim,)
+    assert cli.main(["eval", f"ckpt={out}", "episodes=2", f"out={tmp_path / 'eval'}", "progress=false"]) == 0
+    assert "success" in capsys.readouterr().out.lower()
