@@ -15,7 +15,8 @@ rollout costs H sequential updates of (v, omega) plus a few tensor ops.
 
 Tracking (tested in tests/test_crossing.py): over 50 steps of random controls away from the walls,
 the float32 model stays within ``TRACKING_TOL_POS`` = 5 mm and ``TRACKING_TOL_YAW`` = 5 mrad of MuJoCo
-(measured errors are around 1e-5, float32 round-off). Wall contact is not modelled.
+(measured errors are below 1e-6: float32 round-off). Wall contact is not modelled.
+Cost on one CPU thread (B = 256, H = 50): forward ~10 ms, forward + backward through the signals ~40 ms.
 
 Signals (``signals(states, context)``) are the env's STL signals of those states; the pedestrians'
 future positions come from a :class:`CrossingContext`, either privileged (``env.pedestrian_context(H)``)

@@ -330,3 +330,26 @@ def test_dynamics_rejects_bad_shapes():
         dyn.rollout(torch.zeros(2, 4), torch.zeros(2, 3, 2))
     with pytest.raises(ValueError, match="controls"):
         dyn.rollout(torch.zeros(2, 5), torch.zeros(3, 3, 2))
+
+
+@pytest.mark.slow
+def test_expert_succeeds_on_98_percent_of_200_seeds_and_mostly_keeps_the_rules():
+    env = gym.make(ENV_ID)
+    success, rules_kept, modes = [], [], set()
+    d = env.unwrapped.rule_defaults
+    for seed in range(200):
+        _, expert, obs, _, infos = run_expert(seed)
+        modes.add(expert.mode)
+        success.append(infos[-1]["success"])
+        s = cx.signals_from_obs(obs)
+        reached = np.flatnonzero(s["dist_goal"] <= d["eps"])
+        rules_kept.append(
+            s["speed"].max() <= d["v_max"]
+            and s["clearance"].min() >= d["d_safe"]
+            and np.abs(s["lateral"]).max() <= d["w"]
+            and len(reached) > 0
+            and reached[0] * env.unwrapped.dt <= d["T"]
+        )
+    assert np.mean(success) >= 0.98
+    assert np.mean(rules_kept) >= 0.9
+    assert modes == set(cx.MODES)
