@@ -1,0 +1,144 @@
+"""`stlflow data`: inspect EpisodeStores and import datasets into them.
+
+stlflow data info PATH [--episodes N]
+stlflow data import {d4rl,minari,dp} SRC OUT [--dt SECONDS] [--overwrite] [--no-progress]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+import numpy as np
+
+EPILOG = """examples:
+  stlflow data info demos.zarr
+  stlflow data import d4rl hopper-medium-v2.hdf5 hopper.zarr --dt 0.008
+  stlflow data import minari ~/.minari/datasets/D4RL/pointmaze/umaze-v2 umaze.zarr
+  stlflow data import dp pusht_cchi_v7_replay.zarr pusht.zarr --dt 0.1
+
+Imported keys: obs, action, reward, terminal, timeout, next_obs (when the source has it), info_<name>.
+A failed import leaves nothing at OUT."""
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _summarise_attrs(all_attrs: list[dict], max_values: int = 6) -> list[str]:
+    """One line per attribute key: how many episodes have it and its most common values."""
+    lines = []
+    keys = sorted({k for a in all_attrs for k in a})
+    for key in keys:
+        values = [json.dumps(a[key], sort_keys=True) for a in all_attrs if key in a]
+        counts = Counter(values)
+        if len(counts) <= max_values:
+            shown = ", ".join(f"{v} x{c}" for v, c in counts.most_common())
+        else:
+            numbers = [
+                a[key] for a in all_attrs if isinstance(a.get(key), (int, float)) and not isinstance(a[key], bool)
+            ]
+            if len(numbers) == len(values):
+                shown = f"{len(counts)} distinct, min {min(numbers)}, max {max(numbers)}"
+            else:
+                top = ", ".join(f"{v} x{c}" for v, c in counts.most_common(3))
+                shown = f"{len(counts)} distinct; most common: {top}"
+        lines.append(f"  {key} ({len(values)}/{len(all_attrs)} episodes): {shown}")
+    return lines
+
+
+def info(path: str, episodes: int) -> int:
+    from stlflow.datasets.store import EpisodeStore
+
+    store = EpisodeStore.open(path, mode="r")
+    lengths = store.episode_lengths
+    print(
+        f"{store.path}  ({'EpisodeStore' if store.source_format == 'stlflow' else 'Diffusion Policy store, read-only'})"
+    )
+    print(f"episodes: {store.n_episodes}")
+    print(f"steps:    {store.n_steps}")
+    if len(lengths):
+        print(f"episode length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
+    dt = "unknown" if store.dt is None else f"{store.dt} s"
+    duration = "" if store.dt is None else f" ({store.n_steps * store.dt:.1f} s of data)"
+    print(f"dt:       {dt}{duration}")
+    print(f"size on disk: {_human_bytes(store.nbytes_on_disk())}")
+    print("keys:")
+    width = max((len(k) for k in store.keys), default=0)
+    for key in store.keys:
+        shape = (store.n_steps, *store.key_shape(key))
+        print(f"  {key.ljust(width)}  shape {shape}  dtype {np.dtype(store.key_dtype(key)).name}")
+    print("store attrs:")
+    if store.attrs:
+        for k, v in store.attrs.items():
+            text = json.dumps(v)
+            print(f"  {k}: {text if len(text) <= 200 else text[:197] + '...'}")
+    else:
+        print("  (none)")
+    all_attrs = store.all_episode_attrs()
+    print("episode attrs:")
+    print("\n".join(_summarise_attrs(all_attrs)) if any(all_attrs) else "  (none)")
+    if episodes > 0 and store.n_episodes:
+        print(f"first {min(episodes, store.n_episodes)} episodes:")
+        for i in range(min(episodes, store.n_episodes)):
+            print(f"  {i}: {lengths[i]} steps  {json.dumps(all_attrs[i])}")
+    return 0
+
+
+def run_import(fmt: str, src: str, out: str, dt: float | None, overwrite: bool, progress: bool) -> int:
+    from stlflow.datasets.importers import IMPORTERS
+
+    store = IMPORTERS[fmt](src, out, dt=dt, overwrite=overwrite, progress=progress)
+    print(f"imported {store.n_episodes} episodes, {store.n_steps} steps, keys {store.keys} into {store.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stlflow data",
+        description="Inspect EpisodeStores and import D4RL / Minari / Diffusion Policy datasets into them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,import}")
+    p_info = sub.add_parser(
+        "info",
+        help="episodes, steps, keys (shapes, dtypes), attributes and size on disk of a store",
+        description="Print a summary of an EpisodeStore (or a Diffusion Policy zarr store).",
+    )
+    p_info.add_argument("path", help="the store folder (e.g. demos.zarr)")
+    p_info.add_argument("--episodes", type=int, default=0, metavar="N", help="also list the first N episodes")
+    p_imp = sub.add_parser(
+        "import",
+        help="import a D4RL HDF5 file, a Minari dataset folder or a Diffusion Policy zarr store",
+        description="Import a dataset into a new EpisodeStore. A failed import leaves nothing at OUT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_imp.add_argument("format", choices=["d4rl", "minari", "dp"], help="source format")
+    p_imp.add_argument("src", help="D4RL .hdf5 file, Minari dataset folder, or Diffusion Policy .zarr")
+    p_imp.add_argument("out", help="new EpisodeStore folder to write (e.g. out.zarr)")
+    p_imp.add_argument("--dt", type=float, default=None, help="seconds per step to record (default: unknown)")
+    p_imp.add_argument("--overwrite", action="store_true", help="replace an existing EpisodeStore at OUT")
+    p_imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from stlflow.datasets.importers import DatasetImportError
+    from stlflow.datasets.store import EpisodeStoreError
+
+    try:
+        if args.command == "info":
+            return info(args.path, args.episodes)
+        return run_import(args.format, args.src, args.out, args.dt, args.overwrite, not args.no_progress)
+    except (DatasetImportError, EpisodeStoreError, FileNotFoundError, FileExistsError) as err:
+        print(f"stlflow data {args.command}: error: {err}", file=sys.stderr)
+        return 1
