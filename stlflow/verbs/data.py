@@ -31,9 +31,21 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _flatten(attrs: dict, prefix: str = "") -> dict:
+    """``{"theta": {"v_max": 1}}`` -> ``{"theta.v_max": 1}``."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _summarise_attrs(all_attrs: list[dict], max_values: int = 6) -> list[str]:
-    """One line per attribute key: how many episodes have it and its most common values."""
+    """One line per (nested, dotted) attribute key: how many episodes have it and its values."""
     lines = []
+    all_attrs = [_flatten(a) for a in all_attrs]
     keys = sorted({k for a in all_attrs for k in a})
     for key in keys:
         values = [json.dumps(a[key], sort_keys=True) for a in all_attrs if key in a]
