@@ -12,7 +12,7 @@ Depends only on torch and numpy.
 from .calibrate import Calibration, calibrate
 from .monitor import Monitor, MonitorOutput
 from .robustness import STLInputError, first_violation, horizon, robustness, robustness_trace, smooth_error_bound
-from .syntax import STLSyntaxError, Formula, parse
+from .syntax import Formula, STLSyntaxError, parse
 
 __all__ = [
     "parse", "STLSyntaxError", "STLInputError", "Formula", "robustness", "robustness_trace", "horizon",

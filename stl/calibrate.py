@@ -10,7 +10,8 @@ threshold that enters predicates linearly with one sign, and in interval bounds:
 and on the left of ``->``); a parameter used with both polarities, or non-linearly, is reported as not monotone.
 Real thresholds are found by bisection to a relative tolerance, then snapped onto the nearest per-sample root
 of the predicates that contain the parameter, so the result is the data value itself (``max(speed)`` for
-``G(speed <= {v_max})``) (the exact ρ is a min/max of\nthose affine predicate values, so its root is one of them). Interval bounds are scanned over
+``G(speed <= {v_max})``) (the exact ρ is a min/max of
+those affine predicate values, so its root is one of them). Interval bounds are scanned over
 every multiple of ``dt``. All demos are evaluated together in one batch. Several parameters are calibrated one
 after the other in the order given, each with the earlier ones at their calibrated values and the later ones
 at their loosest, so every satisfiable demo satisfies the final specification in ``"tightest"`` mode.
@@ -28,7 +29,21 @@ import numpy as np
 import torch
 
 from .robustness import STLInputError, _as_tensor, robustness
-from .syntax import Abs, BinaryTemporal, BinOp, Expr, Formula, Implies, Neg, Not, Num, Param, Predicate, Signal, Temporal
+from .syntax import (
+    Abs,
+    BinaryTemporal,
+    BinOp,
+    Expr,
+    Formula,
+    Implies,
+    Neg,
+    Not,
+    Num,
+    Param,
+    Predicate,
+    Signal,
+    Temporal,
+)
 
 __all__ = ["calibrate", "Calibration", "parameter_direction"]
 
@@ -220,11 +235,14 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
     dataset: dict[str, float] = {}
     for n in names:
         d = direction[n]
+        def rho_at(v, n=n):
+            return rho({**current, n: v})
+
         if n in interval_params:
-            t = _scan_bound(lambda v: rho({**current, n: v}), d, T, dt, B)
+            t = _scan_bound(rho_at, d, T, dt, B)
         else:
             cands = _root_candidates(spec, n, sig, dt, _finite(current), B, options)
-            t = _bisect_threshold(lambda v: rho({**current, n: v}), d, B, scale, tol, cands)
+            t = _bisect_threshold(rho_at, d, B, scale, tol, cands)
         tightest[n] = t
         if mode == "tightest":
             val = np.where(np.isfinite(t), t + d * margins[n], t)

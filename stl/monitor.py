@@ -389,7 +389,8 @@ class MonitorOutput:
     __slots__ = ("t", "delayed", "delayed_t", "_mon", "_hist", "_cache")
 
     def __init__(self, t, delayed, delayed_t, mon, hist):
-        self.t, self.delayed, self.delayed_t, self._mon, self._hist, self._cache = t, delayed, delayed_t, mon, hist, None
+        self.t, self.delayed, self.delayed_t = t, delayed, delayed_t
+        self._mon, self._hist, self._cache = mon, hist, None
 
     def _values(self) -> tuple[float, float, float]:
         if self._cache is None:

@@ -56,7 +56,8 @@ class STLSyntaxError(ValueError):
         line_end = text.find("\n", self.pos)
         self.column = self.pos - line_start + 1
         source_line = text[line_start : len(text) if line_end < 0 else line_end]
-        super().__init__(f"{msg} at line {self.line}, column {self.column}\n  {source_line}\n  {' ' * (self.column - 1)}^")
+        caret = " " * (self.column - 1) + "^"
+        super().__init__(f"{msg} at line {self.line}, column {self.column}\n  {source_line}\n  {caret}")
 
 
 # --------------------------------------------------------------------------- expressions
@@ -209,7 +210,8 @@ class Formula:
     @cached_property
     def interval_params(self) -> set[str]:
         """The parameters that appear in interval bounds (these must be one value per evaluation group)."""
-        return {b.name for node in self.walk() for iv in node.intervals() for b in (iv.lo, iv.hi) if isinstance(b, Param)}
+        bounds = (b for node in self.walk() for iv in node.intervals() for b in (iv.lo, iv.hi))
+        return {b.name for b in bounds if isinstance(b, Param)}
 
     # The evaluation API lives in robustness.py / monitor.py; these wrappers keep one import point.
     def horizon(self, dt: float, params: dict | None = None) -> float:
@@ -385,7 +387,8 @@ def _tokenize(text: str) -> list[_Tok]:
         kind = m.lastgroup
         s = m.group()
         if kind == "name" and s in _WORDS:
-            toks.append(_Tok("kw" if _WORDS[s] in ("G", "F", "H", "O", "U", "S", "abs", "inf") else "op", _WORDS[s], pos))
+            word = _WORDS[s]
+            toks.append(_Tok("kw" if word in ("G", "F", "H", "O", "U", "S", "abs", "inf") else "op", word, pos))
         elif kind == "param":
             toks.append(_Tok("param", s[1:-1].strip(), pos))
         elif kind != "ws":

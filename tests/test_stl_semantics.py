@@ -197,6 +197,7 @@ def _same(a, b, tol=1e-9):
     return bool(np.all(both_nan | close)), (a, b)
 
 
+UNTIL = ["strict", "inclusive"]
 X = [0.0, 1.0, 2.0, 3.0, 0.5]
 Y = [0.0, 1.0, 0.0, 0.0, 2.0]
 
@@ -232,17 +233,19 @@ def test_operators_hand_computed(text, expected):
 def test_interval_in_seconds_and_inclusive_until():
     sig = _tensors({"x": X, "y": Y})
     # G[0,0.3] with dt=0.1 covers samples t..t+3
-    np.testing.assert_array_equal(robustness_trace(parse("G[0,0.3](x < 1)"), sig, 0.1)[0].numpy(), [-2, -2, -2, -2, 0.5])
+    trace = robustness_trace(parse("G[0,0.3](x < 1)"), sig, 0.1)[0].numpy()
+    np.testing.assert_array_equal(trace, [-2, -2, -2, -2, 0.5])
     # inclusive: φ must also hold at t'; at t=0, t'=1 now needs min(ψ(1)=.5, φ(0)=1, φ(1)=0) = 0
     f = parse("(x < 1) U[0,2] (y > 0.5)")
     np.testing.assert_array_equal(robustness_trace(f, sig, 1.0, until="inclusive")[0].numpy(), [0, 0, -1, -2, 0.5])
     # violate: windows running past the end count as violation
     g = parse("G[0,2](x < 1)")
-    np.testing.assert_array_equal(robustness_trace(g, sig, 1.0, end="violate")[0].numpy(), [-1, -2, -2, -np.inf, -np.inf])
+    trace = robustness_trace(g, sig, 1.0, end="violate")[0].numpy()
+    np.testing.assert_array_equal(trace, [-1, -2, -2, -np.inf, -np.inf])
 
 
 @SETTINGS
-@given(formulas(), signal_sets(nan=True), st.sampled_from(["strict", "inclusive"]), st.sampled_from(["truncate", "violate"]))
+@given(formulas(), signal_sets(nan=True), st.sampled_from(UNTIL), st.sampled_from(["truncate", "violate"]))
 def test_exact_matches_brute_force(f, sig, until, end):
     got = robustness_trace(f, _tensors(sig), 1.0, until=until, end=end)[0]
     want = reference_trace(f, sig, 1.0, until=until, end=end)
@@ -335,8 +338,8 @@ def test_per_trajectory_params_and_gradients():
     for smooth in (None, 3.0):
         rho = f.robustness({"x": x, "y": y}, 1.0, {"v": v, "T": T, "eps": 0.1}, smooth=smooth)
         for b in range(4):
-            single = f.robustness({"x": x[b], "y": y[b]}, 1.0, {"v": float(v[b].detach()), "T": float(T[b]), "eps": 0.1},
-                                  smooth=smooth)
+            pb = {"v": float(v[b].detach()), "T": float(T[b]), "eps": 0.1}
+            single = f.robustness({"x": x[b], "y": y[b]}, 1.0, pb, smooth=smooth)
             assert torch.allclose(rho[b], single[0])
         gx, gy, gv = torch.autograd.grad(rho.sum(), (x, y, v))
         assert torch.isfinite(gx).all() and torch.isfinite(gv).all() and gv.abs().sum() > 0
