@@ -114,6 +114,30 @@ class _AtomicLocalStore(LocalStore):
         _atomic_write_bytes(self.root / key, value.to_bytes(), self.durable)
 
 
+def _grow_and_write(writes: list[tuple[zarr.Array, tuple[int, ...], int, np.ndarray]]) -> None:
+    """For each ``(array, new_shape, start, values)``: resize, then write ``values`` at ``start`` along axis 0.
+
+    The arrays are independent, so their writes run concurrently on zarr's event loop (one round trip
+    instead of two per array); falls back to sequential calls if zarr's loop helper is unavailable.
+    """
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # pragma: no cover - zarr moved its private helper
+        for arr, shape, start, values in writes:
+            arr.resize(shape)
+            arr[start : start + len(values)] = values
+        return
+
+    async def one(arr: zarr.Array, shape: tuple[int, ...], start: int, values: np.ndarray) -> None:
+        await arr.async_array.resize(shape)
+        await arr.async_array.setitem(slice(start, start + len(values)), values)
+
+    async def all_writes() -> None:
+        await asyncio.gather(*(one(*w) for w in writes))
+
+    sync(all_writes())
+
+
 def _to_jsonable(value: Any, where: str) -> Any:
     """Convert numpy scalars/arrays (recursively) to JSON types; raise naming ``where`` otherwise."""
     if isinstance(value, Mapping):
@@ -331,6 +355,9 @@ class EpisodeStore:
         n_ep, n_steps = int(self._record["n_episodes"]), int(self._record["n_steps"])
         meta = self._root["meta"]
         ends_arr = meta["episode_ends"]
+        self._meta = {"episode_ends": ends_arr}
+        if self._source_format == "stlflow":
+            self._meta["episode_attrs"] = meta["episode_attrs"]
         if ends_arr.shape[0] < n_ep:
             raise EpisodeStoreError(
                 f"{self._path}: meta/episode_ends holds {ends_arr.shape[0]} entries but {n_ep} episodes are committed"
@@ -365,10 +392,9 @@ class EpisodeStore:
         for name in list(data.array_keys()):
             if name not in self._record["keys"]:
                 del data[name]
-        meta = self._root["meta"]
-        for name in ("episode_ends", "episode_attrs"):
-            if meta[name].shape[0] != n_ep:
-                meta[name].resize((n_ep,))
+        for arr in self._meta.values():
+            if arr.shape[0] != n_ep:
+                arr.resize((n_ep,))
         for tmp in self._path.rglob(f"*{_TMP_SUFFIX}"):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -481,7 +507,7 @@ class EpisodeStore:
             if self._source_format != "stlflow" or self.n_episodes == 0:
                 self._attrs_cache = [{} for _ in range(self.n_episodes)]
             else:
-                raw = self._root["meta"]["episode_attrs"][: self.n_episodes]
+                raw = self._meta["episode_attrs"][: self.n_episodes]
                 self._attrs_cache = [json.loads(s) if s else {} for s in np.asarray(raw).tolist()]
         return self._attrs_cache
 
@@ -596,14 +622,14 @@ class EpisodeStore:
                 )
                 arrays_by_key[key] = self._root["data"][key]
                 record["keys"][key] = spec
-            for key, arr in arrays_by_key.items():
-                arr.resize((n1, *arr.shape[1:]))
-                arr[n0:n1] = np.concatenate([a[key] for a in checked]) if len(checked) > 1 else checked[0][key]
-            meta = self._root["meta"]
-            meta["episode_ends"].resize((e0 + len(checked),))
-            meta["episode_ends"][e0:] = new_ends
-            meta["episode_attrs"].resize((e0 + len(checked),))
-            meta["episode_attrs"][e0:] = np.array(attrs_json, dtype=object)
+            writes = [
+                (arr, (n1, *arr.shape[1:]), n0, np.concatenate([a[key] for a in checked]))
+                for key, arr in arrays_by_key.items()
+            ]
+            e1 = e0 + len(checked)
+            writes.append((self._meta["episode_ends"], (e1,), e0, new_ends))
+            writes.append((self._meta["episode_attrs"], (e1,), e0, np.array(attrs_json, dtype=object)))
+            _grow_and_write(writes)
             # 3. commit
             record["n_episodes"] = e0 + len(checked)
             record["n_steps"] = int(n1)
@@ -635,7 +661,7 @@ class EpisodeStore:
         new = {} if replace else self.episode_attrs(i)
         new.update(_to_jsonable(dict(attrs), f"episode {i} attrs"))
         text = json.dumps(new)
-        self._root["meta"]["episode_attrs"][i] = text
+        self._meta["episode_attrs"][i] = text
         self._all_episode_attrs()[i] = json.loads(text)
 
     def set_attrs(self, attrs: Mapping[str, Any], replace: bool = False) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+import stlflow.datasets.store as store_mod
 from stlflow.datasets import EpisodeStore, EpisodeStoreError
 from stlflow.datasets.store import CHUNK_BYTES, COMMIT_FILE
 
@@ -260,25 +261,27 @@ def test_uncommitted_tail_is_ignored_and_repaired(filled):
 
 
 def test_failure_during_write_leaves_committed_state(filled, monkeypatch):
-    """An exception in the middle of an append (e.g. disk full) leaves exactly the committed store."""
+    """An exception in the middle of an append (disk full at the 3rd file write) leaves the committed store."""
     store, episodes, _ = filled
     n_steps = store.n_steps
     calls = {"n": 0}
-    real = zarr.Array.__setitem__
+    real = store_mod._atomic_write_bytes
 
-    def failing_setitem(self, sel, value):
+    def failing_write(path, data, durable=False):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise OSError("No space left on device")
-        return real(self, sel, value)
+        return real(path, data, durable)
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", failing_setitem)
+    monkeypatch.setattr(store_mod, "_atomic_write_bytes", failing_write)
     with pytest.raises(OSError, match="No space"):
         store.add_episode(make_episode(np.random.default_rng(9), 11))
-    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    monkeypatch.setattr(store_mod, "_atomic_write_bytes", real)
+    assert calls["n"] > 3  # the other writes went through: there was a tail to clean up
     assert store.n_steps == n_steps and store.n_episodes == 6
     root = zarr.open_group(store.path, mode="r")
     assert all(root["data"][k].shape[0] == n_steps for k in store.keys)
+    assert root["meta"]["episode_ends"].shape == (6,)
     store.add_episode(episodes[1])
     reader = EpisodeStore.open(store.path)
     assert reader.n_episodes == 7
