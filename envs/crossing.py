@@ -32,7 +32,8 @@ smallest gap between the robot's and a present pedestrian's discs (centre distan
 capped at ``CLEARANCE_CAP`` = 10 m; ``lateral`` = y (m); ``dist_goal`` = distance to the goal centre (m).
 
 Episode: ends (``terminated``) when the goal is reached (dist_goal <= ``GOAL_RADIUS`` = 0.3 m:
-success) or on a collision (clearance <= 0 or robot-wall contact); ``truncated`` after ``max_steps``
+success) or on a collision (robot-pedestrian contact, i.e. clearance <= 0, at any 0.01 s sub-step,
+or robot-wall contact); ``truncated`` after ``max_steps``
 (default 300 = 30 s). ``info``: ``signals``, ``success`` (goal reached with no collision so far),
 ``collision``, ``time`` (s).
 Reward: progress towards the goal (previous minus current dist_goal, m) - 0.01 per step,
@@ -254,7 +255,7 @@ class CrossingEnv(gym.Env):
         self._place_mocap(0.0)
         mujoco.mj_forward(self.model, self.data)
         obs = self._obs()
-        return obs, self._info(obs)
+        return obs, self._info(signals_from_obs(obs[None]))
 
     def step(self, action):
         if self.peds is None:
@@ -269,27 +270,37 @@ class CrossingEnv(gym.Env):
         dv = ACCEL_V * DT * math.tanh((u[0] - v0) / (ACCEL_V * DT))
         dw = ACCEL_W * DT * math.tanh((u[1] - w0) / (ACCEL_W * DT))
         wall_contact = False
-        for k in range(1, SUBSTEPS + 1):
-            v_k, w_k = v0 + dv * k / SUBSTEPS, w0 + dw * k / SUBSTEPS
-            yaw_k = self.data.qpos[2] + self._h * w_k  # heading at the end of this sub-step
-            target = np.array([v_k * math.cos(yaw_k), v_k * math.sin(yaw_k), w_k])
-            self.data.ctrl[:] = self._mass * (target - self.data.qvel) / self._h
+        robot_xy = np.empty((SUBSTEPS, 2))
+        # Joint-velocity targets of the sub-steps: (v, omega) ramp linearly; the heading is the one at the end
+        # of each sub-step (yaw0 + h * cumulative omega), which is what the Euler integrator will produce.
+        frac = np.arange(1, SUBSTEPS + 1) / SUBSTEPS
+        v_k, w_k = v0 + dv * frac, w0 + dw * frac
+        yaw_k = self.data.qpos[2] + self._h * np.cumsum(w_k)
+        targets = np.stack([v_k * np.cos(yaw_k), v_k * np.sin(yaw_k), w_k], axis=1)  # (K, 3)
+        for k in range(SUBSTEPS):
+            self.data.ctrl[:] = self._mass * (targets[k] - self.data.qvel) / self._h
             mujoco.mj_step(self.model, self.data)
             wall_contact |= self._wall_contact()
+            robot_xy[k] = self.data.qpos[:2]
+        # Pedestrian contact at any sub-step (not only at the 10 Hz samples): vertical cylinders touch exactly
+        # when their centres are CONTACT_DISTANCE apart.
+        ped_xy = self.peds.position(self.time + self._h * np.arange(1, SUBSTEPS + 1))  # (K, P, 2)
+        centre_dist = np.hypot(*(ped_xy - robot_xy[:, None, :]).transpose(2, 0, 1))[:, self.peds.present]
+        ped_contact = bool((centre_dist <= CONTACT_DISTANCE).any())
         self.step_count += 1
         self._place_mocap(self.time)  # pedestrians only matter for rendering and the (geometric) clearance
 
         obs = self._obs()
         sig = signals_from_obs(obs[None])
         d_now = float(sig["dist_goal"][0])
-        if wall_contact or sig["clearance"][0] <= 0.0:
+        if wall_contact or ped_contact:
             self._collided = True
         if not self._collided and d_now <= GOAL_RADIUS:
             self._reached = True
         terminated = self._collided or self._reached
         truncated = (not terminated) and self.step_count >= self.max_steps
         reward = (d_prev - d_now) - 0.01 + (10.0 if self._reached else 0.0) - (10.0 if self._collided else 0.0)
-        return obs, float(reward), terminated, truncated, self._info(obs)
+        return obs, float(reward), terminated, truncated, self._info(sig)
 
     def render(self):
         if self._renderer is None:
@@ -384,8 +395,8 @@ class CrossingEnv(gym.Env):
         ]
         return np.concatenate([head, peds.ravel()]).astype(np.float32)
 
-    def _info(self, obs: np.ndarray) -> dict[str, Any]:
-        sig = signals_from_obs(obs[None])
+    def _info(self, sig: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The step's info from the signals of its observation (each shaped (1,))."""
         return {
             "signals": {k: float(v[0]) for k, v in sig.items()},
             "success": bool(self._reached and not self._collided),
