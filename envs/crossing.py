@@ -140,6 +140,10 @@ class CrossingEnv(gym.Env):
         max_steps: time limit in control steps (truncation).
         second_pedestrian_prob: probability that a second pedestrian crosses further down the corridor.
         width, height: rendered frame size in pixels.
+
+    Privileged state (read by the expert and by ``pedestrian_context``): ``peds`` (the episode's
+    :class:`PedestrianScript`), ``goal`` (2,) m, ``time`` (s since reset), ``episode_id`` (counts resets),
+    ``scenario`` (summary: ``t_cross`` of pedestrian 0 in s, ``n_peds``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1 / DT))}
