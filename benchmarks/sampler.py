@@ -46,16 +46,19 @@ def build_store(path: Path, steps: int, episode_len: int, obs_dim: int, action_d
     return store, time.perf_counter() - t0
 
 
-def loader_rate(dataset: SequenceDataset, workers: int, batch_size: int, batches: int) -> float:
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=workers,
-        worker_init_fn=_one_thread if workers else None,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+def loader_rate(dataset: SequenceDataset, workers: int, batch_size: int, batches: int, batched: bool) -> float:
+    """Windows/s through a shuffling DataLoader; ``batched``: the dataset gathers whole batches itself."""
+    common = dict(num_workers=workers, worker_init_fn=_one_thread if workers else None)
+    generator = torch.Generator().manual_seed(0)
+    if batched:
+        batch_sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(dataset, generator=generator), batch_size, drop_last=False
+        )
+        loader = torch.utils.data.DataLoader(dataset, sampler=batch_sampler, batch_size=None, **common)
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, generator=generator, **common
+        )
     it = iter(loader)
     next(it)  # worker start-up and first batch are not counted
     t0 = time.perf_counter()
@@ -113,9 +116,11 @@ def main() -> None:
         rate = idx.size / (time.perf_counter() - t0)
         print(f"sampler.sample_batch (numpy, batch {args.batch_size}): {rate:,.0f} windows/s")
         dataset = SequenceDataset(sampler)
-        for workers in (0, 1, 2):
-            rate = loader_rate(dataset, workers, args.batch_size, args.batches)
-            print(f"DataLoader(batch {args.batch_size}, shuffle, workers={workers}): {rate:,.0f} windows/s")
+        for batched in (False, True):
+            for workers in (0, 1, 2):
+                rate = loader_rate(dataset, workers, args.batch_size, args.batches, batched)
+                how = "BatchSampler, batch_size=None" if batched else f"batch_size={args.batch_size}, shuffle"
+                print(f"DataLoader({how}, workers={workers}): {rate:,.0f} windows/s")
     finally:
         if args.dir is None:
             shutil.rmtree(tmp, ignore_errors=True)

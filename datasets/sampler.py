@@ -195,12 +195,22 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.sampler[i].items()}
+    def __getitem__(self, i: int | Sequence[int] | np.ndarray) -> dict[str, Any]:
+        """Window ``i`` as ``{key: (h_key, ...)}``, or, for a list of indices, the stacked batch ``(B, h_key, ...)``.
+
+        The batched form is the fast path: ``DataLoader(ds, sampler=BatchSampler(RandomSampler(ds), B, False),
+        batch_size=None)`` gathers each batch with one vectorised numpy index instead of B small ones.
+        """
+        if isinstance(i, (int, np.integer)):
+            item = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.sampler[int(i)].items()}
+        else:
+            item = {
+                k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in self.sampler.sample_batch(i).items()
+            }
         return self.transform(item) if self.transform is not None else item
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        # DataLoader's batched fetch: one vectorised gather instead of B small ones.
+        # DataLoader's batched fetch (batch_size=B): one vectorised gather, then split for the collate function.
         batch = self.sampler.sample_batch(indices)
         tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in batch.items()}
         items = [{k: v[j] for k, v in tensors.items()} for j in range(len(indices))]

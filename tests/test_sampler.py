@@ -198,3 +198,17 @@ def test_sampler_pickles_without_store_handles(small_store):
     assert all(isinstance(v, np.ndarray) for v in clone.data.values())
     for k in sampler.keys:
         assert np.array_equal(clone[3][k], sampler[3][k])
+
+
+def test_batched_dataset_access_matches_items(small_store):
+    sampler = SequenceSampler(small_store, 6, n_obs_steps=3, n_action_steps=2, key_horizons={"obs": 3})
+    ds = SequenceDataset(sampler)
+    batch_sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 7, drop_last=False)
+    loader = torch.utils.data.DataLoader(ds, sampler=batch_sampler, batch_size=None)
+    batches = list(loader)
+    assert [len(b["obs"]) for b in batches] == [7] * (len(ds) // 7) + ([len(ds) % 7] if len(ds) % 7 else [])
+    flat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    assert flat["obs"].shape == (len(ds), 3, 3) and flat["action"].shape == (len(ds), 6, 2)
+    for i in range(len(ds)):
+        for k, v in ds[i].items():
+            assert torch.equal(flat[k][i], v)
