@@ -404,12 +404,12 @@ def import_dp(
     attrs = {"source": "diffusion_policy", "source_path": str(src), "source_attrs": source.attrs}
 
     def episodes() -> Iterator[tuple[dict, dict]]:
-        for i in range(source.n_episodes):
-            try:
-                ep = source.episode(i)
-            except Exception as err:
-                raise DatasetImportError(f"{src}: cannot read episode {i} (truncated or corrupt?): {err}") from err
-            yield ep, {"source": "diffusion_policy", "episode": i, **source.episode_attrs(i)}
+        i = 0
+        try:
+            for i, ep in enumerate(source.iter_episodes()):
+                yield ep, {"source": "diffusion_policy", "episode": i, **source.episode_attrs(i)}
+        except Exception as err:  # zarr/numcodecs raise assorted types for corrupt chunks
+            raise DatasetImportError(f"{src}: cannot read episode {i} (truncated or corrupt?): {err}") from err
 
     with _staged_store(out, overwrite, dt if dt is not None else source.dt, attrs) as store:
         _commit_in_batches(store, episodes(), source.n_steps, f"import {src.name}", progress)

@@ -499,8 +499,31 @@ class EpisodeStore:
         return np.asarray(self._arrays[key][: self.n_steps])
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(self.n_episodes):
-            yield self.episode(i)
+        yield from self.iter_episodes()
+
+    def iter_episodes(
+        self, indices: Iterable[int] | None = None, keys: Iterable[str] | None = None, block_steps: int = 1 << 18
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Episodes ``indices`` (default: all, in order), reading runs of consecutive episodes of up to
+        ``block_steps`` steps with one read per key instead of one per episode."""
+        keys = self.keys if keys is None else list(keys)
+        order = list(range(self.n_episodes)) if indices is None else [int(i) for i in indices]
+        run: list[tuple[int, int]] = []  # (start, end) of consecutive episodes
+
+        def flush() -> Iterator[dict[str, np.ndarray]]:
+            lo, hi = run[0][0], run[-1][1]
+            block = {k: np.asarray(self._arrays[k][lo:hi]) for k in keys}
+            for a, b in run:
+                yield {k: block[k][a - lo : b - lo] for k in keys}
+
+        for i in order:
+            start, end = self._episode_range(i)
+            if run and (start != run[-1][1] or end - run[0][0] > block_steps):
+                yield from flush()
+                run = []
+            run.append((start, end))
+        if run:
+            yield from flush()
 
     def _all_episode_attrs(self) -> list[dict]:
         if self._attrs_cache is None:
@@ -731,8 +754,8 @@ class EpisodeStore:
 def _copy_episodes(src: EpisodeStore, indices: Iterable[int], dst: EpisodeStore, batch_steps: int = 1 << 18) -> None:
     """Append ``src``'s episodes ``indices`` to ``dst`` in batches of about ``batch_steps`` steps."""
     batch, batch_attrs, steps = [], [], 0
-    for i in indices:
-        ep = src.episode(i)
+    indices = list(indices)
+    for i, ep in zip(indices, src.iter_episodes(indices)):
         batch.append(ep)
         batch_attrs.append(src.episode_attrs(i))
         steps += len(next(iter(ep.values())))

@@ -280,3 +280,13 @@ def test_dp_import(tmp_path):
     assert EpisodeStore.open(tmp_path / "out.zarr", mode="a").n_episodes == 3
     with pytest.raises(DatasetImportError, match="nothing.zarr"):
         import_dp(tmp_path / "nothing.zarr", tmp_path / "x.zarr", progress=False)
+
+
+def test_dp_corrupt_chunk(tmp_path):
+    root = zarr.open_group(tmp_path / "dp.zarr", mode="w", zarr_format=2)
+    root.create_array("data/state", shape=(30, 2), dtype="float64", chunks=(10, 2))[:] = np.ones((30, 2))
+    root.create_array("meta/episode_ends", shape=(2,), dtype="int64")[:] = [12, 30]
+    (tmp_path / "dp.zarr" / "data" / "state" / "1.0").write_bytes(b"garbage, not a compressed chunk")
+    with pytest.raises(DatasetImportError, match="dp.zarr"):
+        import_dp(tmp_path / "dp.zarr", tmp_path / "out.zarr", progress=False)
+    assert not (tmp_path / "out.zarr").exists() and no_leftovers(tmp_path / "dp.zarr")

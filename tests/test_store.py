@@ -358,3 +358,24 @@ def test_opens_diffusion_policy_store_read_only(tmp_path, zarr_format):
         assert store.episode_attrs(i) == {}
     with pytest.raises(EpisodeStoreError, match="read-only.*stlflow data import dp"):
         EpisodeStore.open(path, mode="a")
+
+
+def test_iter_episodes_blocks(filled):
+    store, episodes, _ = filled
+    order = [4, 1, 2, 3, 0, 5]
+    for block_steps in (1, 25, 1 << 18):
+        got = list(store.iter_episodes(order, block_steps=block_steps))
+        assert len(got) == len(order)
+        for ep, i in zip(got, order):
+            assert_episode_equal(ep, episodes[i])
+    only_obs = list(store.iter_episodes(keys=["obs"]))
+    assert [set(ep) for ep in only_obs] == [{"obs"}] * 6
+
+
+def test_durable_store_round_trip(tmp_path):
+    store = EpisodeStore.create(tmp_path / "d.zarr", durable=True)
+    ep = make_episode(np.random.default_rng(0), 9)
+    store.add_episode(ep, attrs={"x": 1})
+    reopened = EpisodeStore.open(tmp_path / "d.zarr", mode="a")
+    reopened.add_episode(ep)
+    assert_episode_equal(EpisodeStore.open(tmp_path / "d.zarr").episode(1), ep)
