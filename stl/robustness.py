@@ -30,8 +30,9 @@ log(k)/τ along its deepest path (``Formula.smooth_error_bound``). Until uses an
 and an inner min over ψ(t') and φ on [t, t'), both smooth. Empty windows keep their ±inf values.
 
 Shapes and cost: signals (T,) or (B, T) → robustness (B,) at sample 0, traces (B, T); a (T,) input is
-B = 1. Exact sliding min/max: van Herk/Gil-Werman blocks with cumulative min/max, O(B·T) whatever the
-window, memory O(B·T). Exact Until: the recursion y(t) = max(ψ(t), min(φ(t), y(t+1))) composes functions
+B = 1. Exact sliding min/max: sparse-table doubling, O(B·T·log w) time, O(B·T) memory (measured faster here
+than the O(B·T) van Herk/Gil-Werman blocks, whose cumulative min/max kernels are slow on CPU); unbounded
+windows use one cumulative min/max. Exact Until: the recursion y(t) = max(ψ(t), min(φ(t), y(t+1))) composes functions
 of the form y ↦ max(p, min(q, y)), a family closed under composition, so windows of them are combined by
 binary lifting: O(B·T·log w) time, O(B·T) memory. Smooth windows use binary lifting of log-add-exp:
 O(B·T·log w). Smooth Until loops over the window offset: O(B·T·w) time and O(B·T) forward memory (the
@@ -196,19 +197,23 @@ def _cum(x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
 
 
 def _exact_sliding(x: torch.Tensor, w: int, kind: str) -> torch.Tensor:
-    """y[t] = min/max of x[t .. min(t+w−1, m−1)] over (B, m), van Herk/Gil-Werman: O(B·m)."""
+    """y[t] = min/max of x[t .. min(t+w−1, m−1)] over (B, m): O(B·m·log w).
+
+    Sparse-table doubling on x padded with the identity (±inf, so windows truncate at the end): level p holds
+    the aggregate of [u, u+p); a window of w is the overlap of two level-p windows (min/max are idempotent).
+    """
     B, m = x.shape
     if w >= m:
         return _cum(x.flip(1), kind, 1).flip(1)
     if w == 1:
         return x
-    ident = INF if kind == "min" else -INF
-    L = -(-(m + w - 1) // w) * w
-    blocks = torch.cat([x, _full(x, L - m, ident)], 1).reshape(B, L // w, w)
-    prefix = _cum(blocks, kind, 2).reshape(B, L)
-    suffix = _cum(blocks.flip(2), kind, 2).flip(2).reshape(B, L)
     op = torch.minimum if kind == "min" else torch.maximum
-    return op(suffix[:, :m], prefix[:, w - 1 : w - 1 + m])
+    level = torch.cat([x, _full(x, w - 1, INF if kind == "min" else -INF)], 1)
+    p = 1
+    while 2 * p <= w:
+        level = op(level[:, :-p], level[:, p:])  # length shrinks by p: still covers every window start needed
+        p *= 2
+    return op(level[:, :m], level[:, w - p : w - p + m])
 
 
 def _lae(a: torch.Tensor, b: torch.Tensor, safe: bool) -> torch.Tensor:
@@ -492,7 +497,19 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
 
 def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
                smooth: float | None = None, **options: Any) -> torch.Tensor:
-    """ρ(φ, w, 0) for every trajectory: shape (B,). Arguments as :func:`robustness_trace`."""
+    """ρ(φ, w, 0) for every trajectory: shape (B,). Arguments as :func:`robustness_trace`.
+
+    Only the first horizon + 1 samples are read (ρ at 0 depends on nothing else, also under truncation: every
+    window that matters ends at or before the horizon), so this is cheaper than ``robustness_trace(...)[:, 0]``.
+    """
+    try:
+        h = horizon(formula, dt, params)
+    except (STLInputError, KeyError, TypeError):  # per-trajectory interval bounds or bad input: let the trace report
+        h = INF
+    arrays = {k: v if isinstance(v, torch.Tensor | np.ndarray) else np.asarray(v) for k, v in signals.items()}
+    lengths = {np.shape(arrays[k])[-1] if np.ndim(arrays[k]) else 0 for k in formula.signals if k in arrays}
+    if math.isfinite(h) and len(lengths) == 1:  # inconsistent inputs: the trace reports them
+        signals = {k: v[..., : int(h) + 1] if np.ndim(v) else v for k, v in arrays.items()}
     return robustness_trace(formula, signals, dt, params, smooth, **options)[:, 0]
 
 

@@ -1,0 +1,201 @@
+"""STL robustness speed: stlflow.stl against rtamt and stlcg++ (each measured in this run when installed).
+
+Workload (issue #3): 1,000 signals × 200 steps, ``G[0,50](x < 1) & F[0,100](y > 0.5)``, dt = 1.
+Prints per-signal time of batched forward (ρ at sample 0, and the full trace) and forward+backward of ρ(0)
+(exact and smooth), the online monitor's
+time per update, rtamt's offline time per signal (with a value check against ours on every sample) and
+stlcg++'s (PyTorch build, ``torch.vmap`` over the batch), and the ratios.
+
+    python benchmarks/stl_robustness.py [--batch 1000] [--steps 200] [--tau 10] [--threads 1]
+
+rtamt and stlcgpp are not dependencies of stlflow; install them only to compare:
+``pip install --no-deps rtamt stlcgpp`` (rtamt pins antlr4 4.7 but runs on hydra's 4.9 with a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import statistics
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import torch
+
+from stlflow.stl import parse
+
+FORMULA = "G[0,50](x < 1) & F[0,100](y > 0.5)"
+
+
+def timeit(fn, repeat: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_signals(B: int, T: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = 0.8 + 0.3 * np.cumsum(rng.normal(0, 0.1, (B, T)), 1) + rng.normal(0, 0.05, (B, T))
+    y = 0.5 + 0.4 * np.sin(np.linspace(0, 6, T))[None] * rng.uniform(0.5, 1.5, (B, 1)) + rng.normal(0, 0.05, (B, T))
+    return x, y
+
+
+def bench_ours(spec, x, y, tau, repeat):
+    B = x.shape[0]
+    out = {}
+    xs, ys = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    for label, smooth in (("exact", None), (f"smooth tau={tau:g}", tau)):
+        with torch.no_grad():
+            out[f"{label} forward"] = timeit(lambda: spec.robustness({"x": xs, "y": ys}, 1.0, smooth=smooth),
+                                             repeat) / B
+            out[f"{label} full trace (B, T)"] = timeit(
+                lambda: spec.robustness_trace({"x": xs, "y": ys}, 1.0, smooth=smooth), repeat) / B
+
+        def fwd_bwd():
+            xg, yg = xs.clone().requires_grad_(True), ys.clone().requires_grad_(True)
+            spec.robustness({"x": xg, "y": yg}, 1.0, smooth=smooth).sum().backward()
+
+        out[f"{label} forward+backward"] = timeit(fwd_bwd, repeat) / B
+    return out
+
+
+def bench_monitor(spec, x, y, n_signals=20):
+    """Per-update time over whole runs of the monitor (including the first h updates), and bound reads."""
+    mon = spec.monitor(1.0)
+    xs, ys = x[:n_signals].tolist(), y[:n_signals].tolist()
+    trace = spec.robustness_trace({"x": x[:n_signals], "y": y[:n_signals]}, 1.0).numpy()
+    times, ok = [], True
+    for b in range(n_signals):
+        mon.reset()
+        samples = [{"x": a, "y": c} for a, c in zip(xs[b], ys[b])]
+        t0 = time.perf_counter()
+        outs = [mon.update(s) for s in samples]
+        times.append((time.perf_counter() - t0) / len(samples))
+        ok &= all(o.delayed == trace[b, o.delayed_t] for o in outs if o.delayed is not None)
+    mon.reset()
+    samples = [{"x": a, "y": c} for a, c in zip(xs[0], ys[0])]
+    t0 = time.perf_counter()
+    for s in samples:
+        o = mon.update(s)
+        o.lower, o.upper  # noqa: B018  (forces the lazy bounds)
+    with_bounds = (time.perf_counter() - t0) / len(samples)
+    return statistics.median(times), with_bounds, ok
+
+
+def bench_rtamt(x, y, ours_trace, n_signals):
+    try:
+        import rtamt
+    except ImportError:
+        return None, "rtamt not installed (pip install --no-deps rtamt): skipped"
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        spec = rtamt.StlDiscreteTimeOfflineSpecification()
+        spec.declare_var("x", "float")
+        spec.declare_var("y", "float")
+        spec.spec = "always[0,50](x < 1) and eventually[0,100](y > 0.5)"
+        spec.parse()
+    T = x.shape[1]
+    t_axis = list(range(T))
+    data = [({"time": t_axis, "x": x[b].tolist(), "y": y[b].tolist()}) for b in range(n_signals)]
+    with redirect_stderr(io.StringIO()):
+        spec.evaluate(data[0])
+        t0 = time.perf_counter()
+        results = [spec.evaluate(d) for d in data]
+        per_signal = (time.perf_counter() - t0) / n_signals
+    rt = np.array([[v for _, v in r] for r in results])
+    diff = np.abs(rt - ours_trace[:n_signals])
+    return per_signal, (f"max |rtamt - ours| over all {rt.size} samples of {n_signals} signals: {diff.max():.3g} "
+                        f"(at t=0: {diff[:, 0].max():.3g})")
+
+
+def bench_stlcgpp(x, y, tau, repeat, n_signals, ours_exact):
+    try:
+        from stlcgpp.formula import Always, And, Eventually, GreaterThan, LessThan, Predicate
+    except ImportError:
+        return {}, ["stlcg++ not installed (pip install --no-deps stlcgpp): skipped"]
+    px = Predicate("x", lambda s: s[..., 0])
+    py = Predicate("y", lambda s: s[..., 1])
+    formula = And(Always(LessThan(px, 1.0), interval=[0, 50]), Eventually(GreaterThan(py, 0.5), interval=[0, 100]))
+    sig = torch.tensor(np.stack([x[:n_signals], y[:n_signals]], -1), dtype=torch.float32)  # (B, T, 2)
+    out, notes = {}, []
+    for label, kwargs in (("exact", {}), (f"smooth tau={tau:g}", {"approx_method": "logsumexp", "temperature": tau})):
+        def rob(s, kwargs=kwargs):
+            return torch.vmap(lambda one: formula.robustness(one, **kwargs))(s)
+
+        try:
+            with torch.no_grad():
+                values = rob(sig)
+                out[f"{label} forward"] = timeit(lambda: rob(sig), repeat) / n_signals
+
+            def fwd_bwd(rob=rob):
+                s = sig.clone().requires_grad_(True)
+                rob(s).sum().backward()
+
+            out[f"{label} forward+backward"] = timeit(fwd_bwd, repeat) / n_signals
+            if label == "exact":
+                diff = (values.double() - torch.as_tensor(ours_exact[:n_signals])).abs().max()
+                notes.append(f"max |stlcg++ - ours| exact rho(0) over {n_signals} signals: {float(diff):.3g} "
+                             "(float32)")
+        except Exception as err:  # report, do not hide: a comparison that fails is a finding
+            notes.append(f"stlcg++ {label} failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    return out, notes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--tau", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--rtamt-signals", type=int, default=50)
+    ap.add_argument("--stlcg-signals", type=int, default=1000)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = parse(FORMULA)
+    x, y = make_signals(args.batch, args.steps)
+    print(f"formula: {spec}   signals: {args.batch} x {args.steps}   dt = 1   torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), CPU")
+    ours = bench_ours(spec, x, y, args.tau, args.repeat)
+    with torch.no_grad():
+        ours_trace = spec.robustness_trace({"x": x, "y": y}, 1.0).numpy()  # float64 for the value checks
+    print("\nstlflow.stl (batched, float32), time per signal:")
+    for k, v in ours.items():
+        print(f"  {k:<36s} {v * 1e6:9.2f} us")
+    per_update, with_bounds, ok = bench_monitor(spec, x, y)
+    print(f"  online monitor update (delayed value)  {per_update * 1e6:9.2f} us per step   "
+          f"(delayed == offline: {ok})")
+    print(f"  online update + reading lower/upper    {with_bounds * 1e6:9.2f} us per step   "
+          f"(bounds are re-evaluated only during the first h = {spec.horizon(1.0)} steps)")
+
+    rt, note = bench_rtamt(x, y, ours_trace, min(args.rtamt_signals, args.batch))
+    print("\nrtamt (offline, discrete time, one signal per call):")
+    if rt is None:
+        print(f"  {note}")
+    else:
+        print(f"  offline evaluation per signal          {rt * 1e6:9.2f} us")
+        print(f"  {note}")
+        print(f"  ratio rtamt / stlflow, same output (full robustness trace): {rt / ours['exact full trace (B, T)']:.0f}x")
+        print(f"  ratio rtamt / stlflow, rho(0) only (stlflow reads the first h+1 samples): "
+              f"{rt / ours['exact forward']:.0f}x")
+
+    sc, notes = bench_stlcgpp(x, y, args.tau, max(3, args.repeat // 2), min(args.stlcg_signals, args.batch),
+                              ours_trace[:, 0])
+    print("\nstlcg++ (PyTorch, torch.vmap over the batch, float32), time per signal:")
+    for k, v in sc.items():
+        print(f"  {k:<36s} {v * 1e6:9.2f} us   (stlflow is {v / ours[k]:.1f}x faster)")
+    for n in notes:
+        print(f"  {n}")
+    if not math.isfinite(ours["exact forward"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
