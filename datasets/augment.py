@@ -74,13 +74,15 @@ class ReplayResult:
 
     ``obs``: (H', Do); ``action``: (H', Du) the actions actually executed; ``signals``: name -> (H',) arrays,
     covering every signal of the rules and of the mode formulas; ``collision``: any contact with an obstacle.
-    ``H' <= H`` when the env terminated early (e.g. goal reached).
+    ``H' <= H`` when the env terminated early (e.g. goal reached). ``attrs``: extra JSON-able episode
+    attributes to store (e.g. ``success``, ``length``).
     """
 
     obs: np.ndarray
     action: np.ndarray
     signals: dict[str, np.ndarray]
     collision: bool
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,24 +107,28 @@ class DemoWindow:
 class AugmentSettings:
     """Optimisation and selection settings (defaults from the measurements in DESIGN.md).
 
-    ``n_theta`` θ vectors per mode, ``n_init`` random initialisations per (mode, θ) group; ``iters`` Adam
-    iterations at learning rate ``lr`` (in control units per step); smooth robustness temperature ``smooth``
+    ``n_theta`` θ vectors per mode, ``n_init`` random initialisations per (mode, θ) group; at most ``iters``
+    Adam iterations at learning rate ``lr`` (control units per step), with an exact check every
+    ``check_every`` (satisfied candidates leave the batch); smooth robustness temperature ``smooth``
     (τ; 25-50 converges ~7x faster than 10); hinge ``margin`` on robustness (signal units);
     ``bound_weight`` on the squared control-bound violation; controls are piecewise linear between knots
-    every ``knot_every`` steps; at most ``max_replays`` replays in the real env per demo.
+    every ``knot_every`` steps; at most ``max_replays`` replays in the real env per demo; ``time_params`` are
+    time-bound parameters (sampled on the dt grid); ``dtype`` of the optimisation (``"float32"`` or ``"float64"``).
     """
 
     per_demo: int = 8
     n_theta: int = 2
     n_init: int = 32
-    iters: int = 150
-    lr: float = 0.05
+    iters: int = 120
+    lr: float = 0.03
     smooth: float = 30.0
     margin: float = 0.02
     bound_weight: float = 10.0
     knot_every: int = 5
     max_replays: int = 32
+    check_every: int = 10
     time_params: tuple[str, ...] = ()
+    dtype: str = "float32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,40 +215,112 @@ def optimise_controls(
     dt: float,
     settings: AugmentSettings,
     generator: torch.Generator,
+    init_low: torch.Tensor | None = None,
+    init_high: torch.Tensor | None = None,
+    on_check: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adam on smooth robustness through the dynamics model, all groups in one batch.
 
+    Knots start uniform in ``[init_low, init_high]`` (default the control bounds). Every ``check_every``
+    iterations the exact robustness of the still-active candidates is checked on clipped controls; those at or
+    above the margin are frozen as they are and leave the batch (so the batch shrinks as candidates succeed).
+
     Returns ``controls (B, H, Du)`` clipped to the bounds, ``rho (B,)`` the exact robustness of each
-    candidate's own specification at its θ for those clipped controls (in the model), and
-    ``positions (B, H, P)``. B = sum of the groups' ``n``, in group order.
+    candidate's own specification at its θ for those controls (in the model), and ``positions (B, H, P)``.
+    B = sum of the groups' ``n``, in group order. ``on_check(iteration, done (B,))`` follows each check.
     """
     horizon = window.horizon
     w = knot_matrix(horizon, settings.knot_every).to(low.dtype)
     n_total = sum(g.n for g in groups)
-    knots = random_smooth_controls(n_total, w.shape[1], low, high, generator).requires_grad_(True)
+    lo0 = low if init_low is None else init_low.to(low)
+    hi0 = high if init_high is None else init_high.to(low)
+    knots = random_smooth_controls(n_total, w.shape[1], lo0, hi0, generator).requires_grad_(True)
     opt = torch.optim.Adam([knots], lr=settings.lr)
-    bounds = [(sum(g.n for g in groups[:i]), g) for i, g in enumerate(groups)]
+    group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
+    units = _evaluation_units(groups, low.dtype)
 
-    def evaluate(controls: torch.Tensor, smooth: float | None) -> torch.Tensor:
+    def evaluate(controls: torch.Tensor, rows: torch.Tensor, smooth: float | None) -> torch.Tensor:
+        """Robustness (len(rows),) of candidates ``rows`` whose controls are ``controls``."""
         sig = window.signals(window.rollout(controls))
-        rho = []
-        for start, g in bounds:
-            part = {k: v[start : start + g.n] for k, v in sig.items() if k in g.spec.signals}
-            rho.append(g.spec.robustness(part, dt=dt, params=g.theta, smooth=smooth))
-        return torch.cat(rho)
+        rho = torch.empty(len(rows), dtype=controls.dtype)
+        gid = group_of[rows]
+        for spec, member, row_params in units:
+            sel = torch.nonzero(member[gid]).squeeze(1)
+            if len(sel) == 0:
+                continue
+            part = {k: sig[k].index_select(0, sel) for k in spec.signals}
+            params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in row_params.items()}
+            rho = rho.index_put((sel,), spec.robustness(part, dt=dt, params=params, smooth=smooth))
+        return rho
 
-    for _ in range(settings.iters):
-        controls = torch.einsum("hk,bkd->bhd", w, knots)
-        rho = evaluate(controls, settings.smooth)
+    active = torch.arange(n_total)
+    check_every = max(int(settings.check_every), 1)
+    for it in range(settings.iters + 1):
+        if it % check_every == 0 or it == settings.iters:
+            with torch.no_grad():
+                controls = torch.einsum("hk,bkd->bhd", w, knots[active]).clamp(low, high)
+                ok = evaluate(controls, active, None) >= settings.margin
+                active = active[~ok]
+            if on_check is not None:
+                done = torch.ones(n_total, dtype=torch.bool)
+                done[active] = False
+                on_check(it, done)
+            if len(active) == 0 or it == settings.iters:
+                break
+        controls = torch.einsum("hk,bkd->bhd", w, knots[active])
+        rho = evaluate(controls, active, settings.smooth)
         loss = torch.relu(settings.margin - rho) + settings.bound_weight * bound_penalty(controls, low, high)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
+        # Frozen candidates get no gradient; zero their Adam moments' effect by restoring them after the step.
+        frozen = knots.detach()[~_mask(active, n_total)].clone()
         opt.step()
+        with torch.no_grad():
+            knots[~_mask(active, n_total)] = frozen
     with torch.no_grad():
         controls = torch.einsum("hk,bkd->bhd", w, knots).clamp(low, high)
-        rho = evaluate(controls, None)
+        rows = torch.arange(n_total)
+        rho = evaluate(controls, rows, None)
         positions = window.positions(window.rollout(controls))
     return controls.detach(), rho.detach(), positions.detach()
+
+
+def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype) -> list[tuple[Any, torch.Tensor, dict]]:
+    """Groups that share a specification (same mode, same time bounds) -> one robustness call each.
+
+    Returns ``(spec, member (n_groups,) bool, params)`` with ``params[name]`` a float when all the unit's groups
+    share the value (always so for time bounds) or a per-candidate tensor (n_total,) of real thresholds.
+    """
+    time_names = {n for g in groups for n in getattr(g.spec, "interval_params", set())}
+    n_total = sum(g.n for g in groups)
+    keys: dict[tuple, list[int]] = {}
+    for i, g in enumerate(groups):
+        key = (str(g.spec), tuple(sorted((k, v) for k, v in g.theta.items() if k in time_names)))
+        keys.setdefault(key, []).append(i)
+    starts = np.cumsum([0] + [g.n for g in groups])
+    units = []
+    for members in keys.values():
+        spec = groups[members[0]].spec
+        member = torch.zeros(len(groups), dtype=torch.bool)
+        member[members] = True
+        params: dict[str, Any] = {}
+        for name in groups[members[0]].theta:
+            values = {groups[i].theta[name] for i in members}
+            if len(values) == 1:
+                params[name] = float(values.pop())
+            else:
+                table = torch.zeros(n_total, dtype=dtype)
+                for i in members:
+                    table[starts[i] : starts[i + 1]] = groups[i].theta[name]
+                params[name] = table
+        units.append((spec, member, params))
+    return units
+
+
+def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool)
+    m[rows] = True
+    return m
 
 
 def farthest_point_selection(
@@ -327,12 +405,15 @@ def augment_demo(
     settings: AugmentSettings,
     seed: int | Sequence[int],
     parse: Callable[[str], Any],
+    init_low: np.ndarray | None = None,
+    init_high: np.ndarray | None = None,
 ) -> DemoResult:
     """Augment one demonstration: sample θ per mode, optimise, select diverse satisfying candidates, replay.
 
     ``demo_theta``: the demo's calibrated parameters (also the base for parameters without a range);
     ``param_ranges``: sampling ranges of the rule parameters for θ the demo did not show; the demonstrated mode's
     first θ is ``demo_theta`` itself. ``parse``: ``stlflow.stl.parse`` (passed in so that callers may cache).
+    ``init_low``/``init_high``: (Du,) range of the random initial controls (default: the control bounds).
     Deterministic for ``seed`` (an int or a sequence of ints, e.g. ``(seed, episode_index)``).
     """
     t0 = time.perf_counter()
@@ -341,17 +422,25 @@ def augment_demo(
     ss = np.random.SeedSequence(seed)
     rng = np.random.default_rng(ss.spawn(1)[0])
     generator = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
-    low = torch.as_tensor(np.asarray(control_low), dtype=torch.float64)
-    high = torch.as_tensor(np.asarray(control_high), dtype=torch.float64)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
+    low = torch.as_tensor(np.asarray(control_low), dtype=dtype)
+    high = torch.as_tensor(np.asarray(control_high), dtype=dtype)
 
     groups: list[CandidateGroup] = []
     for mode in modes:
         spec = parse(spec_text(rules, mode))
+        # Time bounds are drawn once per mode (the demo's own for its mode), so that the mode's groups share
+        # one robustness call; thresholds vary per θ.
+        time_names = set(spec.interval_params)
+        shared: dict[str, float] | None = None
         for j in range(settings.n_theta):
             theta = sample_theta(param_ranges, rng, base=demo_theta, time_params=settings.time_params, dt=dt)
             if mode.name == demo_mode and j == 0:
                 theta = {**theta, **demo_theta}
             theta = sample_theta(mode.param_ranges, rng, base=theta, time_params=settings.time_params, dt=dt)
+            if shared is None:
+                shared = {k: theta[k] for k in time_names if k in theta}
+            theta.update(shared)
             missing = set(spec.params) - set(theta)
             if missing:
                 raise ValueError(
@@ -359,7 +448,8 @@ def augment_demo(
                 )
             groups.append(CandidateGroup(mode.name, spec, {k: theta[k] for k in spec.params}, settings.n_init))
 
-    controls, rho, positions = optimise_controls(groups, window, low, high, dt, settings, generator)
+    init = [None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype) for a in (init_low, init_high)]
+    controls, rho, positions = optimise_controls(groups, window, low, high, dt, settings, generator, *init)
     t_opt = time.perf_counter() - t0
     group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
     ok = torch.nonzero(rho >= settings.margin).squeeze(1)
@@ -388,7 +478,14 @@ def augment_demo(
         if replay.collision or not rho_replay >= 0.0:
             continue
         arrays = {"obs": replay.obs, "action": replay.action, "signals": replay.signals}
-        attrs = {"mode": g.mode, "stl_params": dict(g.theta), "rho_model": float(rho[i]), "rho_replay": rho_replay}
+        attrs = {
+            **replay.attrs,
+            "collision": False,
+            "mode": g.mode,
+            "stl_params": dict(g.theta),
+            "rho_model": float(rho[i]),
+            "rho_replay": rho_replay,
+        }
         episodes.append((arrays, attrs))
         accepted_idx.append(i)
     return DemoResult(
@@ -418,7 +515,7 @@ class AugmentTask:
     - ``defaults``: values for parameters neither calibrated nor sampled (e.g. the goal tolerance).
     - ``control_low``/``control_high``: (Du,) control bounds in physical units; ``dt`` seconds per step.
     - ``window(episode, attrs) -> DemoWindow``: the optimisation problem from one demo's start state.
-    - ``signal_keys``: signals stored as ``signal_<name>`` in the output (those of the demo store).
+    - ``init_low``/``init_high``: (Du,) range of the random initial controls (default: the control bounds).
     """
 
     rules: str
@@ -429,7 +526,8 @@ class AugmentTask:
     control_high: np.ndarray
     dt: float
     window: Callable[[dict[str, np.ndarray], dict[str, Any]], DemoWindow]
-    signal_keys: list[str]
+    init_low: np.ndarray | None = None
+    init_high: np.ndarray | None = None
 
 
 @dataclass
@@ -506,6 +604,8 @@ def _worker_demo(i: int) -> tuple[int, DemoResult, dict[str, Any]]:
         _WORKER["settings"],
         seed=(int(_WORKER["seed"]), int(i)),
         parse=_WORKER["parse"],
+        init_low=task.init_low,
+        init_high=task.init_high,
     )
     return i, result, attrs
 
