@@ -12,7 +12,6 @@ Signals come from the store's ``signal_<name>`` keys (``signal_<name>[t]``: the 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +50,21 @@ def episode_signals(store: Any, i: int, names: Sequence[str]) -> dict[str, np.nd
         )
     arrays = store.episode(i, keys=[f"signal_{n}" for n in names])
     return {n: np.asarray(arrays[f"signal_{n}"], dtype=np.float64).reshape(-1) for n in names}
+
+
+def _edge_padded(signals: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack episodes of different lengths into (B, T_max) by repeating each episode's last sample.
+
+    Exact for the task rules at sample 0: an unbounded ``G``/``F`` or a window that runs past an episode's end
+    takes the min/max over the real samples plus copies of the last one, which does not change it; and a
+    window ending before the end reads no padding.
+    """
+    t_max = max(len(next(iter(s.values()))) for s in signals)
+    out = {}
+    for k in signals[0]:
+        rows = [np.pad(s[k], (0, t_max - len(s[k])), mode="edge") for s in signals]
+        out[k] = np.stack(rows)
+    return out
 
 
 def _rule_texts(rules: str | Mapping[str, str] | Sequence[str]) -> list[str]:
@@ -110,34 +124,36 @@ def calibrate_store(
     per_episode: list[dict[str, float]] = [{} for _ in idx]
     dataset: dict[str, float] = {}
     notes: list[str] = []
+    padded = _edge_padded(signals)
     for spec in specs:
         mine = [p for p in params if p in spec.params]
         if not mine:
             continue
         fixed = {k: float(defaults[k]) for k in spec.params if k not in mine}
-        sig = [{k: s[k] for k in spec.signals} for s in signals]
-        for mode_name in ("tightest", "dataset"):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = stl.calibrate(
-                    spec,
-                    sig,
-                    dt,
-                    params=mine,
-                    mode=mode_name,
-                    q=q,
-                    margin={p: _margin_for(margin, p) for p in mine},
-                    fixed=fixed,
+        sig = {k: padded[k] for k in spec.signals}
+        for name in mine:  # one at a time: a non-monotone parameter must not take the others down with it
+            try:
+                tight = stl.calibrate(
+                    spec, sig, dt, params=[name], mode="tightest", margin=_margin_for(margin, name), fixed=fixed
                 )
-            notes.extend(f"{spec}: {w.message}" for w in caught)
-            values = result.values
-            for p in mine:
-                v = np.asarray(values[p], dtype=np.float64).reshape(-1)
-                if mode_name == "tightest":
-                    for j in range(len(idx)):
-                        per_episode[j][p] = float(v[j])
-                else:
-                    dataset[p] = float(v[0])
+                whole = stl.calibrate(
+                    spec, sig, dt, params=[name], mode="dataset", q=q, margin=_margin_for(margin, name), fixed=fixed
+                )
+            except ValueError as err:  # not monotone, or no demonstration satisfies the rule at any value
+                notes.append(
+                    f"{{{name}}} in {spec}: not calibrated ({err}); episodes keep the default {defaults.get(name)}"
+                )
+                continue
+            values = np.asarray(tight.values[name], dtype=np.float64)
+            bad = ~np.isfinite(values) | np.isnan(np.asarray(tight.tightest[name], dtype=np.float64))
+            if bad.any():
+                notes.append(
+                    f"{{{name}}} in {spec}: {int(bad.sum())} episode(s) satisfy it at no finite value or at every "
+                    f"value; they keep the default {defaults.get(name)}"
+                )
+            for j in range(len(idx)):
+                per_episode[j][name] = float(defaults[name]) if bad[j] else float(values[j])
+            dataset[name] = float(whole.dataset[name])
 
     rho = np.empty(len(idx))
     for j, s in enumerate(signals):
