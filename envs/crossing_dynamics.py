@@ -80,8 +80,9 @@ class CrossingDynamics:
     dt = DT
     state_dim = STATE_DIM
     control_dim = 2
-    control_low = torch.tensor([V_BOUNDS[0], W_BOUNDS[0]])
-    control_high = torch.tensor([V_BOUNDS[1], W_BOUNDS[1]])
+    # float64 so that clipping float64 controls uses the exact bounds (cast down for float32 inputs)
+    control_low = torch.tensor([V_BOUNDS[0], W_BOUNDS[0]], dtype=torch.float64)
+    control_high = torch.tensor([V_BOUNDS[1], W_BOUNDS[1]], dtype=torch.float64)
 
     def __init__(self, substeps: int = SUBSTEPS) -> None:
         self.substeps = int(substeps)
