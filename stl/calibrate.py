@@ -180,15 +180,17 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
         signals: name -> (B, T) or (T,) demonstrations (all of one length; one row per demo).
         dt: sample period in seconds.
         params: parameters to calibrate, in order (default: all free parameters not in ``fixed``, sorted).
-        mode: "tightest" (per demo) or "dataset" (one value).
+        mode: "tightest" (per demo) or "dataset" (one value; "quantile" is an alias).
         q: fraction of demos that the dataset value must satisfy, per parameter (``"dataset"`` mode).
         margin: loosening added to the tightest value (units of the parameter; seconds for interval bounds).
         fixed: values of the parameters not calibrated (floats or (B,) arrays).
         tol: relative tolerance of the threshold bisection before snapping onto a data value.
         options: ``until``/``end`` of :func:`stlflow.stl.robustness_trace`.
     """
+    if mode == "quantile":  # the name DESIGN.md used first
+        mode = "dataset"
     if mode not in ("tightest", "dataset"):
-        raise ValueError(f"mode={mode!r}: expected 'tightest' or 'dataset'")
+        raise ValueError(f"mode={mode!r}: expected 'tightest' or 'dataset' (alias 'quantile')")
     if not 0 < q <= 1:
         raise ValueError(f"q={q!r}: expected 0 < q <= 1")
     fixed = dict(fixed or {})
@@ -225,7 +227,7 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
             else:  # ±inf threshold: the largest finite value keeps products with 0 finite
                 p[k] = math.copysign(1e300, v)
         try:
-            return robustness(spec, sig, dt, p, **options)
+            return robustness(spec, sig, dt, p, **options).cpu()
         except STLInputError as err:
             if "empty interval" in str(err):
                 return torch.full((B,), -math.inf, dtype=torch.float64)
@@ -262,7 +264,7 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
                 dataset[n] = float(current[n])
     values = {n: np.broadcast_to(np.asarray(current[n], dtype=np.float64), (B,)).copy() for n in names}
     with torch.no_grad():
-        final = rho({**current}).numpy()
+        final = rho(dict(current)).numpy()
     return Calibration(values=values, satisfied=final >= 0, robustness=final, tightest=tightest, direction=direction,
                        mode=mode, q=q, margin=margins, dataset=dataset)
 
