@@ -1,26 +1,28 @@
 """Atomic append: a writer process killed with SIGKILL during ``add_episode`` leaves a store that opens and
 holds every previously committed episode bit-identical.
 
-Two kinds of kills, on one store that grows across all of them:
-- at random times: the parent sends SIGKILL after a random delay while the child appends in a loop;
-- at every write: the child kills itself just before its k-th file write (or half-way through writing
+A launcher process imports stlflow once and forks one writer process per trial (so a trial costs
+milliseconds, not an interpreter start). Each writer appends episodes in a loop to one store that grows
+across all trials, and dies by SIGKILL:
+- at a random time: the launcher sends SIGKILL a random delay after the writer opened the store;
+- at a chosen file write: the writer kills itself just before its k-th file write (or after writing half of
   the temporary file), for a spread of k, which reaches every step of the append protocol.
+After every kill the test process opens the store (alternately read-only and for appending, which repairs)
+and checks every episode against its deterministic expected content, byte for byte.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 from stlflow.datasets import EpisodeStore
 
-# Shared by the parent (expected values) and the child (writer): the episode with index i.
+# Shared by the test (expected values) and the writer: the episode with index i.
 EPISODE_SRC = r"""
 import numpy as np
 
@@ -41,39 +43,65 @@ def calibrated_attrs_for(i):
     return {**attrs_for(i), "theta": {"v_max": 0.25 * i}}
 """
 
-CHILD_SRC = (
+LAUNCHER_SRC = (
     EPISODE_SRC
     + r"""
-import os, signal, sys
+import json, os, signal, sys, time, traceback
 import stlflow.datasets.store as store_mod
 from stlflow.datasets.store import EpisodeStore
 
-kill_at = int(os.environ.get("KILL_AT_WRITE", "0"))
-half = os.environ.get("KILL_HALF", "0") == "1"
-if kill_at:
-    real = store_mod._atomic_write_bytes
-    count = [0]
 
-    def dying_write(path, data, durable=False):
-        count[0] += 1
-        if count[0] == kill_at:
-            if half:  # leave a half-written temporary file behind
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path.parent / f".{path.name}.dying{store_mod._TMP_SUFFIX}", "wb") as f:
-                    f.write(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(path, data, durable)
+def writer(path, kill_at, half, out):
+    # runs in the forked child: append forever, report each commit, die by SIGKILL
+    if kill_at:
+        real = store_mod._atomic_write_bytes
+        count = [0]
 
-    store_mod._atomic_write_bytes = dying_write
+        def dying_write(p, data, durable=False):
+            count[0] += 1
+            if count[0] == kill_at:
+                if half:  # leave a half-written temporary file behind
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    with open(p.parent / f".{p.name}.dying{store_mod._TMP_SUFFIX}", "wb") as f:
+                        f.write(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(p, data, durable)
 
-store = EpisodeStore.open(sys.argv[1], mode="a")
-print("ready", flush=True)
-while True:
-    i = store.n_episodes
-    store.add_episode(episode_for(i), attrs=attrs_for(i))
-    print(f"committed {i}", flush=True)
-    if i % 2 == 0:  # later calibration rewrites an episode's attrs in place
-        store.set_episode_attrs(i, calibrated_attrs_for(i))
+        store_mod._atomic_write_bytes = dying_write
+    store = EpisodeStore.open(path, mode="a")
+    os.write(out, b"ready\n")
+    while True:
+        i = store.n_episodes
+        store.add_episode(episode_for(i), attrs=attrs_for(i))
+        os.write(out, f"committed {i}\n".encode())
+        if i % 2 == 0:  # later calibration rewrites an episode's attrs in place
+            store.set_episode_attrs(i, calibrated_attrs_for(i))
+
+
+for command in sys.stdin:
+    job = json.loads(command)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            writer(job["path"], job["kill_at"], job["half"], w)
+        except BaseException:
+            os.write(w, ("error " + traceback.format_exc().replace(chr(10), " | ") + "\n").encode())
+        os._exit(1)
+    os.close(w)
+    lines, buf = [], b""
+    with os.fdopen(r, "rb") as pipe:
+        if job["kill_after"] is not None:
+            first = pipe.readline()
+            lines.append(first.decode().strip())
+            if first.strip() == b"ready":
+                time.sleep(job["kill_after"])
+                os.kill(pid, signal.SIGKILL)
+        lines += [line.decode().strip() for line in pipe]
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    print(json.dumps({"killed": killed, "lines": lines}), flush=True)
 """
 )
 
@@ -82,22 +110,28 @@ exec(EPISODE_SRC, ns)
 episode_for, attrs_for, calibrated_attrs_for = ns["episode_for"], ns["attrs_for"], ns["calibrated_attrs_for"]
 
 
-def run_child(path, env_extra: dict | None = None, kill_after: float | None = None) -> list[int]:
-    """Run the writer; SIGKILL it ``kill_after`` seconds after it is ready (or let it kill itself)."""
-    env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD_SRC, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
-    )
-    ready = proc.stdout.readline()
-    if ready.strip() != "ready":  # only a self-kill may strike before ready (while open() repairs the store)
-        assert kill_after is None and proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read()
-        return []
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"child exited with {proc.returncode}: {err}"
-    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+class Launcher:
+    """The forking launcher process; ``run`` forks one writer and returns the commits it reported."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER_SRC], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def run(self, path, kill_after: float | None = None, kill_at: int = 0, half: bool = False) -> list[int]:
+        job = {"path": str(path), "kill_after": kill_after, "kill_at": kill_at, "half": half}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        errors = [line for line in result["lines"] if line.startswith("error")]
+        assert not errors and result["killed"], result
+        if kill_at == 0:
+            assert result["lines"][0] == "ready", result
+        return [int(line.split()[1]) for line in result["lines"] if line.startswith("committed")]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def check_store(path, committed_before: int, reported: list[int], mode: str) -> int:
@@ -106,7 +140,7 @@ def check_store(path, committed_before: int, reported: list[int], mode: str) -> 
     n = store.n_episodes
     assert n >= committed_before
     if reported:
-        assert n - 1 in (reported[-1], reported[-1] + 1)  # at most one commit the child had no time to report
+        assert n - 1 in (reported[-1], reported[-1] + 1)  # at most one commit the writer had no time to report
     assert store.keys == ["obs", "action", "signal_speed", "done"]
     ends = store.episode_ends
     assert len(ends) == n and (n == 0 or ends[-1] == store.n_steps)
@@ -130,16 +164,19 @@ def test_sigkill_during_add_episode_keeps_committed_episodes(tmp_path):
     # small chunks: appends rewrite partial chunks holding committed steps and span several chunks
     EpisodeStore.create(path, dt=0.1, chunk_bytes=2048)
     rnd = random.Random(0)
-    n = 0
-    kills = 0
-    for trial in range(20):  # kills at random times
-        reported = run_child(path, kill_after=rnd.uniform(0.0, 0.25))
-        kills += 1
-        n = check_store(path, n, reported, mode="r" if trial % 2 else "a")
-    for k in (1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 29):  # kills at the k-th file write
-        reported = run_child(path, {"KILL_AT_WRITE": str(k), "KILL_HALF": str(k % 2)})
-        kills += 1
-        n = check_store(path, n, reported, mode="a")
+    launcher = Launcher()
+    n = kills = 0
+    try:
+        for trial in range(30):  # kills at random times
+            reported = launcher.run(path, kill_after=rnd.uniform(0.0, 0.15))
+            kills += 1
+            n = check_store(path, n, reported, mode="r" if trial % 2 else "a")
+        for k in range(1, 31):  # kills at the k-th file write (k = 1 may strike while open() repairs)
+            reported = launcher.run(path, kill_at=k, half=bool(k % 2))
+            kills += 1
+            n = check_store(path, n, reported, mode="a")
+    finally:
+        launcher.close()
     assert kills >= 20
     assert n >= 10, "too few episodes were committed for the test to mean anything"
     # the killed store still takes appends after a repair, and they read back
