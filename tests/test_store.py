@@ -379,3 +379,18 @@ def test_durable_store_round_trip(tmp_path):
     reopened = EpisodeStore.open(tmp_path / "d.zarr", mode="a")
     reopened.add_episode(ep)
     assert_episode_equal(EpisodeStore.open(tmp_path / "d.zarr").episode(1), ep)
+
+
+def test_opens_diffusion_policy_zip_store(tmp_path):
+    from zarr.storage import ZipStore
+
+    path = tmp_path / "replay.zarr.zip"
+    zstore = ZipStore(path, mode="w")
+    root = zarr.open_group(zstore, mode="w", zarr_format=2)
+    obs = np.arange(20, dtype=np.float32).reshape(10, 2)
+    root.create_array("data/obs", shape=obs.shape, dtype=obs.dtype)[:] = obs
+    root.create_array("meta/episode_ends", shape=(2,), dtype="int64")[:] = [4, 10]
+    zstore.close()
+    store = EpisodeStore.open(path)
+    assert store.n_episodes == 2 and store.source_format == "diffusion_policy"
+    assert np.array_equal(store.episode(1)["obs"], obs[4:])
