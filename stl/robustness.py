@@ -164,6 +164,8 @@ def _prepare(formula: Formula, signals: Mapping[str, Any], params: Mapping[str, 
     real_params: dict[str, Any] = {}
     for name in formula.params:
         v = params[name]
+        if isinstance(v, list | tuple):
+            v = np.asarray(v, dtype=np.float64)
         if name in formula.interval_params:
             real_params[name] = v  # resolved by _steps
             continue
@@ -432,6 +434,8 @@ def _groups(formula: Formula, params: Mapping[str, Any]) -> list[tuple[torch.Ten
     per_row = {}
     for name in formula.interval_params:
         v = params.get(name)
+        if isinstance(v, list | tuple):
+            v = np.asarray(v, dtype=np.float64)
         if isinstance(v, torch.Tensor | np.ndarray) and np.ndim(v) > 0:
             arr = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).reshape(-1)
             if np.unique(arr).size > 1:
@@ -506,9 +510,10 @@ def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: 
         h = horizon(formula, dt, params)
     except (STLInputError, KeyError, TypeError):  # per-trajectory interval bounds or bad input: let the trace report
         h = INF
-    arrays = {k: v if isinstance(v, torch.Tensor | np.ndarray) else np.asarray(v) for k, v in signals.items()}
-    lengths = {np.shape(arrays[k])[-1] if np.ndim(arrays[k]) else 0 for k in formula.signals if k in arrays}
-    if math.isfinite(h) and len(lengths) == 1:  # inconsistent inputs: the trace reports them
+    arrays = {k: v if isinstance(v, torch.Tensor | np.ndarray) else np.asarray(v)
+              for k, v in signals.items() if k in formula.signals}
+    lengths = {np.shape(v)[-1] if np.ndim(v) else 0 for v in arrays.values()}
+    if math.isfinite(h) and len(lengths) == 1 and len(arrays) == len(formula.signals):  # else the trace reports
         signals = {k: v[..., : int(h) + 1] if np.ndim(v) else v for k, v in arrays.items()}
     return robustness_trace(formula, signals, dt, params, smooth, **options)[:, 0]
 

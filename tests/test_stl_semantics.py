@@ -254,13 +254,13 @@ def test_exact_matches_brute_force(f, sig, until, end):
 
 
 @SETTINGS
-@given(formulas(max_leaves=4), signal_sets(), st.sampled_from([0.5, 2.0, 10.0]))
-def test_smooth_matches_brute_force_and_bound(f, sig, tau):
-    smooth = robustness_trace(f, _tensors(sig), 1.0, smooth=tau)[0].numpy()
-    want = reference_trace(f, sig, 1.0, tau=tau)
+@given(formulas(max_leaves=4), signal_sets(), st.sampled_from([0.5, 2.0, 10.0]), st.sampled_from(UNTIL))
+def test_smooth_matches_brute_force_and_bound(f, sig, tau, until):
+    smooth = robustness_trace(f, _tensors(sig), 1.0, smooth=tau, until=until)[0].numpy()
+    want = reference_trace(f, sig, 1.0, tau=tau, until=until)
     ok, detail = _same(smooth, want, tol=1e-9)
     assert ok, (str(f), sig, detail)
-    exact = robustness_trace(f, _tensors(sig), 1.0)[0].numpy()
+    exact = robustness_trace(f, _tensors(sig), 1.0, until=until)[0].numpy()
     bound = f.smooth_error_bound(len(sig["x"]), 1.0, tau)
     finite = np.isfinite(exact)
     assert np.array_equal(np.isfinite(smooth), finite)
@@ -283,12 +283,12 @@ def test_smooth_window_bound_per_operator(xs, a, w, tau, op):
 
 
 @SETTINGS
-@given(formulas(max_leaves=4), signal_sets(nan=True), intervals())
-def test_duality_holds_exactly_everywhere(f, sig, iv):
+@given(formulas(max_leaves=4), signal_sets(nan=True), intervals(), st.sampled_from([None, 3.0]))
+def test_duality_holds_exactly_everywhere(f, sig, iv, smooth):
     x = _tensors(sig)
     for a, b in (("G", "F"), ("H", "O")):
-        lhs = robustness_trace(Temporal(a, iv, f), x, 1.0)
-        rhs = robustness_trace(Not(Temporal(b, iv, Not(f))), x, 1.0)
+        lhs = robustness_trace(Temporal(a, iv, f), x, 1.0, smooth=smooth)
+        rhs = robustness_trace(Not(Temporal(b, iv, Not(f))), x, 1.0, smooth=smooth)
         assert torch.equal(lhs.isnan(), rhs.isnan())
         assert torch.equal(lhs.nan_to_num(0.0), rhs.nan_to_num(0.0)), (str(f), sig)
 
