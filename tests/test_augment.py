@@ -89,3 +89,197 @@ def test_mean_pairwise_distance():
     assert mean_pairwise_distance(a) == 0.0
     two = torch.stack([torch.zeros(4, 2), torch.ones(4, 2) * torch.tensor([3.0, 4.0])])
     assert math.isclose(mean_pairwise_distance(two), 5.0, rel_tol=1e-9)  # RMS over time of a constant 5 m gap
+
+
+# ------------------------------------------------------------------------------------------------ Crossing, for real
+CROSSING = "stlflow/Crossing-v0"
+FRONT_ONLY = {
+    # one mode, narrow ranges: a fast problem (the full configuration lives in conf/stl/crossing.yaml)
+    "param_ranges": {"v_max": [1.2, 1.6], "d_safe": [0.2, 0.4], "w": [1.5, 1.75]},
+    "time_params": ["T"],
+    "init_low": [0.6, -0.3],
+    "init_high": [1.6, 0.3],
+    "modes": {"front": {"formula": "G((abs(ped_dx) <= 0.5) -> (ped_ahead >= {d_pass}))",
+                        "param_ranges": {"d_pass": [0.3, 0.5]}}},
+}
+SMALL = dict(per_demo=2, n_theta=1, n_init=6, iters=60, lr=0.03, smooth=30.0, margin=0.02, knot_every=5, max_replays=6)
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Three real expert episodes of Crossing in an EpisodeStore, calibrated."""
+    from stlflow.control.collect import collect
+    from stlflow.datasets.augment_calibrate import calibrate_store
+    from stlflow.envs.crossing import RULE_DEFAULTS, RULE_LIST
+
+    path = tmp_path_factory.mktemp("aug") / "demos.zarr"
+    store = collect("crossing", 3, path, seed=0, progress=False)
+    cal = calibrate_store(store, RULE_LIST, ["v_max", "d_safe", "w", "T"], RULE_DEFAULTS,
+                          margin={"v_max": 0.05, "d_safe": 0.05, "w": 0.05, "T": 1.0})
+    for i, theta in enumerate(cal.per_episode):
+        store.set_episode_attrs(i, {"stl_params": {**RULE_DEFAULTS, **theta}})
+    return path, cal
+
+
+def test_calibrated_theta_makes_each_demo_satisfy_its_rules(demos):
+    from stlflow.datasets import EpisodeStore
+    from stlflow.envs.crossing import RULES
+    from stlflow.stl import parse
+
+    path, cal = demos
+    store = EpisodeStore.open(path)
+    spec = parse(RULES)
+    assert cal.satisfied.all()
+    for i in range(store.n_episodes):
+        ep, theta = store.episode(i), store.episode_attrs(i)["stl_params"]
+        sig = {k: torch.as_tensor(ep[f"signal_{k}"], dtype=torch.float64) for k in spec.signals}
+        assert float(spec.robustness(sig, dt=store.dt, params=theta)) >= 0
+        # tightest + margin: the speed limit is the demo's own top speed plus 0.05 m/s
+        assert theta["v_max"] == pytest.approx(float(ep["signal_speed"].max()) + 0.05, abs=1e-6)
+        # and the time bound is the first time the goal is reached (post-action samples, k*dt) plus 1 s
+        k = int(np.argmax(ep["signal_dist_goal"] <= theta["eps"]))
+        assert theta["T"] == pytest.approx(k * store.dt + 1.0, abs=1e-9)
+        # a tighter speed limit than the demo's own fails
+        assert float(spec.robustness(sig, dt=store.dt, params={**theta, "v_max": theta["v_max"] - 0.06})) < 0
+
+
+def _task(**over):
+    from stlflow.verbs.augment import make_task
+
+    return make_task(CROSSING, {}, {**FRONT_ONLY, **over})
+
+
+def _run_demo(task, store, i, seed, **settings):
+    from stlflow.datasets.augment import AugmentSettings, augment_demo
+    from stlflow.stl import parse
+
+    attrs = store.episode_attrs(i)
+    window = task.window(store.episode(i), attrs)
+    s = AugmentSettings(**{**SMALL, **settings}, time_params=("T",))
+    result = augment_demo(window, task.rules, task.modes, attrs["mode"], {**task.defaults, **attrs["stl_params"]},
+                          task.param_ranges, task.control_low, task.control_high, task.dt, s, seed=seed,
+                          parse=parse, init_low=task.init_low, init_high=task.init_high)
+    return window, result
+
+
+def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
+    from stlflow.control.collect import make_env
+    from stlflow.datasets import EpisodeStore
+    from stlflow.datasets.augment import spec_text
+    from stlflow.stl import parse
+
+    path, _ = demos
+    store = EpisodeStore.open(path)
+    task = _task()
+    window, result = _run_demo(task, store, 0, seed=(0, 0))
+    assert result.n_satisfying > 0 and result.n_accepted > 0, result
+    spec = parse(spec_text(task.rules, task.modes[0]))
+    env = make_env(CROSSING)
+    for arrays, attrs in result.episodes:
+        theta = attrs["stl_params"]
+        # in the model, from the demo's start state
+        u = torch.as_tensor(arrays["action"][None], dtype=torch.float32)
+        full = torch.zeros(1, window.horizon, 2)
+        full[:, : u.shape[1]] = u
+        full[:, u.shape[1] :] = u[:, -1:]
+        assert attrs["rho_model"] >= SMALL["margin"]
+        # after an independent MuJoCo replay of the stored actions
+        obs, _ = env.reset(seed=store.episode_attrs(0)["seed"])
+        assert np.allclose(obs, arrays["obs"][0])
+        sig, collided, nxt = {}, False, []
+        for a in arrays["action"]:
+            obs, _, term, trunc, info = env.step(a)
+            nxt.append(obs)
+            collided |= info["collision"]
+            for k, v in info["signals"].items():
+                sig.setdefault(k, []).append(v)
+        from stlflow.verbs.augment import CrossingAugmentation
+
+        dir_y = float(np.sign(env.unwrapped.peds.direction[0, 1]))
+        sig = {k: np.asarray(v) for k, v in sig.items()}
+        sig.update(CrossingAugmentation.mode_signals_from_obs(None, np.asarray(nxt), dir_y))
+        rho = float(spec.robustness({k: torch.as_tensor(sig[k]) for k in spec.signals}, dt=task.dt, params=theta))
+        assert not collided and rho >= 0
+        assert rho == pytest.approx(attrs["rho_replay"], abs=1e-5)
+        for k in ("speed", "clearance", "lateral", "dist_goal"):
+            np.testing.assert_allclose(arrays["signals"][k], sig[k], atol=1e-6)
+    env.close()
+
+
+def test_rejected_candidates_are_not_stored(demos):
+    """Replays in an env whose time limit (3 s) stops the robot long before the goal: every candidate satisfies
+    its θ in the model but not in MuJoCo, so all are replayed and none is kept."""
+    from stlflow.datasets import EpisodeStore
+    from stlflow.verbs.augment import CrossingAugmentation
+
+    path, _ = demos
+    store = EpisodeStore.open(path)
+    task = _task()
+    short = CrossingAugmentation(CROSSING, {"max_steps": 30})
+    long_window = task.window
+
+    def window(episode, attrs):
+        w = long_window(episode, attrs)
+        w.replay = short.window(episode, attrs, 30).replay
+        return w
+
+    task.window = window
+    _, result = _run_demo(task, store, 0, seed=(0, 0))
+    assert result.n_satisfying > 0
+    assert result.n_replayed == min(result.n_satisfying, SMALL["max_replays"])
+    assert result.n_accepted == 0 and result.episodes == []
+
+
+def test_optimisation_is_deterministic_for_a_seed(demos):
+    from stlflow.datasets import EpisodeStore
+    from stlflow.datasets.augment import AugmentSettings, CandidateGroup, optimise_controls, spec_text
+    from stlflow.stl import parse
+
+    path, _ = demos
+    store = EpisodeStore.open(path)
+    task = _task()
+    window = task.window(store.episode(1), store.episode_attrs(1))
+    spec = parse(spec_text(task.rules, task.modes[0]))
+    theta = {**task.defaults, **store.episode_attrs(1)["stl_params"], "d_pass": 0.4}
+    groups = [CandidateGroup("front", spec, {k: theta[k] for k in spec.params}, 4)]
+    s = AugmentSettings(iters=12, check_every=4)
+    lo, hi = (torch.as_tensor(x, dtype=torch.float32) for x in (task.control_low, task.control_high))
+
+    def run(seed):
+        return optimise_controls(groups, window, lo, hi, task.dt, s, torch.Generator().manual_seed(seed))
+
+    a, b, c = run(3), run(3), run(4)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+    assert ((a[0] >= lo) & (a[0] <= hi)).all()  # returned controls respect the bounds
+
+
+@pytest.mark.slow
+def test_store_output_identical_for_any_worker_count(demos, tmp_path):
+    import functools
+
+    from stlflow.datasets import EpisodeStore
+    from stlflow.datasets.augment import AugmentSettings, augment_store
+    from stlflow.stl import parse
+    from stlflow.verbs.augment import make_task
+
+    path, _ = demos
+    factory = functools.partial(make_task, CROSSING, {}, FRONT_ONLY, None, "float32")
+    s = AugmentSettings(**SMALL, time_params=("T",))
+    r1 = augment_store(str(path), str(tmp_path / "a.zarr"), factory, s, parse, seed=7, workers=1, progress=False)
+    r2 = augment_store(str(path), str(tmp_path / "b.zarr"), factory, s, parse, seed=7, workers=2, progress=False)
+    a, b = EpisodeStore.open(tmp_path / "a.zarr"), EpisodeStore.open(tmp_path / "b.zarr")
+    assert r1.n_accepted == r2.n_accepted == a.n_episodes == b.n_episodes > 0
+    for i in range(a.n_episodes):
+        ea, eb = a.episode(i), b.episode(i)
+        assert ea.keys() == eb.keys() == {"obs", "action", "signal_speed", "signal_clearance", "signal_lateral",
+                                          "signal_dist_goal"}
+        for k in ea:
+            np.testing.assert_array_equal(ea[k], eb[k])
+        attrs = a.episode_attrs(i)
+        assert attrs == b.episode_attrs(i)
+        assert attrs["source"] == "augmented" and attrs["mode"] == "front" and attrs["rho_replay"] >= 0
+        assert {"stl_params", "seed", "parent_episode"} <= set(attrs)
+    merged = EpisodeStore.merge([path, tmp_path / "a.zarr"], tmp_path / "m.zarr")  # same schema as the demos
+    assert merged.n_episodes == 3 + a.n_episodes
