@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from stlflow.datasets.store import EpisodeStore, EpisodeStoreError, _to_jsonable
+from stlflow.datasets.store import EpisodeStore, EpisodeStoreError, _replace_dir, _to_jsonable
 
 D4RL_KEYS = {
     "observations": "obs",
@@ -71,9 +71,7 @@ def _staged_store(out: str | os.PathLike, overwrite: bool, dt: float | None, att
     try:
         store = EpisodeStore.create(tmp, dt=dt, attrs=attrs)
         yield store
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        _replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

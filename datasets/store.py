@@ -94,6 +94,17 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
         _fsync_dir(path.parent)
 
 
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    trash = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex}{_TMP_SUFFIX}"
+    os.rename(dst, trash)
+    os.rename(src, dst)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 class _AtomicLocalStore(LocalStore):
     """A zarr ``LocalStore`` whose every write is write-to-temporary + rename (optionally fsynced).
 
@@ -238,6 +249,7 @@ class EpisodeStore:
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
             zstore = _AtomicLocalStore(tmp)
+            zstore.durable = bool(durable)
             root = zarr.open_group(store=zstore, mode="w", zarr_format=3)
             root.create_group("data")
             meta = root.create_group("meta")
@@ -257,9 +269,7 @@ class EpisodeStore:
             for key, spec in keys.items():
                 spec["chunk_steps"] = cls._create_data_array(root, key, spec, chunk_bytes)
             _atomic_write_bytes(tmp / COMMIT_FILE, json.dumps(record, indent=1).encode(), durable)
-            if path.exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
+            _replace_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
