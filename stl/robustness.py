@@ -482,7 +482,9 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     _check_options(until, end)
     if smooth is not None and not (smooth > 0):
         raise ValueError(f"smooth must be a temperature > 0 or None, got {smooth!r}")
-    params = dict(params or {})
+    signals = {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in signals.items()}
+    params = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list | tuple) else v
+              for k, v in (params or {}).items()}
     groups = _groups(formula, params) if _side is None else None
     if groups is not None:
         B = sum(len(g[0]) for g in groups)
@@ -525,8 +527,10 @@ def horizon(formula: Formula, dt: float, params: Mapping[str, Any] | None = None
     """Future samples read: ρ at t depends on samples up to t + horizon (an int, or ``math.inf``).
 
     For U[a,b] this is b + max(horizons of both operands) (strict Until reads its left operand one sample less).
+    Per-trajectory interval parameters count with their largest value.
     """
-    params = params or {}
+    params = {k: float(np.max(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)))
+              if k in formula.interval_params and np.ndim(v) > 0 else v for k, v in (params or {}).items()}
     node = formula
     if isinstance(node, Predicate):
         return 0

@@ -341,6 +341,9 @@ def test_per_trajectory_params_and_gradients():
             pb = {"v": float(v[b].detach()), "T": float(T[b]), "eps": 0.1}
             single = f.robustness({"x": x[b], "y": y[b]}, 1.0, pb, smooth=smooth)
             assert torch.allclose(rho[b], single[0])
+        as_lists = f.robustness({"x": x.tolist(), "y": y.tolist()}, 1.0, {"v": v.tolist(), "T": T.tolist(), "eps": 0.1},
+                                smooth=smooth)
+        assert torch.allclose(as_lists, rho)
         gx, gy, gv = torch.autograd.grad(rho.sum(), (x, y, v))
         assert torch.isfinite(gx).all() and torch.isfinite(gv).all() and gv.abs().sum() > 0
         assert gx.abs().sum() > 0 and gy.abs().sum() > 0
