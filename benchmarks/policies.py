@@ -1,0 +1,177 @@
+"""Policy heads benchmark: parameter counts, per-call latency, and (with data) training + closed-loop success.
+
+Latency (no data needed): for each head (DDIM-16, flow Euler-10, one-step MeanFlow) and network, the wall time of
+one ``Policy.predict`` call at batch 1 on one torch thread (p50 / p95 over ``--calls`` calls after warm-up),
+and the network evaluations (NFE) it costs. Dimensions come from the task envs.
+
+Quality (``--data task=STORE``): each head is trained on the store for a wall-clock budget (``--minutes``; the
+number of optimiser steps is set from a throughput measurement so that the cosine schedule ends on time), then
+evaluated closed loop (receding horizon, Ta = 8, the head's default steps) over ``--episodes`` seeds with
+``stlflow.control.evaluate`` (when that module is present).
+
+    python benchmarks/policies.py --latency-only
+    python benchmarks/policies.py --data crossing=demos_crossing.zarr --data pickplace=demos_pickplace.zarr \
+        --minutes 20 --episodes 100            # the issue's quality bar: ~2 h of CPU
+
+Everything printed is measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from stlflow.config import compose
+from stlflow.policy import Policy
+
+HEADS = ("ddpm", "flow", "meanflow")
+TASKS = {"crossing": "stlflow/Crossing-v0", "pickplace": "stlflow/PickPlace-v0"}
+
+
+def task_dims(env_id: str) -> tuple[int, int, np.ndarray]:
+    import gymnasium as gym
+
+    import stlflow.envs  # noqa: F401
+
+    env = gym.make(env_id)
+    u = env.unwrapped
+    dims = (int(env.observation_space.shape[-1]), int(env.action_space.shape[-1]),
+            np.asarray(getattr(u, "discrete_action_mask", np.zeros(env.action_space.shape[-1], bool))))
+    env.close()
+    return dims
+
+
+def policy_config(head: str, net: str, overrides: list[str] | None = None) -> dict:
+    """The ``policy`` section of ``stlflow train``'s composed configuration (the shipped defaults)."""
+    cfg = compose("train", [f"policy={head}", f"net={net}", *(overrides or [])])
+    return OmegaConf.to_container(cfg.policy, resolve=True)
+
+
+def build(head: str, net: str, obs_dim: int, action_dim: int, mask, normalizer=None) -> Policy:
+    pc = policy_config(head, net)
+    return Policy(obs_dim, action_dim, pc["n_obs_steps"], pc["horizon"], pc["n_action_steps"], head=pc["head"],
+                  net=pc["net"], discrete_action_mask=mask, normalizer=normalizer)
+
+
+def latency(policy: Policy, calls: int, warmup: int = 5) -> tuple[float, float]:
+    obs = np.zeros((1, policy.n_obs_steps, policy.obs_dim), np.float32)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(warmup + calls):
+        t0 = time.perf_counter()
+        policy.predict(obs, generator=g)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = 1000 * np.asarray(times)
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def latency_table(nets: list[str], calls: int) -> None:
+    print(f"\n## per-call latency, batch 1, {torch.get_num_threads()} thread(s), {calls} calls (untrained weights)")
+    print(f"{'task':<10} {'head':<9} {'net':<8} {'params':>8} {'NFE':>4} {'p50 ms':>8} {'p95 ms':>8}")
+    for task, env_id in TASKS.items():
+        do, da, mask = task_dims(env_id)
+        for net in nets:
+            for head in HEADS:
+                torch.manual_seed(0)
+                policy = build(head, net, do, da, mask).eval()
+                p50, p95 = latency(policy, calls)
+                print(f"{task:<10} {head:<9} {net:<8} {policy.num_parameters() / 1e6:>7.2f}M {policy.nfe():>4} "
+                      f"{p50:>8.2f} {p95:>8.2f}", flush=True)
+
+
+def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
+                   batch: int, out_root: Path) -> dict:
+    from stlflow.datasets import EpisodeStore, split_episodes
+    from stlflow.policy.data import ChunkData
+    from stlflow.policy.trainer import TrainConfig, Trainer
+
+    env_id = TASKS[task]
+    store = EpisodeStore.open(store_path)
+    pc = policy_config(head, net)
+    win = dict(horizon=pc["horizon"], n_obs_steps=pc["n_obs_steps"], n_action_steps=pc["n_action_steps"])
+    tr_idx, va_idx = split_episodes(store.n_episodes, 0.05, seed=0)
+    train, val = ChunkData(store, episodes=tr_idx, **win), ChunkData(store, episodes=va_idx, **win)
+    do, da, mask = store.key_shape("obs")[-1], store.key_shape("action")[-1], task_dims(env_id)[2]
+    torch.manual_seed(0)
+    policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask,
+                    normalizer=train.fit_normalizer(), **win)
+    # throughput probe: 10 timed steps (after 3) on a copy, to size the run to the time budget
+    probe = Trainer(build(head, net, do, da, mask, policy.normalizer), train,
+                    TrainConfig(steps=13, batch_size=batch, progress=False, val_every=0, ckpt_every=0,
+                                tensorboard=False), tempfile.mkdtemp())
+    probe.fit(until=3)
+    t1 = time.perf_counter()
+    probe.fit(until=13)
+    s_per_step = (time.perf_counter() - t1) / 10
+    steps = max(100, int(0.95 * minutes * 60 / s_per_step))
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=3e-4, warmup_steps=min(500, steps // 10),
+                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False)
+    out = out_root / f"{task}_{head}_{net}"
+    t_train = time.perf_counter()
+    trainer = Trainer(policy, train, cfg, out, val_data=val)
+    last = trainer.fit()
+    t_train = time.perf_counter() - t_train
+    row = {"task": task, "head": head, "net": net, "params_M": policy.num_parameters() / 1e6, "steps": steps,
+           "train_min": t_train / 60, "samples_per_s": steps * batch / t_train, "val_loss": last.get("val_loss")}
+    try:
+        from stlflow.control.evaluate import evaluate_policy
+    except ImportError as err:
+        print(f"closed-loop evaluation skipped: {err}")
+        return row
+    ema = Policy.load(out)
+    m = evaluate_policy(ema, env_id, episodes=episodes, seed=1000, workers=workers)
+    row.update(success=m["success_rate"], nfe_per_action=m.get("nfe_per_action"),
+               p50_ms=m.get("latency_p50_ms"), p99_ms=m.get("latency_p99_ms"))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latency-only", action="store_true", help="parameter counts and latency only (no training)")
+    ap.add_argument("--nets", default="mlp,unet", help="networks for the latency table (mlp, unet, unet_dp)")
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--data", action="append", default=[], metavar="TASK=STORE",
+                    help="train and evaluate on this store (tasks: crossing, pickplace); repeatable")
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--net", default="mlp", help="network for the quality runs")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per head")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default=None, help="where to keep the trained policies (default: a temp dir)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    latency_table(args.nets.split(","), args.calls)
+    if args.latency_only or not args.data:
+        return
+    out_root = Path(args.out or tempfile.mkdtemp(prefix="stlflow_bench_"))
+    rows = []
+    for spec in args.data:
+        task, _, path = spec.partition("=")
+        if task not in TASKS or not path:
+            raise SystemExit(f"--data must be TASK=STORE with TASK in {sorted(TASKS)}, got {spec!r}")
+        for head in args.heads.split(","):
+            print(f"\ntraining {head} on {task} ({path}) for {args.minutes} min ...", flush=True)
+            rows.append(train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers,
+                                       args.batch, out_root))
+            print(rows[-1], flush=True)
+    print(f"\n## quality: {args.minutes} min training per head, {args.episodes} closed-loop episodes (seeds 1000..)")
+    keys = ["task", "head", "net", "params_M", "steps", "train_min", "samples_per_s", "val_loss", "success",
+            "nfe_per_action", "p50_ms", "p99_ms"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+              + " |")
+    print(f"policies kept in {out_root}")
+
+
+if __name__ == "__main__":
+    main()
