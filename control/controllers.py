@@ -39,11 +39,13 @@ class ChunkController:
         steps: solver steps per plan (None: the head's default schedule, e.g. DDIM-16).
         params: STL parameters for a conditioned policy.
         seed: seed of the noise generator (``reset(seed=...)`` reseeds it).
+        guidance: optional inference-time guidance (``stlflow.policy.guidance.STLGuidance``); None = off.
     """
 
     def __init__(self, policy: Any, n_action_steps: int = 1, steps: int | None = None, params: Any = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, guidance: Any = None) -> None:
         self.policy, self.steps, self.params = policy, steps, params
+        self.guidance = guidance
         self.exec_offset = exec_offset_of(policy)
         max_ta = policy.horizon - self.exec_offset
         if not 1 <= int(n_action_steps) <= max_ta:
@@ -68,7 +70,8 @@ class ChunkController:
         self.last_nfe = 0
         if not self._queue:
             cond = self.policy.condition(history, self.params)
-            chunk = self.policy.sample_normalized(cond, steps=self.steps, generator=self.generator)
+            gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
+            chunk = self.policy.sample_normalized(cond, steps=self.steps, generator=self.generator, guidance_fn=gfn)
             self.last_nfe = self.policy.nfe(self.steps)
             actions = self.policy.unnormalize_action(chunk[0, self.exec_offset:self.exec_offset + self.n_action_steps])
             if np.asarray(self.policy.discrete_action_mask).any():
@@ -82,13 +85,15 @@ class ChunkController:
 
 
 def make_controller(name: str, policy: Any, *, k: int | None = None, n_action_steps: int | None = None,
-                    steps: int | None = None, params: Any = None, seed: int = 0, **rti_options: Any) -> Any:
+                    steps: int | None = None, params: Any = None, seed: int = 0, guidance: Any = None,
+                    **rti_options: Any) -> Any:
     """Build a controller by name (see the module table).
 
     ``k``: solver steps of ``cold`` and ``rti`` (default 2); ``steps``: solver steps of a full plan (``receding``,
     ``full``; None = the head's default); ``n_action_steps``: Ta (``receding`` default: the policy's own, 8 in
     Diffusion Policy; others 1); ``rti_options``: keyword arguments of :class:`RTIController` (``t_start``,
-    ``renoise``, ``discrete_mode``, ``clip_factor``, ``obs_jump``, ``residual_max``, ``cold_steps``).
+    ``renoise``, ``discrete_mode``, ``clip_factor``, ``obs_jump``, ``residual_max``, ``cold_steps``);
+    ``guidance``: optional STL guidance object for any controller (None = off).
     """
     if name not in CONTROLLERS:
         raise ValueError(f"unknown controller {name!r}; choose one of {CONTROLLERS}")
@@ -98,12 +103,15 @@ def make_controller(name: str, policy: Any, *, k: int | None = None, n_action_st
     if name == "rti":
         if n_action_steps not in (None, 1):
             raise ValueError("the rti controller executes one action per tick; n_action_steps must be 1")
-        return RTIController(policy, steps_per_tick=k, params=params, seed=seed, **rti_options)
+        return RTIController(policy, steps_per_tick=k, params=params, seed=seed, guidance=guidance, **rti_options)
     if name == "receding":
         ta = n_action_steps or policy.n_action_steps
-        return ChunkController(policy, n_action_steps=ta, steps=steps, params=params, seed=seed)
+        return ChunkController(policy, n_action_steps=ta, steps=steps, params=params, seed=seed, guidance=guidance)
     if name == "full":
-        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=steps, params=params, seed=seed)
+        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=steps, params=params, seed=seed,
+                               guidance=guidance)
     if name == "cold":
-        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=k, params=params, seed=seed)
-    return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=1, params=params, seed=seed)
+        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=k, params=params, seed=seed,
+                               guidance=guidance)
+    return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=1, params=params, seed=seed,
+                           guidance=guidance)

@@ -113,6 +113,8 @@ class RTIController:
         params: STL parameters for a conditioned policy (dict name -> value), passed to ``policy.condition``.
         seed: seed of the controller's noise generator (``reset(seed=...)`` reseeds it).
         shift: actions executed per tick (the chunk is shifted by this much between ticks).
+        guidance: optional inference-time guidance (e.g. :class:`stlflow.policy.guidance.STLGuidance`): its
+            ``bind(policy, obs_history, params)`` gives the head's ``guidance_fn`` for the tick. None = off.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class RTIController:
         params: Any = None,
         seed: int = 0,
         shift: int = 1,
+        guidance: Any = None,
     ) -> None:
         if int(steps_per_tick) < 1:
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
@@ -146,6 +149,7 @@ class RTIController:
         self.discrete_mode, self.clip_factor = discrete_mode, float(clip_factor)
         self.obs_jump, self.residual_max = obs_jump, residual_max
         self.params, self.seed, self.shift = params, int(seed), int(shift)
+        self.guidance = guidance
         self.exec_offset = exec_offset_of(policy)
         if not 0 <= self.exec_offset < policy.horizon:
             raise ValueError(f"executed index {self.exec_offset} is outside the chunk (horizon {policy.horizon})")
@@ -209,20 +213,23 @@ class RTIController:
                 self.fallbacks["obs_jump"] += 1
         history = self.history.push(frame)
         cond = self.policy.condition(history, self.params)
+        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
         nfe, residual = 0, float("nan")
         if not reason:
             guess = self.warm_start(self._chunk)
             x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
                 else guess
             chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
-                                                  steps=self.steps_per_tick, generator=self.generator)
+                                                  steps=self.steps_per_tick, generator=self.generator,
+                                                  guidance_fn=gfn)
             nfe += self.policy.nfe(self.steps_per_tick, self.t_start)
             residual = float(torch.sqrt(torch.mean((chunk - guess) ** 2)))
             if self.residual_max is not None and residual > self.residual_max:
                 reason = "residual"
                 self.fallbacks["residual"] += 1
         if reason:
-            chunk = self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator)
+            chunk = self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator,
+                                                  guidance_fn=gfn)
             nfe += self.policy.nfe(self.cold_steps)
         self._chunk = chunk.detach()
         action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
