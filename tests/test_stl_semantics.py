@@ -331,8 +331,10 @@ def test_batch_dtype_device_and_no_mutation():
 
 def test_per_trajectory_params_and_gradients():
     f = parse("G[0,1](x <= {v}) & F[0,{T}](y > {eps})")
-    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    shift = torch.tensor([[0.0], [0.0], [-5.0], [-5.0]], dtype=torch.float64)  # rows 0, 1: G binds; rows 2, 3: F
+    x = (torch.randn(4, 6, dtype=torch.float64, generator=gen) + shift).requires_grad_(True)
+    y = (torch.randn(4, 6, dtype=torch.float64, generator=gen) - 0.5 * shift).requires_grad_(True)
     v = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
     T = np.array([0.0, 1.0, 1.0, 3.0])
     for smooth in (None, 3.0):
