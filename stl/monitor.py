@@ -432,7 +432,10 @@ class Monitor:
     def __init__(self, formula: Formula, dt: float, params: Mapping[str, Any] | None = None, *,
                  until: str = "strict", end: str = "truncate"):
         _check_options(until, end)
-        params = {k: float(v) for k, v in (params or {}).items()}
+        try:
+            params = {k: float(v) for k, v in (params or {}).items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"monitor parameters must be single numbers (one trajectory), got {params!r}") from None
         missing = sorted(formula.params - set(params))
         if missing:
             raise ValueError(f"missing parameter(s) {missing} for {formula}; given parameters: {sorted(params)}")
