@@ -4,7 +4,7 @@ Each key ``k`` has per-feature ``scale`` and ``offset`` (shape = the data's last
 1-D data) and ``normalize(k, x) = x * scale + offset``, ``unnormalize(k, y) = (y - offset) / scale``.
 
 - ``"minmax"``: ``[min, max] -> [-1, 1]``; a constant feature (``max - min < eps``) gets ``scale = 1`` and
-  maps its value to 0 (Diffusion Policy's ``range_eps`` behaviour), so nothing divides by zero.
+  maps the middle of its range to 0 (as Diffusion Policy's ``range_eps``), so nothing divides by zero.
 - ``"gaussian"``: ``(x - mean) / std``; a constant feature (``std < eps``) gets ``std = 1``.
 - ``"identity"``: ``scale = 1, offset = 0``.
 
@@ -77,7 +77,7 @@ class Normalizer:
                 rng = hi - lo
                 const = rng < eps
                 scale = np.where(const, 1.0, 2.0 / np.where(const, 1.0, rng))
-                offset = np.where(const, -lo, -1.0 - lo * scale)
+                offset = np.where(const, -(lo + hi) / 2, -1.0 - lo * scale)
             elif mode == "gaussian":
                 s = np.where(std < eps, 1.0, std)
                 scale, offset = 1.0 / s, -mean / s
@@ -149,6 +149,17 @@ class Normalizer:
         y, scale, offset = self._affine(key, y)
         self._check_features(key, y, scale)
         return (y - offset) / scale
+
+    def normalize_dict(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Normalise every entry of ``batch`` whose key the normaliser has; others pass through.
+
+        Usable as ``SequenceDataset(sampler, transform=norm.normalize_dict)``.
+        """
+        return {k: self.normalize(k, v) if k in self._params else v for k, v in batch.items()}
+
+    def unnormalize_dict(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`normalize_dict`."""
+        return {k: self.unnormalize(k, v) if k in self._params else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -184,7 +184,8 @@ class SequenceSampler:
 class SequenceDataset(torch.utils.data.Dataset):
     """A torch ``Dataset`` over a :class:`SequenceSampler`: items are dicts of float32 tensors.
 
-    ``transform`` (optional) maps the dict of tensors to a new dict (e.g. a normaliser). The sampler holds
+    ``transform`` (optional) maps the dict of tensors to a new dict, for one window or a whole batch (e.g.
+    ``Normalizer.normalize_dict``, which handles any leading dimensions). The sampler holds
     plain numpy arrays, so ``DataLoader`` workers receive a copy (fork) without any open file handles.
     """
 
