@@ -70,11 +70,11 @@ class STLGuidance:
         dt: float,
         params: Mapping[str, float] | None = None,
         *,
-        scale: float = 0.5,
+        scale: float = 1.0,
         max_step: float = 0.5,
         margin: float = 0.05,
         smooth: float = 30.0,
-        iters: int = 1,
+        iters: int = 2,
         t_max: float = 1.0,
         exec_offset: int | None = None,
     ) -> None:
@@ -168,12 +168,16 @@ class STLGuidance:
         horizon = int(policy.horizon) - off
         state0, context = self.model_inputs(history, horizon)
         theta = self._theta(params)
+        # A DDPM head clips x0_hat after adding the correction; start from the clipped chunk so that the correction
+        # is not lost to the clip when the prediction lies outside it.
+        clip = getattr(policy.head, "clip_sample", None)
 
         def guidance_fn(x0_hat: Tensor, t: float) -> Tensor:
             if t > self.t_max or self.scale == 0.0:
                 return torch.zeros_like(x0_hat)
             t0 = time.perf_counter()
-            x = x0_hat.detach().clone()
+            x = x0_hat.detach().clamp(-clip, clip) if clip else x0_hat.detach().clone()
+            moved = False
             with torch.enable_grad():
                 for _ in range(self.iters):
                     x.requires_grad_(True)
@@ -184,9 +188,10 @@ class STLGuidance:
                     (grad,) = torch.autograd.grad(loss, x)
                     step = (self.scale * grad).clamp(-self.max_step, self.max_step)
                     x = (x - torch.nan_to_num(step)).detach()
+                    moved = True
             self.calls += 1
             self.seconds += time.perf_counter() - t0
-            return (x - x0_hat).detach()
+            return (x - x0_hat).detach() if moved else torch.zeros_like(x0_hat)
 
         return guidance_fn
 

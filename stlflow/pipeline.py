@@ -249,12 +249,12 @@ def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_par
 
 
 def sample_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per start state: mean pairwise distance and number of distinct modes, averaged over start states."""
+    """Per start state: mean pairwise distance and number of distinct modes reached, averaged over start states."""
     by_seed: dict[int, list[Mapping[str, Any]]] = {}
     for r in records:
         by_seed.setdefault(int(r["seed"]), []).append(r)
     div = [diversity([r["xy"] for r in rs]) for rs in by_seed.values()]
-    modes = [len({r["mode"] for r in rs}) for rs in by_seed.values()]
+    modes = [len({r["mode"] for r in rs} - {"none"}) for rs in by_seed.values()]  # "none": never level with it
     return {"diversity_m": float(np.mean(div)) if div else float("nan"),
             "modes_per_start": float(np.mean(modes)) if modes else float("nan")}
 

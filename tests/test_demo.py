@@ -1,0 +1,103 @@
+"""``stlflow demo`` end to end at budget=tiny (every stage real: MuJoCo, zarr, training, RTI, plots, MP4) and the
+pipeline's metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stlflow.pipeline import crossing_mode, diversity, spearman
+
+
+def _run(args: list[str], tmp_path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stlflow", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run([f"out={out}", "budget=tiny", "progress=false"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for i, name in enumerate(["collect", "calibrate", "augment", "train", "evaluate", "report"], start=1):
+        assert f"[{i}/6] {name}" in proc.stdout
+    assert proc.stdout.count(" done in ") == 6
+    assert "| requested θ | guidance | success | STL sat." in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"] == "tiny"
+    assert set(report["stages"]) == {"collect", "calibrate", "augment", "train", "evaluate", "report"}
+    assert report["stages"]["calibrate"]["own_theta_satisfied"] == report["stages"]["calibrate"]["episodes"] == 4
+    assert report["stages"]["augment"]["n_accepted"] >= 1
+    rows = report["rows"]
+    assert [r["guided"] for r in rows] == [False, True] * 3
+    assert [r["theta"]["v_max"] for r in rows] == [1.0, 1.0, 1.25, 1.25, 1.5, 1.5]
+    for r in rows:
+        m = r["metrics"]
+        assert 0.0 <= m["stl_satisfaction_rate"] <= 1.0 and m["episodes"] == 1
+        assert len(r["samples"]) == 2 and m["latency_p50_ms"] > 0
+        assert (r["guidance_ms_per_tick"] > 0) == r["guided"] or np.isnan(r["guidance_ms_per_tick"])
+    for name in ("results.md", "trajectories.png", "satisfaction_diversity.png", "latency_hist.png"):
+        assert (out / name).stat().st_size > 500, name
+    videos = list((out / "videos").glob("*.mp4"))
+    assert len(videos) == 1 and videos[0].stat().st_size > 1000
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(videos[0])
+    assert len(frames) == 9 and frames[0].ndim == 3  # reset frame + video_max_steps=8
+    from stlflow.datasets import EpisodeStore
+    from stlflow.policy import Policy
+
+    policy = Policy.load(out / "policy")
+    assert policy.param_names == ["v_max", "d_safe", "w", "T"]
+    aug = EpisodeStore.open(out / "data" / "augmented.zarr")
+    assert all(a["source"] == "augmented" and "stl_params" in a for a in aug.all_episode_attrs())
+
+
+def test_demo_names_the_failing_stage(tmp_path):
+    proc = _run([f"out={tmp_path / 'demo'}", "budget=tiny", "budgets.tiny.demos=0", "progress=false"], tmp_path)
+    assert proc.returncode == 1
+    assert "stage 'collect demonstrations (scripted expert)' failed" in proc.stderr
+    assert "episodes must be >= 1" in proc.stderr
+    proc = _run([f"out={tmp_path / 'demo'}", "budget=huge"], tmp_path)
+    assert proc.returncode == 1 and "budget='huge'" in proc.stderr
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-1000, 1000), min_size=3, max_size=30, unique=True))
+def test_spearman_rank_properties(x):
+    x = np.asarray(x, dtype=np.float64)
+    assert spearman(x, np.exp(x / 500)) == pytest.approx(1.0)  # any increasing map: 1
+    assert spearman(x, -x**3) == pytest.approx(-1.0)  # any decreasing map: -1
+    perm = np.random.default_rng(0).permutation(len(x))
+    assert spearman(x[perm], x[perm] * 2 + 1) == pytest.approx(1.0)
+    assert np.isnan(spearman(x, np.ones_like(x)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 20), st.floats(0.0, 5.0))
+def test_diversity_of_shifted_copies(n, length, gap):
+    """n copies of one path, copy i shifted by i*gap in y: mean pairwise distance = gap * mean |i - j|."""
+    base = np.cumsum(np.ones((length, 2)), axis=0)
+    trajs = [base + np.array([0.0, i * gap]) for i in range(n)]
+    expected = gap * np.mean([abs(i - j) for i in range(n) for j in range(n) if i != j])
+    assert diversity(trajs) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert diversity(trajs[:1]) == 0.0
+
+
+def test_expert_modes_are_recognised():
+    """The mode classifier agrees with the scripted expert's own mode on most collected episodes."""
+    from stlflow.control.collect import collect_episode
+
+    agree, n = 0, 0
+    for seed in range(12):
+        arrays, attrs = collect_episode("stlflow/Crossing-v0", seed)
+        n += 1
+        agree += crossing_mode(arrays["obs"]) == attrs["mode"]
+    assert agree >= 0.75 * n, f"{agree}/{n}"
