@@ -5,13 +5,13 @@
 >>> sorted(spec.params), sorted(spec.signals)
 (['T', 'eps', 'v_max'], ['dist_goal', 'speed'])
 
-The semantics are stated in :mod:`stlflow.stl.robustness`; the grammar in :mod:`stlflow.stl.syntax`.
+The semantics are stated in :mod:`stlflow.stl.semantics`; the grammar in :mod:`stlflow.stl.syntax`.
 Depends only on torch and numpy.
 """
 
 from .calibrate import Calibration, calibrate
 from .monitor import Monitor, MonitorOutput
-from .robustness import STLInputError, first_violation, horizon, robustness, robustness_trace, smooth_error_bound
+from .semantics import STLInputError, first_violation, horizon, robustness, robustness_trace, smooth_error_bound
 from .syntax import Formula, STLSyntaxError, parse
 
 __all__ = [

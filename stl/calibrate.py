@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .robustness import STLInputError, _as_tensor, robustness
+from .semantics import STLInputError, _as_tensor, robustness
 from .syntax import (
     Abs,
     BinaryTemporal,
@@ -185,7 +185,7 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
         margin: loosening added to the tightest value (units of the parameter; seconds for interval bounds).
         fixed: values of the parameters not calibrated (floats or (B,) arrays).
         tol: relative tolerance of the threshold bisection before snapping onto a data value.
-        options: ``until``/``end`` of :func:`stlflow.stl.robustness_trace`.
+        options: ``until``/``end`` of :func:`stlflow.stl.semantics_trace`.
     """
     if mode == "quantile":  # the name DESIGN.md used first
         mode = "dataset"

@@ -1,4 +1,4 @@
-"""Online STL monitor: one sample in, robustness out, with the offline semantics of :mod:`.robustness`.
+"""Online STL monitor: one sample in, robustness out, with the offline semantics of :mod:`.semantics`.
 
 Timing (h = ``formula.horizon(dt)`` samples; update k receives sample k, counting from 0)::
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .robustness import _check_options, _window, horizon, robustness_trace
+from .semantics import _check_options, _window, horizon, robustness_trace
 from .syntax import (
     Abs,
     And,
@@ -426,7 +426,7 @@ class Monitor:
         formula: the specification.
         dt: sample period in seconds.
         params: name -> float for every free parameter.
-        until, end: as in :func:`stlflow.stl.robustness.robustness_trace`.
+        until, end: as in :func:`stlflow.stl.semantics.robustness_trace`.
     """
 
     def __init__(self, formula: Formula, dt: float, params: Mapping[str, Any] | None = None, *,

@@ -19,7 +19,7 @@ A missing interval means unbounded (``[0, inf]``). Names are a letter followed b
 digits or ``_``; the operator letters and the words above are reserved.
 
 Every node is an immutable dataclass; formula nodes derive from :class:`Formula`, which carries
-the evaluation API (robustness, traces, monitor; implemented in :mod:`stlflow.stl.robustness`
+the evaluation API (robustness, traces, monitor; implemented in :mod:`stlflow.stl.semantics`
 and :mod:`stlflow.stl.monitor`). ``str(node)`` prints text that parses back to an equal tree.
 """
 
@@ -171,7 +171,7 @@ class Formula:
     """An STL formula (abstract syntax tree node) and its evaluation API.
 
     ``params``/``signals``: names used anywhere below this node. Evaluation methods are documented
-    where they are implemented (:func:`stlflow.stl.robustness.robustness_trace`, :class:`Monitor`).
+    where they are implemented (:func:`stlflow.stl.semantics.robustness_trace`, :class:`Monitor`).
     """
 
     prec = 4  # printing precedence: 0 implies, 1 or, 2 and, 3 until/since, 4 unary/predicate
@@ -216,27 +216,27 @@ class Formula:
     # The evaluation API lives in robustness.py / monitor.py; these wrappers keep one import point.
     def horizon(self, dt: float, params: dict | None = None) -> float:
         """Future horizon in samples: ρ at sample t reads samples up to t + horizon (``math.inf`` if unbounded)."""
-        from .robustness import horizon
+        from .semantics import horizon
 
         return horizon(self, dt, params)
 
     def robustness(self, signals: dict, dt: float, params: dict | None = None, smooth: float | None = None,
                    **options: Any) -> torch.Tensor:
-        """ρ at sample 0, shape (B,). See :func:`stlflow.stl.robustness.robustness_trace` for arguments."""
-        from .robustness import robustness
+        """ρ at sample 0, shape (B,). See :func:`stlflow.stl.semantics.robustness_trace` for arguments."""
+        from .semantics import robustness
 
         return robustness(self, signals, dt, params, smooth, **options)
 
     def robustness_trace(self, signals: dict, dt: float, params: dict | None = None, smooth: float | None = None,
                          **options: Any) -> torch.Tensor:
-        """ρ at every sample, shape (B, T). See :func:`stlflow.stl.robustness.robustness_trace`."""
-        from .robustness import robustness_trace
+        """ρ at every sample, shape (B, T). See :func:`stlflow.stl.semantics.robustness_trace`."""
+        from .semantics import robustness_trace
 
         return robustness_trace(self, signals, dt, params, smooth, **options)
 
     def smooth_error_bound(self, n: int, dt: float, smooth: float, params: dict | None = None) -> float:
         """Upper bound on |smooth − exact| robustness for signals of ``n`` samples at temperature ``smooth``."""
-        from .robustness import smooth_error_bound
+        from .semantics import smooth_error_bound
 
         return smooth_error_bound(self, n, dt, smooth, params)
 

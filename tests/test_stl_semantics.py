@@ -1,4 +1,4 @@
-"""Brute-force STL evaluator written from the semantics in stlflow.stl.robustness (plain loops, for the tests).
+"""Brute-force STL evaluator written from the semantics in stlflow.stl.semantics (plain loops, for the tests).
 
 Also hypothesis strategies that generate formula trees and signals. Not part of the package.
 """
@@ -180,7 +180,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from stlflow.stl import STLInputError, parse  # noqa: E402
-from stlflow.stl.robustness import first_violation, robustness_trace  # noqa: E402
+from stlflow.stl.semantics import first_violation, robustness_trace  # noqa: E402
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -401,3 +401,30 @@ def test_first_violation():
     node, t, rho = first_violation(parse("G[0,4](x < 2) & F[0,4](y > 5)"), {"x": X, "y": Y}, 1.0)
     assert str(node) == "F[0.0,4.0](y > 5.0)" and t == 0 and rho == -3.0
     assert first_violation(parse("G(x < 10)"), {"x": X}, 1.0) is None
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.integers(1, 12), st.sampled_from(["min", "max"]), st.booleans())
+def test_sliding_window_gradient_goes_to_the_window_extremum(n, w, kind, with_nan):
+    from stlflow.stl.semantics import _exact_sliding
+
+    gen = torch.Generator().manual_seed(n * 100 + w)
+    x = torch.randn(3, n, dtype=torch.float64, generator=gen)
+    if with_nan:
+        x[1, n // 2] = math.nan
+    xg = x.clone().requires_grad_(True)
+    y = _exact_sliding(xg, w, kind)  # the autograd path (custom backward when w < n)
+    with torch.no_grad():
+        assert torch.equal(y.isnan(), _exact_sliding(x, w, kind).isnan())
+        assert torch.equal(y.nan_to_num(), _exact_sliding(x, w, kind).nan_to_num())
+    pad = torch.full((3, w - 1), math.inf if kind == "min" else -math.inf, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    windows = torch.cat([xr, pad], 1).unfold(1, w, 1)  # (3, n, w): reference, quadratic memory, tests only
+    ref = windows.amin(-1) if kind == "min" else windows.amax(-1)
+    ok = ~ref.isnan()
+    g = torch.randn(3, n, dtype=torch.float64, generator=gen)
+    (gy,) = torch.autograd.grad(y, xg, g * ok)
+    (gr,) = torch.autograd.grad(ref, xr, g * ok)
+    assert torch.equal(y[ok], ref[ok].detach())
+    rows = [0, 2] if with_nan else [0, 1, 2]  # amin's own gradient is NaN around a NaN
+    assert torch.allclose(gy[rows], gr[rows])

@@ -209,6 +209,8 @@ def _exact_sliding(x: torch.Tensor, w: int, kind: str) -> torch.Tensor:
         return _cum(x.flip(1), kind, 1).flip(1)
     if w == 1:
         return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SlidingExtremum.apply(x, w, kind)
     op = torch.minimum if kind == "min" else torch.maximum
     level = torch.cat([x, _full(x, w - 1, INF if kind == "min" else -INF)], 1)
     p = 1
@@ -216,6 +218,42 @@ def _exact_sliding(x: torch.Tensor, w: int, kind: str) -> torch.Tensor:
         level = op(level[:, :-p], level[:, p:])  # length shrinks by p: still covers every window start needed
         p *= 2
     return op(level[:, :m], level[:, w - p : w - p + m])
+
+
+class _SlidingExtremum(torch.autograd.Function):
+    """Sliding min/max whose backward is one scatter-add onto the arg-extremum of each window.
+
+    The same doubling as :func:`_exact_sliding`, carrying indices; much cheaper to differentiate than a chain of
+    ``torch.minimum`` (whose backward re-compares every pair). Ties go to the earliest sample; NaN wins.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: int, kind: str) -> torch.Tensor:
+        B, m = x.shape
+        better = torch.le if kind == "min" else torch.ge
+        val = torch.cat([x, _full(x, w - 1, INF if kind == "min" else -INF)], 1)
+        idx = torch.arange(m + w - 1, device=x.device).clamp_(max=m - 1).expand(B, -1)
+
+        def pick(p: int, q: int, n: int):
+            a, b = val[:, p : p + n], val[:, q : q + n]
+            take = better(a, b) | torch.isnan(a)
+            return torch.where(take, a, b), torch.where(take, idx[:, p : p + n], idx[:, q : q + n])
+
+        p = 1
+        while 2 * p <= w:
+            val, idx = pick(0, p, val.shape[1] - p)
+            p *= 2
+        val, idx = pick(0, w - p, m)
+        ctx.save_for_backward(idx)
+        ctx.m = m
+        return val
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        gx = torch.zeros(grad.shape[0], ctx.m, dtype=grad.dtype, device=grad.device)
+        return gx.scatter_add_(1, idx, grad), None, None
 
 
 def _lae(a: torch.Tensor, b: torch.Tensor, safe: bool) -> torch.Tensor:
