@@ -178,8 +178,10 @@ class STLGuidance:
             t0 = time.perf_counter()
             x = x0_hat.detach().clamp(-clip, clip) if clip else x0_hat.detach().clone()
             moved = False
+            with torch.no_grad():  # cheap check without a graph: satisfied samples cost one forward pass
+                satisfied = bool((self._rho(policy, x, state0, context, theta, off, self.smooth) >= self.margin).all())
             with torch.enable_grad():
-                for _ in range(self.iters):
+                for _ in range(0 if satisfied else self.iters):
                     x.requires_grad_(True)
                     rho = self._rho(policy, x, state0, context, theta, off, self.smooth)
                     loss = torch.relu(self.margin - rho).sum()
