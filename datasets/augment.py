@@ -42,6 +42,7 @@ __all__ = [
     "ReplayResult",
     "augment_demo",
     "bound_penalty",
+    "cem_controls",
     "farthest_point_selection",
     "mean_pairwise_distance",
     "optimise_controls",
@@ -94,6 +95,8 @@ class DemoWindow:
     - ``signals(states) -> {name: (B, H)}``: the STL signals (rules and mode formulas) of the rolled-out states.
     - ``positions(states) -> (B, H, P)``: what trajectory diversity is measured on (e.g. planar position, metres).
     - ``replay(controls (H, Du) ndarray) -> ReplayResult``: the same controls executed in the real simulator.
+    - ``nominal``: (H, Du) controls the sampling-based optimiser perturbs (e.g. the demo's actions); needed for
+      ``optimiser="cem"``. ``rollout`` need not be differentiable for it (it may step MuJoCo).
     """
 
     horizon: int
@@ -101,6 +104,7 @@ class DemoWindow:
     signals: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     positions: Callable[[torch.Tensor], torch.Tensor]
     replay: Callable[[np.ndarray], ReplayResult]
+    nominal: np.ndarray | None = None
 
 
 @dataclass
@@ -114,6 +118,11 @@ class AugmentSettings:
     ``bound_weight`` on the squared control-bound violation; controls are piecewise linear between knots
     every ``knot_every`` steps; at most ``max_replays`` replays in the real env per demo; ``time_params`` are
     time-bound parameters (sampled on the dt grid); ``dtype`` of the optimisation (``"float32"`` or ``"float64"``).
+
+    ``optimiser``: ``"adam"`` (gradient through a differentiable model) or ``"cem"`` (cross-entropy method for
+    tasks without one: ``cem_iters`` rounds of ``cem_samples`` perturbations of the window's nominal controls per
+    group, knots drawn from N(mean, std²) starting at ``cem_std`` (Du,) (default 5% of the control range), the
+    ``cem_elites`` best by exact robustness update mean and std with smoothing ``cem_alpha``).
     """
 
     per_demo: int = 8
@@ -129,6 +138,12 @@ class AugmentSettings:
     check_every: int = 10
     time_params: tuple[str, ...] = ()
     dtype: str = "float32"
+    optimiser: str = "adam"
+    cem_iters: int = 5
+    cem_samples: int = 24
+    cem_elites: int = 6
+    cem_std: tuple[float, ...] | None = None
+    cem_alpha: float = 0.7
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,18 +255,7 @@ def optimise_controls(
     units = _evaluation_units(groups, low.dtype)
 
     def evaluate(controls: torch.Tensor, rows: torch.Tensor, smooth: float | None) -> torch.Tensor:
-        """Robustness (len(rows),) of candidates ``rows`` whose controls are ``controls``."""
-        sig = window.signals(window.rollout(controls))
-        rho = torch.empty(len(rows), dtype=controls.dtype)
-        gid = group_of[rows]
-        for spec, member, row_params in units:
-            sel = torch.nonzero(member[gid]).squeeze(1)
-            if len(sel) == 0:
-                continue
-            part = {k: sig[k].index_select(0, sel) for k in spec.signals}
-            params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in row_params.items()}
-            rho = rho.index_put((sel,), spec.robustness(part, dt=dt, params=params, smooth=smooth))
-        return rho
+        return _evaluate(window, units, group_of, controls, rows, dt, smooth)
 
     active = torch.arange(n_total)
     check_every = max(int(settings.check_every), 1)
@@ -283,6 +287,87 @@ def optimise_controls(
         rho = evaluate(controls, rows, None)
         positions = window.positions(window.rollout(controls))
     return controls.detach(), rho.detach(), positions.detach()
+
+
+def _evaluate(
+    window: DemoWindow,
+    units: list[tuple[Any, torch.Tensor, dict]],
+    group_of: torch.Tensor,
+    controls: torch.Tensor,
+    rows: torch.Tensor,
+    dt: float,
+    smooth: float | None,
+) -> torch.Tensor:
+    """Robustness (len(rows),) of candidates ``rows`` (indices into the groups' layout) with ``controls``."""
+    sig = window.signals(window.rollout(controls))
+    rho = torch.empty(len(rows), dtype=controls.dtype)
+    gid = group_of[rows]
+    for spec, member, row_params in units:
+        sel = torch.nonzero(member[gid]).squeeze(1)
+        if len(sel) == 0:
+            continue
+        part = {k: sig[k].index_select(0, sel).to(controls.dtype) for k in spec.signals}
+        params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in row_params.items()}
+        rho = rho.index_put((sel,), spec.robustness(part, dt=dt, params=params, smooth=smooth).to(rho.dtype))
+    return rho
+
+
+def cem_controls(
+    groups: Sequence[CandidateGroup],
+    window: DemoWindow,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    dt: float,
+    settings: AugmentSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy method around ``window.nominal``, all groups' samples rolled out together each round.
+
+    Each group's ``n`` must be ``cem_iters * cem_samples``: every sample of every round is a candidate (round r,
+    sample j of group g sits at ``start_g + r * cem_samples + j``); round 0 includes the nominal itself. The
+    perturbation is piecewise linear between knots (``knot_every``). Returns ``controls (B, H, Du)`` clipped to
+    the bounds, exact ``rho (B,)`` and ``positions (B, H, P)`` as :func:`optimise_controls` does.
+    """
+    if window.nominal is None:
+        raise ValueError("optimiser='cem' needs DemoWindow.nominal (the controls to perturb)")
+    n_s, n_r = int(settings.cem_samples), int(settings.cem_iters)
+    for g in groups:
+        if g.n != n_s * n_r:
+            raise ValueError(f"group {g.mode!r} has n={g.n}; optimiser='cem' needs cem_iters*cem_samples={n_s * n_r}")
+    w = knot_matrix(window.horizon, settings.knot_every).to(low.dtype)
+    base = torch.as_tensor(np.asarray(window.nominal), dtype=low.dtype)[: window.horizon]
+    if base.shape[0] < window.horizon:  # hold the last control
+        base = torch.cat([base, base[-1:].expand(window.horizon - base.shape[0], -1)])
+    std0 = (high - low) * 0.05 if settings.cem_std is None else torch.as_tensor(settings.cem_std, dtype=low.dtype)
+    n_g, n_k, n_u = len(groups), w.shape[1], low.numel()
+    mean = torch.zeros(n_g, n_k, n_u, dtype=low.dtype)
+    std = std0.expand(n_g, n_k, n_u).clone()
+    units = _evaluation_units(groups, low.dtype)
+    group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
+    starts = torch.as_tensor(np.cumsum([0] + [g.n for g in groups])[:-1])
+    n_total = int(group_of.numel())
+    all_controls = torch.empty(n_total, window.horizon, n_u, dtype=low.dtype)
+    all_rho = torch.empty(n_total, dtype=low.dtype)
+    n_elite = max(1, min(int(settings.cem_elites), n_s))
+    for r in range(n_r):
+        eps = torch.randn(n_g, n_s, n_k, n_u, generator=generator, dtype=low.dtype)
+        knots = mean[:, None] + std[:, None] * eps
+        if r == 0:
+            knots[:, 0] = 0.0  # the nominal controls themselves
+        controls = (base + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
+        rows = (starts[:, None] + r * n_s + torch.arange(n_s)[None]).reshape(-1)
+        with torch.no_grad():
+            rho = _evaluate(window, units, group_of, controls.reshape(-1, window.horizon, n_u), rows, dt, None)
+        all_controls[rows] = controls.reshape(-1, window.horizon, n_u)
+        all_rho[rows] = rho
+        top = torch.topk(rho.reshape(n_g, n_s), n_elite, dim=1).indices  # (G, E)
+        elite = torch.gather(knots, 1, top[..., None, None].expand(-1, -1, n_k, n_u))
+        a = float(settings.cem_alpha)
+        mean = (1 - a) * mean + a * elite.mean(1)
+        std = (1 - a) * std + a * elite.std(1, unbiased=False).clamp_min(1e-6)
+    with torch.no_grad():
+        positions = window.positions(window.rollout(all_controls))
+    return all_controls, all_rho, positions
 
 
 def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype) -> list[tuple[Any, torch.Tensor, dict]]:
@@ -426,6 +511,9 @@ def augment_demo(
     low = torch.as_tensor(np.asarray(control_low), dtype=dtype)
     high = torch.as_tensor(np.asarray(control_high), dtype=dtype)
 
+    if settings.optimiser not in ("adam", "cem"):
+        raise ValueError(f"optimiser must be 'adam' or 'cem', got {settings.optimiser!r}")
+    n_per_group = settings.n_init if settings.optimiser == "adam" else settings.cem_iters * settings.cem_samples
     groups: list[CandidateGroup] = []
     for mode in modes:
         spec = parse(spec_text(rules, mode))
@@ -446,10 +534,13 @@ def augment_demo(
                 raise ValueError(
                     f"mode {mode.name!r}: no value or range for parameter(s) {sorted(missing)}; θ has {sorted(theta)}"
                 )
-            groups.append(CandidateGroup(mode.name, spec, {k: theta[k] for k in spec.params}, settings.n_init))
+            groups.append(CandidateGroup(mode.name, spec, {k: theta[k] for k in spec.params}, n_per_group))
 
     init = [None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype) for a in (init_low, init_high)]
-    controls, rho, positions = optimise_controls(groups, window, low, high, dt, settings, generator, *init)
+    if settings.optimiser == "adam":
+        controls, rho, positions = optimise_controls(groups, window, low, high, dt, settings, generator, *init)
+    else:
+        controls, rho, positions = cem_controls(groups, window, low, high, dt, settings, generator)
     t_opt = time.perf_counter() - t0
     group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
     ok = torch.nonzero(rho >= settings.margin).squeeze(1)

@@ -283,3 +283,28 @@ def test_store_output_identical_for_any_worker_count(demos, tmp_path):
         assert {"stl_params", "seed", "parent_episode"} <= set(attrs)
     merged = EpisodeStore.merge([path, tmp_path / "a.zarr"], tmp_path / "m.zarr")  # same schema as the demos
     assert merged.n_episodes == 3 + a.n_episodes
+
+
+def test_pickplace_cem_over_mujoco_rollouts(tmp_path):
+    """No differentiable model: the cross-entropy method perturbs the demo's targets in MuJoCo itself."""
+    from stlflow.control.collect import collect
+    from stlflow.datasets.augment import AugmentSettings, augment_demo
+    from stlflow.stl import parse
+    from stlflow.verbs.augment import make_task
+
+    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False)
+    task = make_task("stlflow/PickPlace-v0", {}, {"param_ranges": {"v_max": [0.5, 0.6]}, "time_params": ["T"]})
+    ep, attrs = store.episode(0), store.episode_attrs(0)
+    window = task.window(ep, attrs)
+    s = AugmentSettings(per_demo=2, n_theta=1, optimiser="cem", cem_iters=2, cem_samples=3, cem_elites=2,
+                        cem_std=(0.004, 0.004, 0.004, 0.0), knot_every=10, margin=0.002, max_replays=3)
+    theta = {**task.defaults, "h_min": 0.0, "T": float(len(ep["action"]) * task.dt)}
+    r = augment_demo(window, task.rules, task.modes, None, theta, task.param_ranges, task.control_low,
+                     task.control_high, task.dt, s, seed=1, parse=parse)
+    assert r.n_candidates == 6 and r.n_accepted >= 1
+    spec = parse(task.rules)
+    for arrays, a in r.episodes:
+        assert a["rho_replay"] >= 0 and 0.5 <= a["stl_params"]["v_max"] <= 0.6
+        sig = {k: torch.as_tensor(arrays["signals"][k]) for k in spec.signals}
+        assert float(spec.robustness(sig, dt=task.dt, params=a["stl_params"])) == pytest.approx(a["rho_replay"])
+        assert np.abs(arrays["action"][:, 3] - ep["action"][: len(arrays["action"]), 3]).max() == 0  # gripper kept

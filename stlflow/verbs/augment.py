@@ -15,8 +15,9 @@ Output: an EpisodeStore with the demo store's keys (obs, action, signal_*) and p
 ``source=augmented``, ``mode``, ``stl_params``, ``seed``, ``parent_episode``. Deterministic for a seed, for any
 number of workers. Prints the acceptance rate, diversity before/after selection and throughput.
 
-Tasks: Crossing (gradient-based, through ``env.dynamics_model()``). PickPlace has no differentiable model and
-is not supported by this verb yet (it says so).
+Tasks: Crossing is optimised with gradients through ``env.dynamics_model()``; PickPlace has no differentiable
+model, so it uses the cross-entropy method over MuJoCo rollouts from the demo's start state (perturbing the
+demo's end-effector targets; its gripper timing is kept), selected by ``stl.opt`` in conf/stl/pickplace.yaml.
 """
 
 from __future__ import annotations
@@ -140,8 +141,74 @@ class CrossingAugmentation:
         )
 
 
+# ------------------------------------------------------------------------------------------------ PickPlace
+class PickPlaceAugmentation:
+    """Builds :class:`DemoWindow` s for ``stlflow/PickPlace-v0``: no differentiable model, so the "rollout" steps
+    MuJoCo itself from the demo's start state (``get_state``/``set_state``), one candidate after the other, for
+    the sampling-based optimiser (``optimiser=cem``) that perturbs the demo's end-effector targets.
+
+    Model "states" (B, H, 3 + S): the TCP position (m) then the env's STL signals in ``SIGNALS`` order.
+    """
+
+    SIGNALS = ("ee_speed", "ee_height_clear", "in_target")
+
+    def __init__(self, env_id: str = "stlflow/PickPlace-v0", env_kwargs: dict[str, Any] | None = None) -> None:
+        from stlflow.control.collect import make_env
+
+        self.env = make_env(env_id, env_kwargs)
+        self.u = self.env.unwrapped
+
+    def window(self, episode: dict[str, np.ndarray], attrs: dict[str, Any]) -> DemoWindow:
+        if "seed" not in attrs:
+            raise KeyError(f"episode attrs have no 'seed' (needed to reset the env to its start): {sorted(attrs)}")
+        seed, u = int(attrs["seed"]), self.u
+        obs0, _ = self.env.reset(seed=seed)
+        if not np.allclose(obs0, episode["obs"][0], atol=1e-4):
+            raise ValueError(f"env reset with seed {seed} does not reproduce the episode's first observation")
+        state0 = u.get_state()
+        nominal = np.asarray(episode["action"], dtype=np.float64)
+        horizon = len(nominal)
+
+        def rollout(controls: torch.Tensor) -> torch.Tensor:
+            out = np.empty((controls.shape[0], horizon, 3 + len(self.SIGNALS)))
+            for b, seq in enumerate(controls.detach().cpu().numpy()):
+                u.set_state(state0)
+                for t in range(horizon):
+                    obs, _, _, _, info = u.step(seq[t])
+                    out[b, t, :3] = obs[:3]
+                    out[b, t, 3:] = [info["signals"][k] for k in self.SIGNALS]
+            return torch.as_tensor(out)
+
+        def signals(states: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: states[..., 3 + i] for i, k in enumerate(self.SIGNALS)}
+
+        def replay(controls: np.ndarray) -> ReplayResult:
+            obs, _ = self.env.reset(seed=seed)
+            observations, actions, sig = [], [], {}
+            info: dict[str, Any] = {}
+            collision = False
+            for a in np.asarray(controls, dtype=np.float32):
+                observations.append(obs)
+                actions.append(a)
+                obs, _, terminated, truncated, info = self.env.step(a)
+                for k, v in info["signals"].items():
+                    sig.setdefault(k, []).append(float(v))
+                collision |= bool(info.get("collision", False))
+                if terminated or truncated:
+                    break
+            return ReplayResult(
+                obs=np.asarray(observations, dtype=np.float32),
+                action=np.asarray(actions, dtype=np.float32),
+                signals={k: np.asarray(v) for k, v in sig.items()},
+                collision=collision,
+                attrs={"success": bool(info.get("success", False)), "length": len(actions)},
+            )
+
+        return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal)
+
+
 def _modes(stl_cfg: dict[str, Any]) -> list[ModeSpec]:
-    modes = stl_cfg.get("modes") or {"rules": {}}
+    modes = stl_cfg.get("modes") or {"rules": {}}  # no modes: the rules alone, as one mode named "rules"
     return [
         ModeSpec(
             name, (m or {}).get("formula"), {k: tuple(v) for k, v in ((m or {}).get("param_ranges") or {}).items()}
@@ -161,14 +228,31 @@ def make_task(
 
     ``modes``: restrict to these behaviour modes (default: all in ``stl_cfg``).
     """
+    ranges = {k: tuple(v) for k, v in (stl_cfg.get("param_ranges") or {}).items()}
+    init = {
+        k: None if stl_cfg.get(k) is None else np.asarray(stl_cfg[k], dtype=np.float64)
+        for k in ("init_low", "init_high")
+    }
+    if env_id == "stlflow/PickPlace-v0":
+        pp = PickPlaceAugmentation(env_id, env_kwargs)
+        space = pp.env.action_space
+        return AugmentTask(
+            rules=pp.u.rules,
+            modes=_modes(stl_cfg),
+            param_ranges=ranges,
+            defaults={k: float(v) for k, v in pp.u.rule_defaults.items()},
+            control_low=np.asarray(space.low, dtype=np.float64),
+            control_high=np.asarray(space.high, dtype=np.float64),
+            dt=float(pp.u.dt),
+            window=pp.window,
+            **init,
+        )
     if env_id != "stlflow/Crossing-v0":
         raise NotImplementedError(
-            f"stlflow augment supports stlflow/Crossing-v0 (gradient-based, through its dynamics model); "
-            f"{env_id} has no differentiable model and its sampling-based optimiser is not implemented yet"
+            f"stlflow augment supports stlflow/Crossing-v0 and stlflow/PickPlace-v0, not {env_id}"
         )
     aug = CrossingAugmentation(env_id, env_kwargs, dtype=getattr(torch, dtype))
     u = aug.u
-    ranges = {k: tuple(v) for k, v in (stl_cfg.get("param_ranges") or {}).items()}
     specs = _modes(stl_cfg)
     if modes:
         unknown = set(modes) - {m.name for m in specs}
@@ -193,14 +277,17 @@ def make_task(
         control_high=high,
         dt=float(u.dt),
         window=window,
-        init_low=None if stl_cfg.get("init_low") is None else np.asarray(stl_cfg["init_low"], dtype=np.float64),
-        init_high=None if stl_cfg.get("init_high") is None else np.asarray(stl_cfg["init_high"], dtype=np.float64),
+        **init,
     )
 
 
 def settings_from_cfg(cfg) -> AugmentSettings:
-    """:class:`AugmentSettings` from the ``augment`` config (``per_demo`` and the ``opt`` block)."""
+    """:class:`AugmentSettings` from the ``augment`` config: ``per_demo``, the ``opt`` block, then the task's own
+    ``stl.opt`` block on top (e.g. PickPlace selects ``optimiser: cem``; override it as ``stl.opt.<key>=``)."""
     opt = OmegaConf.to_container(cfg.opt, resolve=True)
+    opt.update(OmegaConf.to_container(cfg.stl.get("opt") or OmegaConf.create({}), resolve=True))
+    if opt.get("cem_std") is not None:
+        opt["cem_std"] = tuple(float(x) for x in opt["cem_std"])
     return AugmentSettings(
         per_demo=int(cfg.per_demo),
         time_params=tuple(cfg.stl.get("time_params") or ()),
