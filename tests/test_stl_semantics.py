@@ -1,14 +1,22 @@
-"""Brute-force STL evaluator written from the semantics in stlflow.stl.semantics (plain loops, for the tests).
+"""Semantics of stlflow.stl against a brute-force evaluator written from its documented definitions.
 
-Also hypothesis strategies that generate formula trees and signals. Not part of the package.
+First half: the reference (plain loops over samples) and hypothesis strategies that generate formula trees and
+signals. Second half: the tests (hand-computed operators, brute force on random formulas, smooth bounds, G/F
+duality, round trips, NaN, batching, gradients, memory, errors).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stlflow.stl import STLInputError, parse
+from stlflow.stl.semantics import first_violation, robustness_trace
 from stlflow.stl.syntax import (
     Abs,
     And,
@@ -174,13 +182,6 @@ def signal_sets(draw, max_n=7, nan=False):
 
 # =========================================================================== tests
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from stlflow.stl import STLInputError, parse  # noqa: E402
-from stlflow.stl.semantics import first_violation, robustness_trace  # noqa: E402
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
