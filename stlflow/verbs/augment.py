@@ -259,12 +259,12 @@ def make_task(
         if unknown:
             raise ValueError(f"unknown mode(s) {sorted(unknown)}; modes of {env_id}: {[m.name for m in specs]}")
         specs = [m for m in specs if m.name in modes]
-    t_max = max([float(ranges.get("T", (0.0, 0.0))[1]), float(u.rule_defaults.get("T", 0.0))])
+    t_max = float(ranges.get("T", (0.0, 0.0))[1])  # the largest sampled time bound
     low = np.asarray(aug.model.control_low, dtype=np.float64)
     high = np.asarray(aug.model.control_high, dtype=np.float64)
 
     def window(episode: dict[str, np.ndarray], attrs: dict[str, Any]) -> DemoWindow:
-        theta_t = float((attrs.get("stl_params") or {}).get("T", 0.0))
+        theta_t = float((attrs.get("stl_params") or u.rule_defaults).get("T", 0.0))  # the demo mode keeps its own T
         horizon = int(round(max(t_max, theta_t) / u.dt)) + 1  # samples 0 .. T/dt of the post-action signals
         return aug.window(episode, attrs, horizon)
 
