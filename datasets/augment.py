@@ -623,9 +623,18 @@ class AugmentTask:
 
 @dataclass
 class AugmentReport:
-    """Totals over a store: counts, acceptance rate, diversity before/after, throughput (see :class:`DemoResult`)."""
+    """Totals over a store: counts, acceptance rate, diversity before/after, throughput (see :class:`DemoResult`).
+
+    Diversity figures are means over demonstrations of the per-start-state mean pairwise RMS distance between
+    position trajectories (model rollouts): ``div_candidates`` all satisfying candidates, ``div_random`` a random
+    ``per_demo``-subset of them (random restarts alone), ``div_selected`` the stored episodes (after farthest-point
+    selection). ``modes_per_demo_before``: distinct behaviour modes the demonstrations show per start state (env
+    seed); ``modes_per_demo_after``: distinct modes among the stored episodes per demonstration, each verified in
+    the replay (its mode formula is part of the specification checked there).
+    """
 
     n_demos: int = 0
+    per_demo: int = 0
     n_candidates: int = 0
     n_satisfying: int = 0
     n_replayed: int = 0
@@ -741,7 +750,7 @@ def augment_store(
     attrs = {**demos.attrs, **(out_attrs or {}), "source": "augmented", "augmented_from": str(data_path)}
     out = EpisodeStore.create(out_path, dt=demos.dt, attrs=attrs, overwrite=overwrite, schema=schema)
 
-    report = AugmentReport(n_demos=len(indices))
+    report = AugmentReport(n_demos=len(indices), per_demo=settings.per_demo)
     div_c, div_r, div_s, modes_after = [], [], [], []
     init_args = (make_task, str(data_path), parse, settings, seed)
     threads = torch.get_num_threads()
@@ -791,13 +800,19 @@ def augment_store(
         bar.close()
         if workers <= 1:
             torch.set_num_threads(threads)
+            _WORKER.clear()
         elif pool is not None:
             pool.close()
             pool.join()
     report.div_candidates = float(np.mean(div_c)) if div_c else 0.0
     report.div_random = float(np.mean(div_r)) if div_r else 0.0
     report.div_selected = float(np.mean(div_s)) if div_s else 0.0
-    report.modes_per_demo_before = 1.0 if indices else 0.0  # a demonstration shows one mode from its start state
+    # Start states are env seeds: how many distinct modes the demonstrations show from each one.
+    by_seed: dict[Any, set] = {}
+    for i in indices:
+        a = demos.episode_attrs(i)
+        by_seed.setdefault(a.get("seed", ("episode", i)), set()).add(a.get("mode"))
+    report.modes_per_demo_before = float(np.mean([len(m) for m in by_seed.values()])) if by_seed else 0.0
     report.modes_per_demo_after = float(np.mean(modes_after)) if modes_after else 0.0
     report.seconds = time.perf_counter() - t0
     out.set_attrs({"augment_report": report.as_dict()})

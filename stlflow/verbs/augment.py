@@ -337,7 +337,7 @@ def format_report(r: AugmentReport) -> str:
         f"({r.n_satisfying / max(r.n_candidates, 1):.1%})",
         f"replayed in MuJoCo: {r.n_replayed}; accepted: {r.n_accepted}; acceptance rate {r.acceptance_rate:.1%}",
         f"diversity (mean pairwise RMS distance of xy trajectories, m, per start state): all satisfying candidates "
-        f"{r.div_candidates:.3f}; random {r.n_accepted // max(r.n_demos, 1)}-subset {r.div_random:.3f}; "
+        f"{r.div_candidates:.3f}; random {r.per_demo}-subset {r.div_random:.3f}; "
         f"selected {r.div_selected:.3f}",
         f"behaviour modes per start state: demos {r.modes_per_demo_before:.2f} -> "
         f"augmented {r.modes_per_demo_after:.2f}",
