@@ -279,14 +279,17 @@ class Policy(nn.Module):
     @torch.no_grad()
     def predict(
         self, obs_history: Any, params: Any = None, steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, guidance: Any = None,
     ) -> np.ndarray:
         """Action chunks ``(B, Tp, Da)`` in physical units, discrete channels thresholded.
 
         ``obs_history``: (B, To, Do) or (To, Do), physical units. ``steps``: solver steps (head default if None).
+        ``guidance``: optional STL guidance (``stlflow.policy.guidance.STLGuidance``, one observation history);
+        None = off.
         """
         cond = self.condition(obs_history, params)
-        x = self.sample_normalized(cond, steps=steps, generator=generator)
+        gfn = None if guidance is None else guidance.bind(self, obs_history, params)
+        x = self.sample_normalized(cond, steps=steps, generator=generator, guidance_fn=gfn)
         return self.threshold_discrete(self.unnormalize_action(x).cpu().numpy())
 
     # ------------------------------------------------------------------ persistence

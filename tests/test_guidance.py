@@ -160,3 +160,15 @@ def test_model_inputs_match_privileged_context():
     assert torch.equal(ctx.ped_present, ref.ped_present)
     assert torch.allclose(ctx.ped_pos[0, :, 0], ref.ped_pos[0, :, 0], atol=0.05)
     env.close()
+
+
+def test_policy_predict_takes_guidance(crossing_obs):
+    policy = crossing_policy()
+    g = speed_guidance(0.5)
+    plain = policy.predict(crossing_obs, generator=torch.Generator().manual_seed(4))
+    again = policy.predict(crossing_obs, generator=torch.Generator().manual_seed(4), guidance=None)
+    guided = policy.predict(crossing_obs, generator=torch.Generator().manual_seed(4), guidance=g)
+    assert np.array_equal(plain, again)
+    x_plain = policy.normalize_action(torch.as_tensor(plain))
+    x_guided = policy.normalize_action(torch.as_tensor(guided))
+    assert g.robustness(policy, x_guided, crossing_obs) > g.robustness(policy, x_plain, crossing_obs)
