@@ -14,6 +14,7 @@ Rows (all on seeds ``--seed .. --seed+episodes-1``; one action executed per tick
 - PickPlace (a discrete gripper channel): rti k=2 in "clip" mode, and in "scale" mode on ``--scale-ckpt`` (a
   policy trained on data whose gripper channel was divided by 10: ``--make-scaled-data SRC DST``);
 - onestep: one-step sampling of ``--onestep-ckpt`` (a MeanFlow head);
+- ``--sweep T ...``: rti k=2 at start levels T, re-noised and clean (to choose the defaults by measurement);
 - ``--delays``: rti k=2 and receding under an injected observation-to-action delay of d ticks.
 
 Prints the Markdown table and the issue's quality-bar checks, and writes report.json / report.md / plots to
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--ddpm100", action="store_true", help="also the 100-step receding row (slow)")
     ap.add_argument("--delays", type=int, nargs="*", default=[], help="injected delays (ticks) to sweep")
     ap.add_argument("--quick", action="store_true", help="only expert, receding, full, cold k=2, rti k=2")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[],
+                    help="also rti k=2 at these start levels t_start, with and without re-noising")
     ap.add_argument("--out", default="bench_out/rti")
     ap.add_argument("--make-scaled-data", nargs=2, metavar=("SRC", "DST"),
                     help="write a copy of SRC with discrete action channels / 10 to DST and exit")
@@ -100,6 +103,8 @@ def main() -> None:
             print("note: no --scale-ckpt, so the 'scale' discrete mode row is skipped")
     if args.onestep_ckpt:
         runs.append((args.onestep_ckpt, "onestep", {}, 0))
+    for t in args.sweep:
+        runs += [(args.ckpt, "rti", {"k": 2, "t_start": t, "renoise": r}, 0) for r in (True, False)]
     for d in args.delays:
         runs += [(args.ckpt, "rti", {"k": 2, **rti_kw}, d), (args.ckpt, "receding", {}, d)]
 

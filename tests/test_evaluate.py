@@ -104,7 +104,7 @@ def test_worker_count_does_not_change_results_and_policy_mode_is_restored():
     assert one["episodes"] == two["episodes"]
     for key in ("success_rate", "stl_satisfaction_rate", "collision_rate", "nfe_per_action", "nfe_per_call"):
         assert one["metrics"][key] == two["metrics"][key]
-    assert one["ticks"]["nfe"] == ([policy.nfe()] + [policy.nfe(2, 0.4)] * 7) * 3
+    assert one["ticks"]["nfe"] == ([policy.nfe()] + [policy.nfe(2, 0.2)] * 7) * 3
     metrics = evaluate_policy(policy, "stlflow/PickPlace-v0", 2, controller="cold", k=1, max_steps=5)
     assert "success_rate" in metrics and metrics["nfe_per_action"] == 1.0
 
@@ -122,7 +122,7 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     reports = json.loads((out / "report.json").read_text())
     assert len(reports) == 1 and reports[0]["controller"] == "rti" and reports[0]["controller_kw"]["k"] == 3
     assert reports[0]["delay"] == 1
-    assert reports[0]["ticks"]["nfe"][:2] == [policy.nfe(), policy.nfe(3, 0.4)]
+    assert reports[0]["ticks"]["nfe"][:2] == [policy.nfe(), policy.nfe(3, 0.2)]
     assert "| rti " in (out / "report.md").read_text() and "| rti " in capsys.readouterr().out
     for png in ("success_vs_nfe.png", "latency_hist.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

@@ -106,7 +106,7 @@ def test_policy_controllers_in_the_loop(env):
                     discrete_action_mask=env.unwrapped.discrete_action_mask, normalizer=norm).eval()
     full = policy.nfe()
     rti = run_episode(env, make_controller("rti", policy, k=2, seed=0), seed=0, max_steps=9)
-    assert rti.nfe.tolist() == [full] + [policy.nfe(2, 0.4)] * 8
+    assert rti.nfe.tolist() == [full] + [policy.nfe(2, 0.2)] * 8
     assert set(np.unique(rti.action[:, 3])) <= {-1.0, 1.0}
     rec = run_episode(env, make_controller("receding", policy, seed=0), seed=0, max_steps=9)
     assert rec.nfe.tolist() == [full, 0, 0, 0, full, 0, 0, 0, full]  # Ta = policy.n_action_steps = 4
