@@ -458,7 +458,8 @@ class DemoResult:
     ``episodes``: accepted synthetic episodes, each ``(arrays, attrs)`` with arrays ``obs``, ``action`` and
     ``signals`` (dict) and attrs ``mode``, ``stl_params``, ``rho_model``, ``rho_replay``.
     Counters: ``n_candidates`` optimised, ``n_satisfying`` (exact ρ ≥ margin in the model), ``n_replayed``,
-    ``n_accepted``; ``div_candidates`` mean pairwise distance of satisfying candidates (all random inits),
+    ``n_accepted``, ``n_rejected_collision`` (replays rejected for a collision; the rest failed their θ);
+    ``div_candidates`` mean pairwise distance of satisfying candidates (all random inits),
     ``div_random`` the same for a random subset of the stored size (what selection without the diversity step
     would give), ``div_selected`` for the stored episodes (model trajectories); ``modes_satisfied`` the modes
     with at least one satisfying candidate; ``seconds`` wall time.
@@ -469,6 +470,7 @@ class DemoResult:
     n_satisfying: int
     n_replayed: int
     n_accepted: int
+    n_rejected_collision: int
     div_candidates: float
     div_random: float
     div_selected: float
@@ -554,7 +556,7 @@ def augment_demo(
     order = [int(ok[i]) for i in farthest_point_selection(feats[ok], len(ok), group_of[ok].tolist())] if len(ok) else []
     episodes: list[tuple[dict[str, Any], dict[str, Any]]] = []
     accepted_idx: list[int] = []
-    n_replayed = 0
+    n_replayed = n_collided = 0
     for i in order:
         if len(episodes) >= settings.per_demo or n_replayed >= settings.max_replays:
             break
@@ -567,6 +569,7 @@ def augment_demo(
             raise KeyError(f"replay returned no signal(s) {sorted(missing)}; it returned {sorted(sig)}")
         rho_replay = float(g.spec.robustness({k: sig[k] for k in g.spec.signals}, dt=dt, params=g.theta))
         if replay.collision or not rho_replay >= 0.0:
+            n_collided += int(replay.collision)
             continue
         arrays = {"obs": replay.obs, "action": replay.action, "signals": replay.signals}
         attrs = {
@@ -585,6 +588,7 @@ def augment_demo(
         n_satisfying=len(ok),
         n_replayed=n_replayed,
         n_accepted=len(episodes),
+        n_rejected_collision=n_collided,
         div_candidates=div_candidates,
         div_random=div_random,
         div_selected=mean_pairwise_distance(positions[accepted_idx]),
@@ -639,6 +643,7 @@ class AugmentReport:
     n_satisfying: int = 0
     n_replayed: int = 0
     n_accepted: int = 0
+    n_rejected_collision: int = 0
     div_candidates: float = 0.0
     div_random: float = 0.0
     div_selected: float = 0.0
@@ -788,6 +793,7 @@ def augment_store(
             report.n_satisfying += res.n_satisfying
             report.n_replayed += res.n_replayed
             report.n_accepted += res.n_accepted
+            report.n_rejected_collision += res.n_rejected_collision
             report.worker_seconds += res.seconds
             report.optimise_seconds += res.optimise_seconds
             div_c.append(res.div_candidates)

@@ -335,7 +335,9 @@ def format_report(r: AugmentReport) -> str:
     lines = [
         f"demos: {r.n_demos}; candidates optimised: {r.n_candidates}; satisfying in the model: {r.n_satisfying} "
         f"({r.n_satisfying / max(r.n_candidates, 1):.1%})",
-        f"replayed in MuJoCo: {r.n_replayed}; accepted: {r.n_accepted}; acceptance rate {r.acceptance_rate:.1%}",
+        f"replayed in MuJoCo: {r.n_replayed}; accepted: {r.n_accepted}; acceptance rate {r.acceptance_rate:.1%} "
+        f"(rejected: {r.n_rejected_collision} collided, {r.n_replayed - r.n_accepted - r.n_rejected_collision} "
+        "missed their θ)",
         f"diversity (mean pairwise RMS distance of xy trajectories, m, per start state): all satisfying candidates "
         f"{r.div_candidates:.3f}; random {r.per_demo}-subset {r.div_random:.3f}; "
         f"selected {r.div_selected:.3f}",
