@@ -458,7 +458,8 @@ class DemoResult:
     ``episodes``: accepted synthetic episodes, each ``(arrays, attrs)`` with arrays ``obs``, ``action`` and
     ``signals`` (dict) and attrs ``mode``, ``stl_params``, ``rho_model``, ``rho_replay``.
     Counters: ``n_candidates`` optimised, ``n_satisfying`` (exact ρ ≥ margin in the model), ``n_replayed``,
-    ``n_accepted``, ``n_rejected_collision`` (replays rejected for a collision; the rest failed their θ);
+    ``n_accepted``, ``n_rejected_collision`` (replays rejected for a collision; the rest failed their θ),
+    ``rejected_modes`` (the mode of each rejected replay);
     ``div_candidates`` mean pairwise distance of satisfying candidates (all random inits),
     ``div_random`` the same for a random subset of the stored size (what selection without the diversity step
     would give), ``div_selected`` for the stored episodes (model trajectories); ``modes_satisfied`` the modes
@@ -471,6 +472,7 @@ class DemoResult:
     n_replayed: int
     n_accepted: int
     n_rejected_collision: int
+    rejected_modes: list[str]
     div_candidates: float
     div_random: float
     div_selected: float
@@ -557,6 +559,7 @@ def augment_demo(
     episodes: list[tuple[dict[str, Any], dict[str, Any]]] = []
     accepted_idx: list[int] = []
     n_replayed = n_collided = 0
+    rejected: list[str] = []
     for i in order:
         if len(episodes) >= settings.per_demo or n_replayed >= settings.max_replays:
             break
@@ -570,6 +573,7 @@ def augment_demo(
         rho_replay = float(g.spec.robustness({k: sig[k] for k in g.spec.signals}, dt=dt, params=g.theta))
         if replay.collision or not rho_replay >= 0.0:
             n_collided += int(replay.collision)
+            rejected.append(g.mode)
             continue
         arrays = {"obs": replay.obs, "action": replay.action, "signals": replay.signals}
         attrs = {
@@ -589,6 +593,7 @@ def augment_demo(
         n_replayed=n_replayed,
         n_accepted=len(episodes),
         n_rejected_collision=n_collided,
+        rejected_modes=rejected,
         div_candidates=div_candidates,
         div_random=div_random,
         div_selected=mean_pairwise_distance(positions[accepted_idx]),
@@ -651,6 +656,7 @@ class AugmentReport:
     modes_per_demo_after: float = 0.0
     mode_counts_demos: dict[str, int] = field(default_factory=dict)
     mode_counts_augmented: dict[str, int] = field(default_factory=dict)
+    rejected_by_mode: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     worker_seconds: float = 0.0
     optimise_seconds: float = 0.0
@@ -794,6 +800,8 @@ def augment_store(
             report.n_replayed += res.n_replayed
             report.n_accepted += res.n_accepted
             report.n_rejected_collision += res.n_rejected_collision
+            for m in res.rejected_modes:
+                report.rejected_by_mode[m] = report.rejected_by_mode.get(m, 0) + 1
             report.worker_seconds += res.seconds
             report.optimise_seconds += res.optimise_seconds
             div_c.append(res.div_candidates)

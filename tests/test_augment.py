@@ -197,7 +197,7 @@ def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
 
         dir_y = float(np.sign(env.unwrapped.peds.direction[0, 1]))
         sig = {k: np.asarray(v) for k, v in sig.items()}
-        sig.update(CrossingAugmentation.mode_signals_from_obs(None, np.asarray(nxt), dir_y))
+        sig.update(CrossingAugmentation.mode_signals_from_obs(np.asarray(nxt), dir_y))
         rho = float(spec.robustness({k: torch.as_tensor(sig[k]) for k in spec.signals}, dt=task.dt, params=theta))
         assert not collided and rho >= 0
         assert rho == pytest.approx(attrs["rho_replay"], abs=1e-5)

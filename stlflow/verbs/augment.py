@@ -56,7 +56,6 @@ class CrossingAugmentation:
         self,
         env_id: str = "stlflow/Crossing-v0",
         env_kwargs: dict[str, Any] | None = None,
-        horizon: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         from stlflow.control.collect import make_env
@@ -64,14 +63,14 @@ class CrossingAugmentation:
         self.env = make_env(env_id, env_kwargs)
         self.u = self.env.unwrapped
         self.model = self.u.dynamics_model()
-        self.horizon = horizon
         self.dtype = dtype
 
     def _reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=int(seed))
         return obs
 
-    def mode_signals_from_obs(self, next_obs: np.ndarray, dir_y: float) -> dict[str, np.ndarray]:
+    @staticmethod
+    def mode_signals_from_obs(next_obs: np.ndarray, dir_y: float) -> dict[str, np.ndarray]:
         """``ped_dx``, ``ped_ahead`` (T,) from the observations reached after each action (T, Do)."""
         from stlflow.envs.crossing import I_PEDS
 
@@ -337,7 +336,7 @@ def format_report(r: AugmentReport) -> str:
         f"({r.n_satisfying / max(r.n_candidates, 1):.1%})",
         f"replayed in MuJoCo: {r.n_replayed}; accepted: {r.n_accepted}; acceptance rate {r.acceptance_rate:.1%} "
         f"(rejected: {r.n_rejected_collision} collided, {r.n_replayed - r.n_accepted - r.n_rejected_collision} "
-        "missed their θ)",
+        f"missed their θ; by mode {json.dumps(r.rejected_by_mode, sort_keys=True)})",
         f"diversity (mean pairwise RMS distance of xy trajectories, m, per start state): all satisfying candidates "
         f"{r.div_candidates:.3f}; random {r.per_demo}-subset {r.div_random:.3f}; "
         f"selected {r.div_selected:.3f}",
