@@ -37,6 +37,12 @@ of the form y ↦ max(p, min(q, y)), a family closed under composition, so windo
 binary lifting: O(B·T·log w) time, O(B·T) memory. Smooth windows use binary lifting of log-add-exp:
 O(B·T·log w). Smooth Until loops over the window offset: O(B·T·w) time and O(B·T) forward memory (the
 autograd graph keeps O(B·T·w)). Past operators are the future ones on time-reversed signals.
+
+``robustness`` (ρ at sample 0) evaluates top-down in point mode: boolean nodes combine their operands' values
+at 0, a ``G``/``F`` reduces its operand's trace over its single window at 0 (one min/max, or one log-sum-exp
+tree: O(B·w)), ``H``/``O``/``S`` read their operands at 0 only, ``U`` falls back to its trace. Exact values are
+bit-identical to ``robustness_trace(...)[:, 0]``; smooth ones agree to float round-off (the vectorised log/exp
+kernels round differently on a (B,) vector than on a (B, T) trace).
 """
 
 from __future__ import annotations
@@ -539,12 +545,131 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     return ev(formula, _side)
 
 
+def _smooth_window0(z: torch.Tensor, w: int) -> torch.Tensor:
+    """log Σ exp z[:, 0:w] (z: (B, m), w ≤ m) → (B,), with the combination order of :func:`_smooth_sliding` at u = 0.
+
+    The binary lifting there builds level k from blocks of 2^k samples and, at u = 0, combines the level-k block
+    at offset (sum of the bits of w above k) for every set bit k, lowest bit innermost. Only those blocks are
+    built here (a pairwise tree over the first w samples: O(B·w) work, log w kernels), so the value is
+    bit-identical to ``_smooth_sliding(z, w)[:, 0]``.
+    """
+    z = z[:, :w]
+    safe = bool(torch.isinf(z).any())
+    levels = [z]
+    k = 1
+    while (1 << k) <= w:
+        prev = levels[-1]
+        half = prev.shape[1] // 2
+        levels.append(_lae(prev[:, 0 : 2 * half : 2], prev[:, 1 : 2 * half : 2], safe))
+        k += 1
+    acc = None
+    bits = [k for k in range(w.bit_length()) if w >> k & 1]
+    for k in bits:  # lowest bit first, as in _smooth_sliding
+        offset = (w >> (k + 1)) << (k + 1)  # sum of the bits of w above k
+        block = levels[k][:, offset >> k]
+        acc = block if acc is None else _lae(block, acc, safe)
+    return acc
+
+
+def _point(ev: _Evaluator, node: Formula, ev0: _Evaluator) -> torch.Tensor:
+    """ρ(node, w, 0), shape (B,): ``ev(node)[:, 0]`` (exact: bit-identical; smooth: to round-off), without its trace.
+
+    Boolean nodes combine their children's values at 0; a future ``G``/``F`` reduces its child's trace over its
+    window at 0 once; ``H``/``O``/``S`` at 0 only read their operands at 0; ``U`` falls back to the trace.
+    ``ev0`` is the evaluator on the first sample only (predicates).
+    """
+    tau = ev.tau
+    if isinstance(node, Predicate):
+        return ev0(node)[:, 0]
+    if isinstance(node, Not):
+        return -_point(ev, node.arg, ev0)
+    if isinstance(node, And):
+        return _nary([_point(ev, c, ev0) for c in node.args], "min", tau)
+    if isinstance(node, Or):
+        return _nary([_point(ev, c, ev0) for c in node.args], "max", tau)
+    if isinstance(node, Implies):
+        return _nary([-_point(ev, node.left, ev0), _point(ev, node.right, ev0)], "max", tau)
+    a, b = _window(node.interval, ev.dt, ev.params, node)  # type: ignore[attr-defined]
+    n = ev.T
+    if isinstance(node, Temporal):
+        kind = "min" if node.op in ("G", "H") else "max"
+        ident = INF if kind == "min" else -INF
+        if node.op in ("H", "O"):  # window [−b, −a] ∩ [0, 0]: sample 0 if a = 0, else empty
+            x0 = _point(ev, node.arg, ev0)
+            if a > 0:
+                return _full(x0.unsqueeze(1), 1, ident)[:, 0]
+            if tau is None:
+                return x0
+            sign = tau if kind == "max" else -tau
+            return (x0 * sign) / sign
+        x = ev(node.arg)
+        if node.op == "G" and ev.violate and b is not None and b > 0 and b >= n:
+            return _full(x, 1, -INF)[:, 0]
+        if a >= n:
+            return _full(x, 1, ident)[:, 0]
+        xs = x[:, a:]
+        m = n - a
+        w = m if b is None else min(b - a + 1, m)
+        if tau is not None:
+            sign = tau if kind == "max" else -tau
+            return _smooth_window0(xs[:, :w] * sign, w) / sign
+        if w >= m:  # the trace uses one cumulative min/max here: same op, same ties
+            return _cum(xs.flip(1), kind, 1)[:, -1]
+        if w == 1:
+            return xs[:, 0]
+        red = xs[:, :w].min(1) if kind == "min" else xs[:, :w].max(1)  # ties: earliest sample, as the trace
+        return red.values
+    assert isinstance(node, BinaryTemporal)
+    if node.op == "U":
+        return ev(node)[:, 0]
+    # S at 0: t' = 0 only (if a = 0); strict: ψ(0) (φ over (0, 0] is empty); inclusive: min(ψ(0), φ(0))
+    phi0, psi0 = _point(ev, node.left, ev0), _point(ev, node.right, ev0)
+    if a > 0:
+        return _full(psi0.unsqueeze(1), 1, -INF)[:, 0]
+    if ev.inclusive:
+        psi0 = _nary([psi0, phi0], "min", tau)
+    if tau is None:
+        return psi0
+    return (-(-tau * psi0)) / tau  # the arithmetic of _until_smooth at its last sample
+
+
+def _robustness0(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None,
+                 smooth: float | None, until: str, end: str) -> torch.Tensor:
+    """ρ at sample 0 in point mode (see :func:`_point`); per-trajectory interval bounds evaluated in groups."""
+    _check_options(until, end)
+    if smooth is not None and not (smooth > 0):
+        raise ValueError(f"smooth must be a temperature > 0 or None, got {smooth!r}")
+    signals = {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in signals.items()}
+    params = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list | tuple) else v
+              for k, v in (params or {}).items()}
+    groups = _groups(formula, params)
+    if groups is not None:
+        B = sum(len(g[0]) for g in groups)
+        parts, order = [], []
+        for idx, p in groups:
+            sig = {k: _rows(v, idx, B, 2) for k, v in signals.items()}
+            p = {k: _rows(v, idx, B, 1) for k, v in p.items()}
+            parts.append(_robustness0(formula, sig, dt, p, smooth, until, end))
+            order.append(idx)
+        inv = torch.argsort(torch.cat(order))
+        return torch.cat(parts, 0).index_select(0, inv.to(parts[0].device))
+    xs, real, B, T, _, _ = _prepare(formula, signals, params, dt)
+    ev = _Evaluator(xs, real, B, T, dt, smooth, until, end)
+    ev0 = _Evaluator({k: v[:, :1] for k, v in xs.items()}, real, B, 1, dt, smooth, until, end)
+    return _point(ev, formula, ev0)
+
+
 def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
-               smooth: float | None = None, **options: Any) -> torch.Tensor:
+               smooth: float | None = None, *, until: str = "strict", end: str = "truncate") -> torch.Tensor:
     """ρ(φ, w, 0) for every trajectory: shape (B,). Arguments as :func:`robustness_trace`.
 
-    Only the first horizon + 1 samples are read (ρ at 0 depends on nothing else, also under truncation: every
-    window that matters ends at or before the horizon), so this is cheaper than ``robustness_trace(...)[:, 0]``.
+    Equal to ``robustness_trace(...)[:, 0]`` (exact: bit-identical; smooth: to float round-off) but cheaper:
+    only the first horizon + 1 samples are read (ρ at 0 depends on nothing else, also under truncation: every
+    window that matters ends at or before the horizon), and the formula is evaluated top-down in point mode:
+    boolean nodes combine their operands' values at 0, and a temporal node needed only at 0 reduces its
+    operand's trace over its one window (one min/max, or one log-sum-exp tree in smooth mode) instead of
+    computing its own trace. Operands of temporal nodes still get full traces; a top-level ``U`` falls back
+    to its trace.
     """
     try:
         h = horizon(formula, dt, params)
@@ -555,7 +680,7 @@ def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: 
     lengths = {np.shape(v)[-1] if np.ndim(v) else 0 for v in arrays.values()}
     if math.isfinite(h) and len(lengths) == 1 and len(arrays) == len(formula.signals):  # else the trace reports
         signals = {k: v[..., : int(h) + 1] if np.ndim(v) else v for k, v in arrays.items()}
-    return robustness_trace(formula, signals, dt, params, smooth, **options)[:, 0]
+    return _robustness0(formula, signals, dt, params, smooth, until, end)
 
 
 # --------------------------------------------------------------------------- static analysis

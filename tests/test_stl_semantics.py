@@ -429,3 +429,115 @@ def test_sliding_window_gradient_goes_to_the_window_extremum(n, w, kind, with_na
     assert torch.equal(y[ok], ref[ok].detach())
     rows = [0, 2] if with_nan else [0, 1, 2]  # amin's own gradient is NaN around a NaN
     assert torch.allclose(gy[rows], gr[rows])
+
+
+# --------------------------------------------------------------------------- point mode: robustness() vs the trace
+
+
+def _point_and_trace(f, x, dt=1.0, params=None, **kw):
+    """(robustness(...), robustness_trace(...)[:, 0]) on the same input (the point fast path vs the trace)."""
+    from stlflow.stl.semantics import robustness
+
+    return robustness(f, x, dt, params, **kw), robustness_trace(f, x, dt, params, **kw)[:, 0]
+
+
+def _nan_equal(a, b, smooth=None):
+    """Bit-identical (NaN where NaN) in exact mode; in smooth mode equal up to float round-off (the log/exp kernels
+    round differently on a (B,) vector and on a (B, T) trace), with the same NaN and ±inf entries."""
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    a, b = a.nan_to_num(0.0, INF, -INF), b.nan_to_num(0.0, INF, -INF)
+    if smooth is None:
+        return torch.equal(a, b)
+    tol = 1e-5 if a.dtype == torch.float32 else 1e-12
+    return torch.equal(torch.isfinite(a), torch.isfinite(b)) and torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+@SETTINGS
+@given(formulas(), signal_sets(max_n=12, nan=True), st.sampled_from(UNTIL), st.sampled_from(["truncate", "violate"]),
+       st.sampled_from([None, 0.5, 3.0, 30.0]))
+def test_point_mode_equals_trace_at_zero(f, sig, until, end, smooth):
+    """robustness() (top-down point mode) equals robustness_trace()[:, 0]: bit-identical exact, round-off smooth."""
+    point, trace = _point_and_trace(f, _tensors(sig), until=until, end=end, smooth=smooth)
+    assert point.shape == (1,) and point.dtype == torch.float64
+    assert _nan_equal(point, trace, smooth), (str(f), sig, point, trace)
+    has_nan = any(math.isnan(v) for s in sig.values() for v in s)
+    if smooth is None or not has_nan:  # (the reference's smooth NaN rule is only tested without NaN)
+        want = [reference(f, sig, 1.0, until=until, end=end, tau=smooth)]
+        assert _same(point.numpy(), want, tol=1e-9 if smooth else 0)[0], (str(f), sig, point, want)
+
+
+@SETTINGS
+@given(st.integers(1, 300), st.integers(0, 3), st.one_of(st.none(), st.integers(0, 300)), st.sampled_from("GFHO"),
+       st.sampled_from([None, 0.5, 30.0]), st.sampled_from(["truncate", "violate"]), st.integers(0, 2**31 - 1))
+def test_point_mode_long_windows_float32(n, a, w, op, smooth, end, seed):
+    """Windows of any length (the log-sum-exp tree over every bit pattern of w), float32, batch of 3."""
+    iv = f"[{a},inf]" if w is None else f"[{a},{a + w}]"
+    f = parse(f"{op}{iv}(x > 0.1) & y < 1")
+    gen = torch.Generator().manual_seed(seed)
+    x = {"x": torch.randn(3, n, generator=gen), "y": torch.randn(3, n, generator=gen)}
+    point, trace = _point_and_trace(f, x, smooth=smooth, end=end)
+    assert point.dtype == torch.float32 and _nan_equal(point, trace, smooth), (str(f), point, trace)
+
+
+def test_point_mode_infinite_values_and_nan_everywhere_in_window():
+    f = parse("G[0,5](x > 0) | F(x > 1)")
+    for smooth in (None, 2.0):
+        for pos in range(8):
+            for val in (math.nan, math.inf, -math.inf):
+                x = torch.linspace(-1, 1, 8, dtype=torch.float64)
+                x[pos] = val
+                point, trace = _point_and_trace(f, {"x": x}, smooth=smooth)
+                assert _nan_equal(point, trace, smooth), (smooth, pos, val, point, trace)
+
+
+def test_point_mode_per_trajectory_params_and_interval_bounds():
+    f = parse("G(x <= {v}) & F[0,{T}](y > {eps}) & G[{a},{T}](abs(x) < 3)")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 9, dtype=torch.float64, generator=gen), torch.randn(6, 9, dtype=torch.float64, generator=gen)
+    params = {"v": torch.linspace(-0.5, 2.0, 6, dtype=torch.float64), "T": np.array([0.0, 1.0, 1.0, 3.0, 8.0, 12.0]),
+              "a": np.array([0.0, 0.0, 1.0, 2.0, 2.0, 0.0]), "eps": 0.1}
+    for smooth in (None, 4.0):
+        for end in ("truncate", "violate"):
+            point, trace = _point_and_trace(f, {"x": x, "y": y}, params=params, smooth=smooth, end=end)
+            assert point.shape == (6,) and _nan_equal(point, trace, smooth), (smooth, end, point, trace)
+
+
+@SETTINGS
+@given(formulas(max_leaves=5), st.integers(1, 10), st.sampled_from(UNTIL), st.sampled_from(["truncate", "violate"]),
+       st.sampled_from([None, 0.5, 5.0]), st.integers(0, 2**31 - 1))
+def test_point_mode_gradients_equal_trace_gradients(f, n, until, end, smooth, seed):
+    """Autograd through the point path equals autograd through trace[:, 0] (signals and a threshold tensor)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, dtype=torch.float64, generator=gen)
+    y = torch.randn(2, n, dtype=torch.float64, generator=gen)
+    grads = []
+    for path in (0, 1):
+        xs = {"x": x.clone().requires_grad_(True), "y": y.clone().requires_grad_(True)}
+        out = _point_and_trace(f, xs, until=until, end=end, smooth=smooth)[path]
+        w = torch.tensor([1.0, -0.7], dtype=torch.float64)
+        keep = torch.isfinite(out)
+        if not keep.any():
+            return
+        grads.append(torch.autograd.grad((out[keep] * w[keep]).sum(), (xs["x"], xs["y"]), allow_unused=True))
+    for gp, gt in zip(*grads):
+        gp = torch.zeros_like(x) if gp is None else gp
+        gt = torch.zeros_like(x) if gt is None else gt
+        assert torch.allclose(gp, gt, rtol=1e-9, atol=1e-12), (str(f), gp, gt)
+
+
+def test_point_mode_gradient_reaches_threshold_parameters():
+    f = parse("G(speed <= {v_max}) & F[0,{T}](dist < {eps})")
+    gen = torch.Generator().manual_seed(2)
+    speed, dist = torch.rand(4, 20, generator=gen, dtype=torch.float64), torch.rand(4, 20, generator=gen,
+                                                                                     dtype=torch.float64)
+    for smooth in (None, 10.0):
+        gs = []
+        for path in (0, 1):
+            v = torch.full((4,), 0.8, dtype=torch.float64, requires_grad=True)
+            eps = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+            out = _point_and_trace(f, {"speed": speed, "dist": dist}, params={"v_max": v, "T": 5.0, "eps": eps},
+                                   smooth=smooth)[path]
+            gs.append(torch.autograd.grad(out.sum(), (v, eps)))
+        assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*gs))
+        assert gs[0][0].abs().sum() > 0
