@@ -6,7 +6,13 @@ Prints per-signal time of batched forward (ρ at sample 0, and the full trace) a
 time per update, rtamt's offline time per signal (with a value check against ours on every sample) and
 stlcg++'s (PyTorch build, ``torch.vmap`` over the batch), and the ratios.
 
-    python benchmarks/stl_robustness.py [--batch 1000] [--steps 200] [--tau 10] [--threads 1]
+Second workload (trajectory optimisation, the augmentation engineer's shape): B = 240 trajectories × T = 250
+steps, dt = 0.1, ``G(speed <= {v_max}) & G(clearance >= {d_safe}) & G(abs(lateral) <= {w}) &
+F[0,{T}](dist_goal <= {eps})``, smooth τ = 30, forward+backward of ρ(0): ``robustness`` (point mode: each
+top-level G/F reduces its operand over one window) against the former path ``robustness_trace(...)[:, 0]``
+(full traces of the temporal operators), both in the same run, with the value and gradient differences.
+
+    python benchmarks/stl_robustness.py [--batch 1000] [--steps 200] [--tau 10] [--threads 1] [--point-only]
 
 rtamt and stlcgpp are not dependencies of stlflow; install them only to compare:
 ``pip install --no-deps rtamt stlcgpp`` (rtamt pins antlr4 4.7 but runs on hydra's 4.9 with a warning).
@@ -179,6 +185,44 @@ def bench_stlcgpp(x, y, tau, repeat, n_signals, ours_rho):
     return out, notes
 
 
+OPT_FORMULA = ("G(speed <= {v_max}) & G(clearance >= {d_safe}) & G(abs(lateral) <= {w}) & "
+               "F[0,{T}](dist_goal <= {eps})")
+
+
+def bench_point_mode(repeat: int, B: int = 240, T: int = 250, tau: float = 30.0, dt: float = 0.1) -> None:
+    """ρ(0) forward+backward in point mode vs robustness_trace(...)[:, 0], same inputs, same run."""
+    from stlflow.stl.semantics import robustness, robustness_trace
+
+    spec = parse(OPT_FORMULA)
+    gen = torch.Generator().manual_seed(0)
+    base = {"speed": 0.8 + 0.3 * torch.rand(B, T, generator=gen), "clearance": 0.5 + torch.rand(B, T, generator=gen),
+            "lateral": 0.2 * torch.randn(B, T, generator=gen),
+            "dist_goal": torch.linspace(3.0, 0.0, T).expand(B, T) + 0.1 * torch.rand(B, T, generator=gen)}
+    params = {"v_max": torch.full((B,), 1.0), "d_safe": 0.3, "w": 0.5, "T": 20.0, "eps": 0.2}
+    print(f"\ntrajectory optimisation shape: {spec}\n  B = {B}, T = {T}, dt = {dt:g}, float32, "
+          f"forward+backward of rho(0) w.r.t. all signals (time per batch):")
+    results = {}
+    for label, smooth in ((f"smooth tau={tau:g}", tau), ("exact", None)):
+        for path, fn in (("point mode: robustness()", robustness),
+                         ("old: robustness_trace()[:, 0]", lambda *a, **k: robustness_trace(*a, **k)[:, 0])):
+            def fwd_bwd(fn=fn, smooth=smooth):
+                sig = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+                rho = fn(spec, sig, dt, params, smooth=smooth)
+                grads = torch.autograd.grad(rho.sum(), list(sig.values()))
+                return rho.detach(), grads
+
+            with torch.no_grad():
+                fwd = timeit(lambda fn=fn, smooth=smooth: fn(spec, base, dt, params, smooth=smooth), repeat)
+            results[(label, path)] = (timeit(fwd_bwd, repeat), fwd, fwd_bwd())
+        (tp, fp, (rp, gp)), (to, fo, (ro, go)) = (results[(label, p)] for p in
+                                                   ("point mode: robustness()", "old: robustness_trace()[:, 0]"))
+        dv = float((rp - ro).abs().max())
+        dg = max(float((a - b).abs().max()) for a, b in zip(gp, go))
+        print(f"  {label:<16s} point mode {tp * 1e3:8.2f} ms fwd+bwd ({fp * 1e3:7.2f} ms fwd)   "
+              f"old {to * 1e3:8.2f} ms fwd+bwd ({fo * 1e3:7.2f} ms fwd)   speed-up {to / tp:5.1f}x fwd+bwd, "
+              f"{fo / fp:5.1f}x fwd   max |drho| {dv:.2g}, max |dgrad| {dg:.2g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1000)
@@ -188,8 +232,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--rtamt-signals", type=int, default=50)
     ap.add_argument("--stlcg-signals", type=int, default=1000)
+    ap.add_argument("--point-only", action="store_true", help="only the trajectory-optimisation (point mode) rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.point_only:
+        bench_point_mode(args.repeat)
+        return
     spec = parse(FORMULA)
     x, y = make_signals(args.batch, args.steps)
     print(f"formula: {spec}   signals: {args.batch} x {args.steps}   dt = 1   torch {torch.__version__}, "
@@ -230,6 +278,7 @@ def main() -> None:
         print(f"  {k:<36s} {v * 1e6:9.2f} us   (stlflow is {v / ours[k]:.1f}x faster)")
     for n in notes:
         print(f"  {n}")
+    bench_point_mode(args.repeat)
     if not math.isfinite(ours["exact forward"]):
         raise SystemExit(1)
 

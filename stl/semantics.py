@@ -39,10 +39,10 @@ O(B·T·log w). Smooth Until loops over the window offset: O(B·T·w) time and O
 autograd graph keeps O(B·T·w)). Past operators are the future ones on time-reversed signals.
 
 ``robustness`` (ρ at sample 0) evaluates top-down in point mode: boolean nodes combine their operands' values
-at 0, a ``G``/``F`` reduces its operand's trace over its single window at 0 (one min/max, or one log-sum-exp
-tree: O(B·w)), ``H``/``O``/``S`` read their operands at 0 only, ``U`` falls back to its trace. Exact values are
-bit-identical to ``robustness_trace(...)[:, 0]``; smooth ones agree to float round-off (the vectorised log/exp
-kernels round differently on a (B,) vector than on a (B, T) trace).
+at 0, a ``G``/``F`` reduces its operand's trace over its single window at 0 (one min/max or one
+``torch.logsumexp``: O(B·w)), ``H``/``O``/``S`` read their operands at 0 only, ``U`` falls back to its trace.
+Exact values are bit-identical to ``robustness_trace(...)[:, 0]``; smooth ones agree to float round-off (one
+log-sum-exp over the window instead of the trace's pairwise log-add-exp; same ±inf and NaN rules).
 """
 
 from __future__ import annotations
@@ -545,30 +545,18 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     return ev(formula, _side)
 
 
-def _smooth_window0(z: torch.Tensor, w: int) -> torch.Tensor:
-    """log Σ exp z[:, 0:w] (z: (B, m), w ≤ m) → (B,), with the combination order of :func:`_smooth_sliding` at u = 0.
+def _lse0(z: torch.Tensor) -> torch.Tensor:
+    """log Σ exp z over dim 1 of (B, w) → (B,): one ``torch.logsumexp``, with the ±inf rules of :func:`_lae`.
 
-    The binary lifting there builds level k from blocks of 2^k samples and, at u = 0, combines the level-k block
-    at offset (sum of the bits of w above k) for every set bit k, lowest bit innermost. Only those blocks are
-    built here (a pairwise tree over the first w samples: O(B·w) work, log w kernels), so the value is
-    bit-identical to ``_smooth_sliding(z, w)[:, 0]``.
+    A row holding +inf gives +inf (even with NaN, as the pairwise log-add-exp of the trace does), a row of only
+    −inf gives −inf, otherwise NaN propagates; gradients into masked entries are 0, never NaN.
     """
-    z = z[:, :w]
-    safe = bool(torch.isinf(z).any())
-    levels = [z]
-    k = 1
-    while (1 << k) <= w:
-        prev = levels[-1]
-        half = prev.shape[1] // 2
-        levels.append(_lae(prev[:, 0 : 2 * half : 2], prev[:, 1 : 2 * half : 2], safe))
-        k += 1
-    acc = None
-    bits = [k for k in range(w.bit_length()) if w >> k & 1]
-    for k in bits:  # lowest bit first, as in _smooth_sliding
-        offset = (w >> (k + 1)) << (k + 1)  # sum of the bits of w above k
-        block = levels[k][:, offset >> k]
-        acc = block if acc is None else _lae(block, acc, safe)
-    return acc
+    if not bool(torch.isinf(z).any()):
+        return torch.logsumexp(z, 1)
+    pinf = torch.isposinf(z)
+    prow, nrow = pinf.any(1), torch.isneginf(z).all(1)
+    r = torch.logsumexp(torch.where(pinf | nrow.unsqueeze(1), 0.0, z), 1)
+    return torch.where(prow, INF, torch.where(nrow, -INF, r))
 
 
 def _point(ev: _Evaluator, node: Formula, ev0: _Evaluator) -> torch.Tensor:
@@ -612,7 +600,7 @@ def _point(ev: _Evaluator, node: Formula, ev0: _Evaluator) -> torch.Tensor:
         w = m if b is None else min(b - a + 1, m)
         if tau is not None:
             sign = tau if kind == "max" else -tau
-            return _smooth_window0(xs[:, :w] * sign, w) / sign
+            return _lse0(xs[:, :w] * sign) / sign
         if w >= m:  # the trace uses one cumulative min/max here: same op, same ties
             return _cum(xs.flip(1), kind, 1)[:, -1]
         if w == 1:
@@ -667,7 +655,7 @@ def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: 
     only the first horizon + 1 samples are read (ρ at 0 depends on nothing else, also under truncation: every
     window that matters ends at or before the horizon), and the formula is evaluated top-down in point mode:
     boolean nodes combine their operands' values at 0, and a temporal node needed only at 0 reduces its
-    operand's trace over its one window (one min/max, or one log-sum-exp tree in smooth mode) instead of
+    operand's trace over its one window (one min/max, or one log-sum-exp in smooth mode) instead of
     computing its own trace. Operands of temporal nodes still get full traces; a top-level ``U`` falls back
     to its trace.
     """
