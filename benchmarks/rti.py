@@ -15,7 +15,8 @@ Rows (all on seeds ``--seed .. --seed+episodes-1``; one action executed per tick
   policy trained on data whose gripper channel was divided by 10: ``--make-scaled-data SRC DST``);
 - onestep: one-step sampling of ``--onestep-ckpt`` (a MeanFlow head);
 - ``--sweep T ...``: rti k=2 at start levels T, re-noised and clean (to choose the defaults by measurement);
-- ``--delays``: rti k=2 and receding under an injected observation-to-action delay of d ticks.
+- ``--delays``: rti k=2 (without and with ``lookahead=d``) and receding under an injected observation-to-action
+  delay of d ticks.
 
 Prints the Markdown table and the issue's quality-bar checks, and writes report.json / report.md / plots to
 ``--out``. Latency is wall time per ``act`` call on one torch thread per worker process; with ``--workers`` > 1 on
@@ -106,7 +107,8 @@ def main() -> None:
     for t in args.sweep:
         runs += [(args.ckpt, "rti", {"k": 2, "t_start": t, "renoise": r}, 0) for r in (True, False)]
     for d in args.delays:
-        runs += [(args.ckpt, "rti", {"k": 2, **rti_kw}, d), (args.ckpt, "receding", {}, d)]
+        runs += [(args.ckpt, "rti", {"k": 2, **rti_kw}, d), (args.ckpt, "rti", {"k": 2, "lookahead": d, **rti_kw}, d),
+                 (args.ckpt, "receding", {}, d)]
 
     reports = []
     for ckpt, controller, kw, delay in runs:

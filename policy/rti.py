@@ -12,7 +12,7 @@ What one tick does (one observation in, one action out, in physical units)::
                             x_init = guess            (renoise=False: fed as if it were the state at t_start)
                                    | noise_to(guess, t_start)   (renoise=True: re-noised to t_start first)
                             chunk_n = k solver steps from t_start down to 0, conditioned on the fresh history
-    every tick:             execute chunk_n[exec_offset]  (= To - 1: the chunk starts at the oldest observation)
+    every tick:             execute chunk_n[To - 1 + lookahead]  (the chunk starts at the oldest observation)
 
 Timing (lock-step, one action executed per tick)::
 
@@ -119,6 +119,8 @@ class RTIController:
         shift: actions executed per tick (the chunk is shifted by this much between ticks).
         guidance: optional inference-time guidance (e.g. :class:`stlflow.policy.guidance.STLGuidance`): its
             ``bind(policy, obs_history, params)`` gives the head's ``guidance_fn`` for the tick. None = off.
+        lookahead: execute the chunk's action planned ``lookahead`` ticks after the newest observation; set it to a
+            known observation-to-action delay in ticks (the action then lands when it was planned for).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class RTIController:
         seed: int = 0,
         shift: int = 1,
         guidance: Any = None,
+        lookahead: int = 0,
     ) -> None:
         if int(steps_per_tick) < 1:
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
@@ -154,9 +157,10 @@ class RTIController:
         self.obs_jump, self.residual_max = obs_jump, residual_max
         self.params, self.seed, self.shift = params, int(seed), int(shift)
         self.guidance = guidance
-        self.exec_offset = exec_offset_of(policy)
-        if not 0 <= self.exec_offset < policy.horizon:
-            raise ValueError(f"executed index {self.exec_offset} is outside the chunk (horizon {policy.horizon})")
+        self.exec_offset = exec_offset_of(policy) + int(lookahead)
+        if int(lookahead) < 0 or not 0 <= self.exec_offset < policy.horizon:
+            raise ValueError(f"lookahead={lookahead} puts the executed index {self.exec_offset} outside the chunk "
+                             f"(horizon {policy.horizon}); it must be in [0, horizon - n_obs_steps]")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.history = ObservationHistory(policy.n_obs_steps, policy.obs_dim)
         mask = np.asarray(getattr(policy, "discrete_action_mask", np.zeros(policy.action_dim, bool)), dtype=bool)

@@ -240,3 +240,14 @@ def test_stats_and_validation():
         RTIController(policy, t_start=0.0)
     with pytest.raises(ValueError, match="obs_dim"):
         ctrl.act(np.zeros(DO + 1))
+
+
+def test_lookahead_executes_a_later_action_of_the_same_chunk():
+    policy = tiny_policy("flow")
+    spy = Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=2, lookahead=2)
+    ctrl.reset(seed=0)
+    a = ctrl.act(observations(1)[0])
+    np.testing.assert_allclose(a, policy.unnormalize_action(spy.calls[0]["out"][0, TO - 1 + 2]).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="lookahead"):
+        RTIController(policy, lookahead=TP)
