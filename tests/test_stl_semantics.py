@@ -321,7 +321,9 @@ def test_batch_dtype_device_and_no_mutation():
         tr = f.robustness_trace({"x": x, "y": y}, 0.5, {"c": 0.5}, smooth=smooth)
         assert tr.shape == (3, 9) and tr.dtype == torch.float32
         rho = f.robustness({"x": x, "y": y}, 0.5, {"c": 0.5}, smooth=smooth)
-        assert rho.shape == (3,) and torch.equal(rho, tr[:, 0])
+        assert rho.shape == (3,) and rho.dtype == torch.float32
+        # ρ(0) comes from the point fast path: bit-identical when exact, equal to round-off when smooth
+        assert torch.equal(rho, tr[:, 0]) if smooth is None else torch.allclose(rho, tr[:, 0], rtol=1e-6, atol=1e-6)
         for b in range(3):  # batched rows equal single-row evaluations
             single = f.robustness_trace({"x": x[b], "y": y}, 0.5, {"c": 0.5}, smooth=smooth)
             assert torch.allclose(single[0], tr[b])
