@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"stlflow {verb}: not implemented yet ({VERBS[verb]}).", file=sys.stderr)
         return 3
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:  # `stlflow ... | head`: the reader went away; exit quietly like other CLI tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
