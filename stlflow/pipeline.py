@@ -410,6 +410,12 @@ def results_table(rows: Sequence[EvalRow]) -> str:
             f"{m['success_rate']:.0%} | {m['stl_satisfaction_rate']:.0%} | {m['collision_rate']:.0%} | "
             f"{m['max_speed_mean']:.2f} | {m['meets_v_max']:.0%} | {m['diversity_m']:.2f} | "
             f"{m['modes_per_start']:.1f} | {m['latency_p50_ms']:.1f} | {m['latency_p99_ms']:.1f} | {g} |")
+    if rows:
+        n_starts = len({s["seed"] for s in rows[0].samples})
+        out.append(f"\nsuccess, STL sat. (all rules at the requested θ), collision, latency: "
+                   f"{int(rows[0].metrics['episodes'])} episodes per row; max speed, meets v_max (max speed <= v_max), "
+                   f"diversity (mean pairwise distance of xy paths), modes: {n_starts} start states x "
+                   f"{len(rows[0].samples) // max(n_starts, 1)} samples. guidance ms/tick: in this process.")
     return "\n".join(out) + "\n"
 
 
