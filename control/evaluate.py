@@ -305,7 +305,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | Path, title: str 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md",
              "success_vs_nfe": out / "success_vs_nfe.png", "latency_hist": out / "latency_hist.png"}
-    paths["json"].write_text(json.dumps(reports, indent=1, default=_json_default))
+    paths["json"].write_text(json.dumps(reports, indent=1, default=json_default))
     env_ids = sorted({r["env_id"] for r in reports})
     paths["markdown"].write_text(f"# {title}: {', '.join(env_ids)}\n\n{markdown_table(reports)}")
 
@@ -345,7 +345,8 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | Path, title: str 
     return paths
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars and arrays (anything else becomes its ``str``)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -438,7 +438,8 @@ def write_demo_outputs(out: Path, rows: Sequence[EvalRow], summary: Mapping[str,
               "rows": [{"label": r.label, "theta": r.theta, "guided": r.guided, "metrics": r.metrics,
                         "guidance_ms_per_tick": r.guidance_ms_per_tick,
                         "samples": [{k_: v for k_, v in s.items() if k_ != "xy"} for s in r.samples]} for r in rows]}
-    paths["json"].write_text(json.dumps(report, indent=1, default=_json_default))
+    from stlflow.control.evaluate import json_default
+    paths["json"].write_text(json.dumps(report, indent=1, default=json_default))
 
     vmax = sorted({r.theta.get("v_max", 0.0) for r in rows})
     cmap = plt.get_cmap("viridis")
@@ -509,14 +510,6 @@ def write_demo_outputs(out: Path, rows: Sequence[EvalRow], summary: Mapping[str,
     return paths
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
 # ============================================================================================ the demo
 def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every stage of ``stlflow demo`` with the composed ``demo`` config; returns the summary (also in report.json).
@@ -582,5 +575,6 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     data = json.loads(paths["json"].read_text())
     data.update({k: summary[k] for k in ("stages", "total_seconds", "paths")})
-    paths["json"].write_text(json.dumps(data, indent=1, default=_json_default))
+    from stlflow.control.evaluate import json_default
+    paths["json"].write_text(json.dumps(data, indent=1, default=json_default))
     return summary
