@@ -107,29 +107,9 @@ class CrossingAugmentation:
             return sig
 
         def replay(controls: np.ndarray) -> ReplayResult:
-            obs = self._reset(seed)
-            observations, actions, sig, next_obs = [], [], {}, []
-            info: dict[str, Any] = {}
-            collision = False
-            for u in np.asarray(controls, dtype=np.float32):
-                observations.append(obs)
-                actions.append(u)
-                obs, _, terminated, truncated, info = self.env.step(u)
-                next_obs.append(obs)
-                for k, v in info["signals"].items():
-                    sig.setdefault(k, []).append(float(v))
-                collision |= bool(info.get("collision", False))
-                if terminated or truncated:
-                    break
-            signals_np = {k: np.asarray(v) for k, v in sig.items()}
-            signals_np.update(self.mode_signals_from_obs(np.asarray(next_obs), dir_y))
-            return ReplayResult(
-                obs=np.asarray(observations, dtype=np.float32),
-                action=np.asarray(actions, dtype=np.float32),
-                signals=signals_np,
-                collision=collision,
-                attrs={"success": bool(info.get("success", False)), "length": len(actions)},
-            )
+            result, episode = _replay(self.env, seed, controls)
+            result.signals.update(self.mode_signals_from_obs(episode.obs[1:], dir_y))
+            return result
 
         return DemoWindow(
             horizon=horizon,
@@ -182,28 +162,44 @@ class PickPlaceAugmentation:
             return {k: states[..., 3 + i] for i, k in enumerate(self.SIGNALS)}
 
         def replay(controls: np.ndarray) -> ReplayResult:
-            obs, _ = self.env.reset(seed=seed)
-            observations, actions, sig = [], [], {}
-            info: dict[str, Any] = {}
-            collision = False
-            for a in np.asarray(controls, dtype=np.float32):
-                observations.append(obs)
-                actions.append(a)
-                obs, _, terminated, truncated, info = self.env.step(a)
-                for k, v in info["signals"].items():
-                    sig.setdefault(k, []).append(float(v))
-                collision |= bool(info.get("collision", False))
-                if terminated or truncated:
-                    break
-            return ReplayResult(
-                obs=np.asarray(observations, dtype=np.float32),
-                action=np.asarray(actions, dtype=np.float32),
-                signals={k: np.asarray(v) for k, v in sig.items()},
-                collision=collision,
-                attrs={"success": bool(info.get("success", False)), "length": len(actions)},
-            )
+            return _replay(self.env, seed, controls)[0]
 
         return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal)
+
+
+class _Playback:
+    """A controller that plays a fixed control sequence, one control per tick (for MuJoCo replay)."""
+
+    def __init__(self, controls: np.ndarray) -> None:
+        self.controls = np.asarray(controls, dtype=np.float32)
+        self.t = 0
+
+    def reset(self) -> None:
+        self.t = 0
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        u = self.controls[self.t]
+        self.t += 1
+        return u
+
+
+def _replay(env: Any, seed: int, controls: np.ndarray) -> tuple[ReplayResult, Any]:
+    """Replay ``controls`` (H, Du) from ``env.reset(seed)`` in the real env, through the control loop.
+
+    Stops early when the env terminates or truncates. Returns the augmentation's ``ReplayResult`` and the loop's
+    ``EpisodeResult`` (for task-specific extras such as signals computed from the observations reached).
+    """
+    from stlflow.control.loop import run_episode
+
+    episode = run_episode(env, _Playback(controls), int(seed), max_steps=len(controls))
+    result = ReplayResult(
+        obs=np.asarray(episode.obs[:-1], dtype=np.float32),
+        action=np.asarray(episode.action, dtype=np.float32),
+        signals={k: np.asarray(v) for k, v in episode.signals.items()},
+        collision=bool(episode.collision),
+        attrs={"success": bool(episode.success), "length": episode.length},
+    )
+    return result, episode
 
 
 def _modes(stl_cfg: dict[str, Any]) -> list[ModeSpec]:
