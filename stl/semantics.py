@@ -506,6 +506,19 @@ def _rows(v: Any, idx: torch.Tensor, B: int, ndim: int) -> Any:
     return v
 
 
+
+def _checked_inputs(signals: Mapping[str, Any], params: Mapping[str, Any] | None, smooth: float | None,
+                    until: str, end: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate the options and turn list/tuple signals and parameters into arrays (inputs are not mutated)."""
+    _check_options(until, end)
+    if smooth is not None and not (smooth > 0):
+        raise ValueError(f"smooth must be a temperature > 0 or None, got {smooth!r}")
+    signals = {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in signals.items()}
+    params = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list | tuple) else v
+              for k, v in (params or {}).items()}
+    return signals, params
+
+
 def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
                      smooth: float | None = None, *, until: str = "strict", end: str = "truncate",
                      _known: int | None = None, _side: str | None = None, _memo: dict | None = None) -> torch.Tensor:
@@ -523,12 +536,7 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
 
     Returns: (B, T) tensor with the signals' dtype and device; B = 1 for (T,) inputs.
     """
-    _check_options(until, end)
-    if smooth is not None and not (smooth > 0):
-        raise ValueError(f"smooth must be a temperature > 0 or None, got {smooth!r}")
-    signals = {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in signals.items()}
-    params = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list | tuple) else v
-              for k, v in (params or {}).items()}
+    signals, params = _checked_inputs(signals, params, smooth, until, end)
     groups = _groups(formula, params) if _side is None else None
     if groups is not None:
         B = sum(len(g[0]) for g in groups)
@@ -642,12 +650,7 @@ def _point(ev: _Evaluator, node: Formula, ev0: _Evaluator) -> torch.Tensor:
 def _robustness0(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None,
                  smooth: float | None, until: str, end: str) -> torch.Tensor:
     """ρ at sample 0 in point mode (see :func:`_point`); per-trajectory interval bounds evaluated in groups."""
-    _check_options(until, end)
-    if smooth is not None and not (smooth > 0):
-        raise ValueError(f"smooth must be a temperature > 0 or None, got {smooth!r}")
-    signals = {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in signals.items()}
-    params = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list | tuple) else v
-              for k, v in (params or {}).items()}
+    signals, params = _checked_inputs(signals, params, smooth, until, end)
     groups = _groups(formula, params)
     if groups is not None:
         B = sum(len(g[0]) for g in groups)
