@@ -21,14 +21,18 @@ Action, shape (4,), float32
     ``+1`` closes, ``-1`` opens; any real value is thresholded at 0 (``grip > 0`` closes).
     ``discrete_action_mask = [False, False, False, True]``.
 
-Observation, shape (18,), float32 (slices in :data:`OBS_INDEX`)
+Observation, shape (22,), float32 (slices in :data:`OBS_INDEX`)
     - ``[0:3]`` ``ee_pos``: TCP position (m);
     - ``[3:6]`` ``ee_vel``: TCP velocity (m/s);
     - ``[6]`` ``grip``: gripper opening, the distance between the pad faces (m): 0.09 open, 0 closed
       on nothing, 0.04 .. 0.057 closed on the cube (face-on .. corner-to-corner);
     - ``[7:10]`` ``cube_pos``: cube centre (m); the cube is 0.04 m wide, so z = 0.02 when resting;
     - ``[10:14]`` ``cube_quat``: cube orientation quaternion (w, x, y, z), sign fixed so that w >= 0;
-    - ``[14:16]`` ``zone_left``, ``[16:18]`` ``zone_right``: zone centres (x, y) (m).
+    - ``[14:16]`` ``zone_left``, ``[16:18]`` ``zone_right``: zone centres (x, y) (m);
+    - ``[18:21]`` ``ee_target``: the servo set-point, i.e. the last commanded TCP target after clipping (m; the
+      TCP's start position after ``reset``). Real arms report their commanded set-point; without it a policy has
+      to infer the servo's lag from the velocity, and a closed-loop policy that under-estimates the lag stalls;
+    - ``[21]`` ``grip_cmd``: the last gripper command, +1 closed / -1 open (-1 after ``reset``).
 
 STL signals (``signals(obs)``; pure functions of the observation)
     - ``ee_speed``: ``|ee_vel|`` (m/s).
@@ -86,8 +90,10 @@ OBS_INDEX: dict[str, slice] = {
     "cube_quat": slice(10, 14),
     "zone_left": slice(14, 16),
     "zone_right": slice(16, 18),
+    "ee_target": slice(18, 21),
+    "grip_cmd": slice(21, 22),
 }
-OBS_DIM = 18
+OBS_DIM = 22
 
 WORKSPACE_LOW = np.array([-0.30, -0.40, 0.0])  # TCP target bounds (m)
 WORKSPACE_HIGH = np.array([0.30, 0.40, 0.35])
@@ -110,7 +116,7 @@ RULE_DEFAULTS: dict[str, float] = {"v_max": 0.5, "h_min": 0.04, "T": 10.0}
 
 
 def pickplace_signals(obs: np.ndarray) -> dict[str, np.ndarray]:
-    """The STL signals of observations ``obs`` (T, 18) or (B, T, 18) -> ``{name: (T,) or (B, T)}`` (float64).
+    """The STL signals of observations ``obs`` (T, 22) or (B, T, 22) -> ``{name: (T,) or (B, T)}`` (float64).
 
     See the module docstring for the definitions of ``ee_speed``, ``ee_height_clear`` and ``in_target``.
     """
@@ -248,7 +254,7 @@ class PickPlaceEnv(gym.Env):
 
     # ------------------------------------------------------------------ task interface
     def signals(self, obs: np.ndarray) -> dict[str, np.ndarray]:
-        """STL signals of observations (T, 18) or (B, T, 18) -> {name: (T,) or (B, T)} (:func:`pickplace_signals`)."""
+        """STL signals of observations (T, 22) or (B, T, 22) -> {name: (T,) or (B, T)} (:func:`pickplace_signals`)."""
         return pickplace_signals(obs)
 
     def make_expert(self, seed: int) -> PickPlaceExpert:
@@ -291,6 +297,8 @@ class PickPlaceEnv(gym.Env):
                 quat,
                 d.mocap_pos[self._zone_mocap[0], :2],
                 d.mocap_pos[self._zone_mocap[1], :2],
+                d.ctrl[:3],
+                [1.0 if self._grip_closed else -1.0],
             ]
         )
         return obs.astype(np.float32)
@@ -362,7 +370,7 @@ class PickPlaceExpert:
         self.phase, self._target, self._start, self._wait = "level", None, None, 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """The action (4,) float32 for observation ``obs`` (18,)."""
+        """The action (4,) float32 for observation ``obs`` (22,)."""
         obs = np.asarray(obs, dtype=np.float64)
         s, dt = self.style, self.env.dt
         ee, cube = obs[OBS_INDEX["ee_pos"]], obs[OBS_INDEX["cube_pos"]]

@@ -64,6 +64,10 @@ class Policy(nn.Module):
             θ is used); None = identity.
         cfg_dropout: probability of dropping θ at training (classifier-free guidance); used only with θ.
         guidance_scale: classifier-free guidance scale at sampling (1.0 = off).
+        discrete_scale: the discrete channels' normalised values are divided by this factor (>= 1), so that the
+            network sees a flip of a binary channel as a small move (the RTI controller's ``discrete_mode="scale"``);
+            1.0 = no scaling. Applied inside :meth:`normalize_action` / :meth:`unnormalize_action`, so training,
+            sampling and checkpoints all use it.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Policy(nn.Module):
         normalizer: Normalizer | None = None,
         cfg_dropout: float = 0.1,
         guidance_scale: float = 1.0,
+        discrete_scale: float = 1.0,
     ):
         super().__init__()
         if min(obs_dim, action_dim, n_obs_steps, horizon, n_action_steps) < 1:
@@ -102,6 +107,9 @@ class Policy(nn.Module):
             raise ValueError(f"discrete_action_mask must have shape ({action_dim},), got {mask.shape}")
         self.discrete_action_mask = mask
         self.cfg_dropout, self.guidance_scale = float(cfg_dropout), float(guidance_scale)
+        self.discrete_scale = float(discrete_scale)
+        if not self.discrete_scale >= 1.0:
+            raise ValueError(f"discrete_scale must be >= 1, got {discrete_scale}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
         if normalizer is None:
@@ -146,6 +154,7 @@ class Policy(nn.Module):
             "discrete_action_mask": [bool(b) for b in self.discrete_action_mask],
             "cfg_dropout": self.cfg_dropout,
             "guidance_scale": self.guidance_scale,
+            "discrete_scale": self.discrete_scale,
         }
 
     # ------------------------------------------------------------------ normalisation
@@ -153,12 +162,20 @@ class Policy(nn.Module):
         return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32).to(self.device)
 
     def normalize_action(self, a: Tensor) -> Tensor:
-        """Physical -> normalised actions, any leading dims ``(..., Da)``."""
-        return self.normalizer.normalize("action", a)
+        """Physical -> normalised actions, any leading dims ``(..., Da)`` (discrete channels / ``discrete_scale``)."""
+        x = self.normalizer.normalize("action", a)
+        return x * self._discrete_factor(x) if self.discrete_scale != 1.0 else x
 
     def unnormalize_action(self, x: Tensor) -> Tensor:
         """Normalised -> physical actions, any leading dims ``(..., Da)``."""
+        if self.discrete_scale != 1.0:
+            x = x / self._discrete_factor(x)
         return self.normalizer.unnormalize("action", x)
+
+    def _discrete_factor(self, x: Any) -> Any:
+        """Per-channel multiplier (Da,): 1 / discrete_scale on discrete channels, 1 elsewhere (like ``x``)."""
+        f = np.where(self.discrete_action_mask, 1.0 / self.discrete_scale, 1.0)
+        return torch.as_tensor(f, dtype=x.dtype, device=x.device) if isinstance(x, Tensor) else f.astype(x.dtype)
 
     def threshold_discrete(self, a: Any) -> Any:
         """Snap discrete channels to {-1, +1} (threshold 0); ``a`` (..., Da) physical, numpy or torch."""

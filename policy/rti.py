@@ -33,8 +33,9 @@ Discrete action channels (``policy.discrete_action_mask``, e.g. a binary gripper
 
 - ``"clip"``: the warm start's discrete channels are snapped to their discrete values before denoising, and
   shrunk toward the channel's zero by ``clip_factor`` (1 = the clean values, 10 = RTI-DP's image setting);
-- ``"scale"``: for a policy trained on data whose discrete channels were divided by a factor (so a flip is a small
-  move); the warm start is left as it is;
+- ``"scale"``: for a policy trained with ``discrete_scale`` > 1 (``policy.discrete_scale``: the discrete channels'
+  normalised values are divided by that factor, so a flip is a small move for the solver); the warm start is left
+  as it is;
 - in every mode the executed action's discrete channels are thresholded at 0 to {-1, +1}.
 """
 
@@ -165,6 +166,9 @@ class RTIController:
         self.history = ObservationHistory(policy.n_obs_steps, policy.obs_dim)
         mask = np.asarray(getattr(policy, "discrete_action_mask", np.zeros(policy.action_dim, bool)), dtype=bool)
         self.discrete_mask = torch.as_tensor(mask.reshape(policy.action_dim))
+        if discrete_mode == "scale" and mask.any() and float(getattr(policy, "discrete_scale", 1.0)) == 1.0:
+            raise ValueError("discrete_mode='scale' needs a policy trained with discrete_scale > 1 "
+                             "(policy.discrete_scale=4 in stlflow train); this one has discrete_scale=1")
         with torch.no_grad():  # normalised images of the physical discrete values -1, 0, +1
             levels = torch.tensor([-1.0, 0.0, 1.0]).repeat_interleave(policy.action_dim).reshape(3, -1)
             self._discrete_levels = policy.normalize_action(levels).float()

@@ -24,8 +24,8 @@ def tiny_pickplace_policy(seed: int = 0) -> Policy:
     rng = np.random.default_rng(seed)
     acts = np.concatenate([rng.uniform([-0.3, -0.4, 0.0], [0.3, 0.4, 0.35], (100, 3)),
                            rng.choice([-1.0, 1.0], (100, 1))], axis=1)
-    norm = Normalizer.fit({"obs": rng.normal(size=(100, 18)), "action": acts})
-    return Policy(18, 4, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow", "default_steps": 4},
+    norm = Normalizer.fit({"obs": rng.normal(size=(100, 22)), "action": acts})
+    return Policy(22, 4, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow", "default_steps": 4},
                   net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
                   discrete_action_mask=[False, False, False, True], normalizer=norm).eval()
 

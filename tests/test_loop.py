@@ -59,7 +59,7 @@ def test_alignment_of_observations_actions_and_signals(env):
     ctrl, hook = TickController(), Hook()
     res = run_episode(env, ctrl, seed=4, max_steps=12, hook=hook)
     assert ctrl.resets == [4] and hook.events == ["begin4", "end12"]
-    assert res.length == 12 and res.obs.shape == (13, 18) and res.action.shape == (12, 4)
+    assert res.length == 12 and res.obs.shape == (13, 22) and res.action.shape == (12, 4)
     np.testing.assert_array_equal(np.stack(ctrl.seen), res.obs[:-1])  # act saw obs[t] at tick t
     np.testing.assert_array_equal(res.action, res.chosen)  # no delay: the chosen action is executed
     assert res.nfe.tolist() == [t % 3 for t in range(1, 13)]
@@ -100,8 +100,8 @@ def test_policy_controllers_in_the_loop(env):
     rng = np.random.default_rng(0)
     acts = np.concatenate([rng.uniform([-0.3, -0.4, 0.0], [0.3, 0.4, 0.35], (100, 3)),
                            rng.choice([-1.0, 1.0], (100, 1))], axis=1)
-    norm = Normalizer.fit({"obs": rng.normal(size=(100, 18)), "action": acts})
-    policy = Policy(18, 4, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow"},
+    norm = Normalizer.fit({"obs": rng.normal(size=(100, 22)), "action": acts})
+    policy = Policy(22, 4, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow"},
                     net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
                     discrete_action_mask=env.unwrapped.discrete_action_mask, normalizer=norm).eval()
     full = policy.nfe()

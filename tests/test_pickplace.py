@@ -33,7 +33,7 @@ def make(**kwargs) -> gym.Env:
 
 
 def run_expert(env: gym.Env, seed: int):
-    """One expert episode -> (obs (T+1, 18), actions (T, 4), infos (T+1 incl. reset's), expert)."""
+    """One expert episode -> (obs (T+1, 22), actions (T, 4), infos (T+1 incl. reset's), expert)."""
     expert = env.unwrapped.make_expert(seed)
     obs, info = env.reset(seed=seed)
     expert.reset()

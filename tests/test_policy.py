@@ -65,6 +65,20 @@ def test_actions_are_in_physical_units():
                                np.stack([lo, hi]), rtol=1e-5)
 
 
+def test_discrete_scale_shrinks_only_the_discrete_channels(tmp_path):
+    plain, scaled = _policy(discrete_action_mask=[False, True]), _policy(discrete_action_mask=[False, True],
+                                                                          discrete_scale=4.0)
+    a = torch.tensor([[0.5, 12.0], [-2.0, 19.0]], dtype=torch.float64)
+    x0, x4 = plain.normalize_action(a), scaled.normalize_action(a)
+    torch.testing.assert_close(x4[:, 0], x0[:, 0])  # the continuous channel is untouched
+    torch.testing.assert_close(x4[:, 1], x0[:, 1] / 4.0)
+    torch.testing.assert_close(scaled.unnormalize_action(x4), a)
+    scaled.save(tmp_path / "ckpt")
+    assert Policy.load(tmp_path / "ckpt").discrete_scale == 4.0
+    with pytest.raises(ValueError, match="discrete_scale must be >= 1"):
+        _policy(discrete_scale=0.5)
+
+
 def test_threshold_discrete_channels():
     policy = _policy(discrete_action_mask=[False, True])
     a = np.array([[[0.3, 0.2], [-0.7, -0.01]]])

@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 DO, TO, TP = 5, 2, 8
 
 
-def tiny_policy(kind: str = "flow", da: int = 2, discrete: bool = False, seed: int = 0, **head) -> Policy:
+def tiny_policy(kind: str = "flow", da: int = 2, discrete: bool = False, seed: int = 0, discrete_scale: float = 1.0,
+                **head) -> Policy:
     """A randomly initialised small policy with a min-max normaliser fitted on random data."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -29,7 +30,7 @@ def tiny_policy(kind: str = "flow", da: int = 2, discrete: bool = False, seed: i
     norm = Normalizer.fit({"obs": rng.normal(size=(200, DO)), "action": actions})
     return Policy(DO, da, n_obs_steps=TO, horizon=TP, n_action_steps=4, head={"kind": kind, **head},
                   net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
-                  discrete_action_mask=mask, normalizer=norm).eval()
+                  discrete_action_mask=mask, normalizer=norm, discrete_scale=discrete_scale).eval()
 
 
 def observations(n: int, seed: int = 0, step: float = 0.05) -> np.ndarray:
@@ -160,7 +161,9 @@ def test_discrete_channels_clip_mode(factor):
 
 
 def test_discrete_channels_scale_mode_leaves_the_warm_start():
-    policy = tiny_policy("flow", da=3, discrete=True)
+    with pytest.raises(ValueError, match="discrete_scale > 1"):
+        RTIController(tiny_policy("flow", da=3, discrete=True), discrete_mode="scale")
+    policy = tiny_policy("flow", da=3, discrete=True, discrete_scale=4.0)
     spy = Spy(policy)
     ctrl = RTIController(policy, steps_per_tick=2, renoise=False, discrete_mode="scale")
     ctrl.reset(seed=1)

@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
     policy = Policy(
         obs_dim, action_dim, head=pc["head"], net=pc["net"], param_names=names,
         discrete_action_mask=_discrete_mask(cfg.env.id, action_dim), normalizer=normalizer,
-        cfg_dropout=float(pc.get("cfg_dropout", 0.1)), guidance_scale=float(pc.get("guidance_scale", 1.0)), **win,
+        cfg_dropout=float(pc.get("cfg_dropout", 0.1)), guidance_scale=float(pc.get("guidance_scale", 1.0)),
+        discrete_scale=float(pc.get("discrete_scale", 1.0)), **win,
     )
     if rank == 0:
         print(f"stlflow train: {store.n_episodes} episodes ({len(train_idx)} train, {len(val_idx)} val), "
