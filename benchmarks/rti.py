@@ -12,7 +12,8 @@ Rows (all on seeds ``--seed .. --seed+episodes-1``; one action executed per tick
 - cold k=1,2,3: cold k-step sampling every tick; cold k=2 Ta=8: few-step sampling with a receding horizon;
 - rti k=1,2,3 with the default warm start (re-noised to t_start) and rti k=2 with the other choice (clean);
 - PickPlace (a discrete gripper channel): rti k=2 in "clip" mode, and in "scale" mode on ``--scale-ckpt`` (a
-  policy trained on data whose gripper channel was divided by 10: ``--make-scaled-data SRC DST``);
+  policy trained with ``policy.discrete_scale=4``: its gripper channel is divided by 4 after normalising), plus
+  that checkpoint's own full-every-tick row for reference;
 - onestep: one-step sampling of ``--onestep-ckpt`` (a MeanFlow head);
 - ``--sweep T ...``: rti k=2 at start levels T, re-noised and clean (to choose the defaults by measurement);
 - ``--delays``: rti k=2 (without and with ``lookahead=d``) and receding under an injected observation-to-action
@@ -30,29 +31,11 @@ import inspect
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stlflow.control.collect import init_worker
 from stlflow.control.evaluate import evaluate, markdown_table, run_label, write_report
 from stlflow.policy import RTIController
-
-
-def scale_store(src: str, dst: str, factor: float = 10.0) -> None:
-    """Copy an EpisodeStore, dividing its discrete action channels by ``factor`` (RTI-DP's "scale" data)."""
-    from stlflow.datasets import EpisodeStore
-
-    store = EpisodeStore.open(src)
-    mask = np.asarray(store.attrs.get("discrete_action_mask", []), dtype=bool)
-    if not mask.any():
-        raise ValueError(f"{src} has no discrete action channels (store attribute discrete_action_mask)")
-    out = EpisodeStore.create(dst, dt=store.dt, attrs={**store.attrs, "discrete_scale": float(factor)})
-    for i in range(store.n_episodes):
-        ep = store.episode(i)
-        ep["action"] = ep["action"].copy()
-        ep["action"][:, mask] /= factor
-        out.add_episode(ep, attrs=store.episode_attrs(i))
-    print(f"wrote {out.n_episodes} episodes with discrete channels / {factor} to {dst}")
 
 
 def main() -> None:
@@ -63,7 +46,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--t-start", type=float, default=None, help="RTI start noise level (default: the controller's)")
-    ap.add_argument("--scale-ckpt", help="checkpoint trained on gripper-scaled data (PickPlace 'scale' mode)")
+    ap.add_argument("--scale-ckpt", help="checkpoint trained with policy.discrete_scale > 1 (PickPlace 'scale' mode)")
     ap.add_argument("--onestep-ckpt", help="checkpoint with a one-step (meanflow) head")
     ap.add_argument("--ddpm100", action="store_true", help="also the 100-step receding row (slow)")
     ap.add_argument("--delays", type=int, nargs="*", default=[], help="injected delays (ticks) to sweep")
@@ -71,12 +54,7 @@ def main() -> None:
     ap.add_argument("--sweep", type=float, nargs="*", default=[],
                     help="also rti k=2 at these start levels t_start, with and without re-noising")
     ap.add_argument("--out", default="bench_out/rti")
-    ap.add_argument("--make-scaled-data", nargs=2, metavar=("SRC", "DST"),
-                    help="write a copy of SRC with discrete action channels / 10 to DST and exit")
     args = ap.parse_args()
-    if args.make_scaled_data:
-        scale_store(*args.make_scaled_data)
-        return
     if not args.ckpt:
         ap.error("--ckpt is required")
     init_worker()
@@ -99,6 +77,7 @@ def main() -> None:
     if policy.discrete_action_mask.any():
         runs.append((args.ckpt, "rti", {"k": 2, "discrete_mode": "clip", **rti_kw}, 0))
         if args.scale_ckpt:
+            runs.append((args.scale_ckpt, "full", {}, 0))
             runs.append((args.scale_ckpt, "rti", {"k": 2, "discrete_mode": "scale", **rti_kw}, 0))
         else:
             print("note: no --scale-ckpt, so the 'scale' discrete mode row is skipped")

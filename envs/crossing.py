@@ -324,7 +324,9 @@ class CrossingEnv(gym.Env):
         timing is drawn so that a robot cruising at 1.2 m/s from the start is 0.8 m past x_c while the pedestrian
         is still >= 0.7 m + contact distance from the centre line, plus 0-1.5 s (so that slower robots meet it):
         passing in front, behind, yielding and swerving are all feasible. Pedestrian 1 (when present) crosses
-        2-3 m further on (x <= 8 m), 0.5-4 s after pedestrian 0.
+        2-3 m further on (x <= 8 m), 0.5-4 s after pedestrian 0. Pedestrians walk from the first step on (their
+        straight path is extended backwards beyond the wall), so position and velocity in the observation
+        predict their whole walk.
         """
         start, direction, speed, t0, length = [], [], [], [], []
         present = np.array([True, rng.random() < self.second_pedestrian_prob])
@@ -347,11 +349,17 @@ class CrossingEnv(gym.Env):
             else:
                 t_c = t_cross + rng.uniform(0.5, 4.0)
             half = np.hypot(*(b - a)) / 2
-            start.append(a)
-            direction.append((b - a) / (2 * half))
+            u = (b - a) / (2 * half)
+            t_walk = t_c - half / s  # when the walk from a would start
+            # Already walking at t = 0: the path is extended backwards, so that the observation (position and
+            # velocity) determines the pedestrian's future. A pedestrian standing still until a hidden start
+            # time would make the expert's choices depend on something no policy can observe.
+            lead = max(t_walk, 0.0) * s
+            start.append(a - lead * u)
+            direction.append(u)
             speed.append(s)
-            t0.append(t_c - half / s)
-            length.append(2 * half)
+            t0.append(min(t_walk, 0.0))
+            length.append(2 * half + lead)
         script = PedestrianScript(
             np.array(start), np.array(direction), np.array(speed), np.array(t0), np.array(length), present
         )

@@ -128,7 +128,8 @@ def test_pedestrian_contact_is_a_collision():
     env = gym.make(ENV_ID, second_pedestrian_prob=0.0).unwrapped
     env.reset(seed=0)
     # Drive straight at the pedestrian's crossing point and stop on its path: it walks into the robot.
-    x_c = env.peds.start[0, 0] + env.peds.direction[0, 0] * env.peds.length[0] / 2
+    start, u = env.peds.start[0], env.peds.direction[0]
+    x_c = start[0] + u[0] * (-start[1] / u[1])  # where the walk crosses the centre line
     for _ in range(env.max_steps):
         x = env.data.qpos[0]
         _, reward, terminated, _, info = env.step(np.array([1.0 if x < x_c - 0.2 else 0.0, 0.0], np.float32))
