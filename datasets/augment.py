@@ -95,8 +95,10 @@ class DemoWindow:
     - ``signals(states) -> {name: (B, H)}``: the STL signals (rules and mode formulas) of the rolled-out states.
     - ``positions(states) -> (B, H, P)``: what trajectory diversity is measured on (e.g. planar position, metres).
     - ``replay(controls (H, Du) ndarray) -> ReplayResult``: the same controls executed in the real simulator.
-    - ``nominal``: (H, Du) controls the sampling-based optimiser perturbs (e.g. the demo's actions); needed for
-      ``optimiser="cem"``. ``rollout`` need not be differentiable for it (it may step MuJoCo).
+    - ``nominal``: (H, Du) controls the sampling-based optimiser perturbs (e.g. the demo's actions), or a dict
+      ``{mode name: (H, Du)}`` with one nominal per behaviour mode (e.g. the demo retargeted to another zone;
+      modes missing from the dict use the ``"*"`` entry); needed for ``optimiser="cem"``. ``rollout`` need not
+      be differentiable for it (it may step MuJoCo). Nominals shorter than H hold their last control.
     """
 
     horizon: int
@@ -104,7 +106,21 @@ class DemoWindow:
     signals: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     positions: Callable[[torch.Tensor], torch.Tensor]
     replay: Callable[[np.ndarray], ReplayResult]
-    nominal: np.ndarray | None = None
+    nominal: np.ndarray | dict[str, np.ndarray] | None = None
+
+    def nominal_for(self, mode: str) -> np.ndarray:
+        """The nominal controls (H, Du) of behaviour ``mode`` (see the class docstring)."""
+        if self.nominal is None:
+            raise ValueError("optimiser='cem' needs DemoWindow.nominal (the controls to perturb)")
+        nom = self.nominal
+        if isinstance(nom, dict):
+            if mode not in nom and "*" not in nom:
+                raise KeyError(f"DemoWindow.nominal has no entry for mode {mode!r} (nor '*'): {sorted(nom)}")
+            nom = nom.get(mode, nom.get("*"))
+        nom = np.asarray(nom, dtype=np.float64)[: self.horizon]
+        if len(nom) < self.horizon:
+            nom = np.concatenate([nom, np.repeat(nom[-1:], self.horizon - len(nom), axis=0)])
+        return nom
 
 
 @dataclass
@@ -321,23 +337,20 @@ def cem_controls(
     settings: AugmentSettings,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy method around ``window.nominal``, all groups' samples rolled out together each round.
+    """Cross-entropy method around each group's nominal (``window.nominal_for(mode)``), all groups' samples
+    rolled out together each round.
 
     Each group's ``n`` must be ``cem_iters * cem_samples``: every sample of every round is a candidate (round r,
     sample j of group g sits at ``start_g + r * cem_samples + j``); round 0 includes the nominal itself. The
     perturbation is piecewise linear between knots (``knot_every``). Returns ``controls (B, H, Du)`` clipped to
     the bounds, exact ``rho (B,)`` and ``positions (B, H, P)`` as :func:`optimise_controls` does.
     """
-    if window.nominal is None:
-        raise ValueError("optimiser='cem' needs DemoWindow.nominal (the controls to perturb)")
     n_s, n_r = int(settings.cem_samples), int(settings.cem_iters)
     for g in groups:
         if g.n != n_s * n_r:
             raise ValueError(f"group {g.mode!r} has n={g.n}; optimiser='cem' needs cem_iters*cem_samples={n_s * n_r}")
     w = knot_matrix(window.horizon, settings.knot_every).to(low.dtype)
-    base = torch.as_tensor(np.asarray(window.nominal), dtype=low.dtype)[: window.horizon]
-    if base.shape[0] < window.horizon:  # hold the last control
-        base = torch.cat([base, base[-1:].expand(window.horizon - base.shape[0], -1)])
+    base = torch.stack([torch.as_tensor(window.nominal_for(g.mode), dtype=low.dtype) for g in groups])  # (G, H, Du)
     std0 = (high - low) * 0.05 if settings.cem_std is None else torch.as_tensor(settings.cem_std, dtype=low.dtype)
     n_g, n_k, n_u = len(groups), w.shape[1], low.numel()
     mean = torch.zeros(n_g, n_k, n_u, dtype=low.dtype)
@@ -354,7 +367,7 @@ def cem_controls(
         knots = mean[:, None] + std[:, None] * eps
         if r == 0:
             knots[:, 0] = 0.0  # the nominal controls themselves
-        controls = (base + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
+        controls = (base[:, None] + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
         rows = (starts[:, None] + r * n_s + torch.arange(n_s)[None]).reshape(-1)
         with torch.no_grad():
             rho = _evaluate(window, units, group_of, controls.reshape(-1, window.horizon, n_u), rows, dt, None)

@@ -45,6 +45,8 @@ STL signals (``signals(obs)``; pure functions of the observation)
     - ``in_target``: signed distance, positive inside: ``min(ZONE_RADIUS - min_k |cube_xy - zone_k|,
       ON_TABLE_TOL - (cube_z - CUBE_HALF))`` with ``ZONE_RADIUS = 0.06`` m, ``ON_TABLE_TOL = 0.01`` m.
       It is >= 0 exactly when the cube's centre is over a zone and its bottom within 1 cm of the table.
+    - ``in_left``, ``in_right``: the same for one zone only (``in_target = max(in_left, in_right)``); the
+      behaviour modes' formulas (``F[0,{T}](in_left >= 0)``, conf/stl/pickplace.yaml) use them.
 
 Rules (``rules``; the ``stlflow.stl`` syntax)::
 
@@ -127,14 +129,18 @@ def pickplace_signals(obs: np.ndarray) -> dict[str, np.ndarray]:
     cube_pos = obs[..., OBS_INDEX["cube_pos"]]
     d_cube = np.linalg.norm(ee_pos[..., :2] - cube_pos[..., :2], axis=-1)
     near = np.clip(1.0 - d_cube / NEAR_RADIUS, 0.0, 1.0)
-    d_zone = np.minimum(
-        np.linalg.norm(cube_pos[..., :2] - obs[..., OBS_INDEX["zone_left"]], axis=-1),
-        np.linalg.norm(cube_pos[..., :2] - obs[..., OBS_INDEX["zone_right"]], axis=-1),
-    )
+    on_table = ON_TABLE_TOL - (cube_pos[..., 2] - CUBE_HALF)
+    in_zone = {
+        side: np.minimum(ZONE_RADIUS - np.linalg.norm(cube_pos[..., :2] - obs[..., OBS_INDEX[f"zone_{side}"]], axis=-1),
+                         on_table)
+        for side in ("left", "right")
+    }
     return {
         "ee_speed": np.linalg.norm(ee_vel, axis=-1),
         "ee_height_clear": ee_pos[..., 2] + NEAR_BONUS * near,
-        "in_target": np.minimum(ZONE_RADIUS - d_zone, ON_TABLE_TOL - (cube_pos[..., 2] - CUBE_HALF)),
+        "in_target": np.maximum(in_zone["left"], in_zone["right"]),
+        "in_left": in_zone["left"],
+        "in_right": in_zone["right"],
     }
 
 

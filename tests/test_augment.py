@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from stlflow.datasets.augment import (
     farthest_point_selection,
@@ -308,3 +309,58 @@ def test_pickplace_cem_over_mujoco_rollouts(tmp_path):
         sig = {k: torch.as_tensor(arrays["signals"][k]) for k in spec.signals}
         assert float(spec.robustness(sig, dt=task.dt, params=a["stl_params"])) == pytest.approx(a["rho_replay"])
         assert np.abs(arrays["action"][:, 3] - ep["action"][: len(arrays["action"]), 3]).max() == 0  # gripper kept
+
+
+def test_pickplace_demo_retargeted_to_the_other_zone_places_there_in_mujoco():
+    """The other zone's nominal (a mode the demo did not show) already works when replayed, before any CEM."""
+    from stlflow.control.collect import make_env
+    from stlflow.envs.pickplace import OBS_INDEX
+    from stlflow.verbs.augment import _replay, retarget_pick_place
+
+    env = make_env("stlflow/PickPlace-v0", {})
+    for seed in (0, 3, 6):
+        obs, _ = env.reset(seed=seed)
+        expert = env.unwrapped.make_expert(seed)
+        actions = []
+        for _ in range(120):
+            actions.append(expert.act(obs))
+            obs, _, term, trunc, _ = env.step(actions[-1])
+            if term or trunc:
+                break
+        actions = np.asarray(actions)
+        obs0, _ = env.reset(seed=seed)
+        zones = {s: obs0[OBS_INDEX[f"zone_{s}"]] for s in ("left", "right")}
+        other = "right" if expert.mode == "left" else "left"
+        moved = retarget_pick_place(actions, zones[expert.mode], zones[other])
+        assert moved.shape[1] == 4 and len(moved) >= len(actions)
+        grasp = int(np.argmax(actions[:, 3] > 0))
+        np.testing.assert_array_equal(moved[:grasp], actions[:grasp])  # approach and grasp unchanged
+        result, episode = _replay(env, seed, np.concatenate([moved, np.repeat(moved[-1:], 10, axis=0)]))
+        assert episode.success and not episode.collision
+        assert result.signals[f"in_{other}"].max() >= 0 and result.signals[f"in_{expert.mode}"].max() < 0
+    assert retarget_pick_place(np.zeros((5, 4)) - 1.0, zones["left"], zones["right"]) is None  # never grasps
+
+
+def test_pickplace_augmentation_places_in_both_zones(tmp_path):
+    from stlflow.config import compose
+    from stlflow.control.collect import collect
+    from stlflow.datasets.augment import AugmentSettings, augment_demo
+    from stlflow.stl import parse
+    from stlflow.verbs.augment import make_task
+
+    stl_cfg = OmegaConf.to_container(compose("augment", ["env=pickplace"]).stl, resolve=True)
+    assert {m for m in stl_cfg["modes"]} == {"left", "right"}
+    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False)
+    task = make_task("stlflow/PickPlace-v0", {}, stl_cfg)
+    ep, attrs = store.episode(0), store.episode_attrs(0)
+    window = task.window(ep, attrs)
+    assert set(window.nominal) == {"*", "right" if attrs["mode"] == "left" else "left"}
+    s = AugmentSettings(per_demo=4, n_theta=1, optimiser="cem", cem_iters=2, cem_samples=3, cem_elites=2,
+                        cem_std=(0.004, 0.004, 0.004, 0.0), knot_every=10, margin=0.002, max_replays=6)
+    theta = {**task.defaults, "h_min": 0.0, "T": 11.0}
+    r = augment_demo(window, task.rules, task.modes, attrs["mode"], theta, {**task.param_ranges, "T": (11.0, 11.0)},
+                     task.control_low, task.control_high, task.dt, s, seed=1, parse=parse)
+    modes = {a["mode"] for _, a in r.episodes}
+    assert modes == {"left", "right"}
+    for arrays, a in r.episodes:
+        assert a["rho_replay"] >= 0 and arrays["signals"][f"in_{a['mode']}"].max() >= 0

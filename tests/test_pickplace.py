@@ -235,7 +235,7 @@ def test_info_signals_agree_with_signals_of_the_observations():
     env = make()
     obs, _, infos, _ = run_expert(env, 3)
     sig = env.unwrapped.signals(obs)
-    assert set(sig) == set(infos[0]["signals"]) == {"ee_speed", "ee_height_clear", "in_target"}
+    assert set(sig) == set(infos[0]["signals"]) == {"ee_speed", "ee_height_clear", "in_target", "in_left", "in_right"}
     for name, values in sig.items():
         assert values.shape == (len(obs),)
         np.testing.assert_allclose(values, [i["signals"][name] for i in infos], rtol=0, atol=1e-12)
@@ -289,6 +289,9 @@ def test_signal_properties(ee, cube, zx):
     inside = d_zone <= ZONE_RADIUS and cube[2] - CUBE_HALF <= ON_TABLE_TOL
     if abs(d_zone - ZONE_RADIUS) > 1e-9 and abs(cube[2] - CUBE_HALF - ON_TABLE_TOL) > 1e-9:
         assert (s["in_target"][0] >= 0) == inside
+    assert s["in_target"][0] == max(s["in_left"][0], s["in_right"][0])
+    d_left = np.hypot(cube[0] - zx, cube[1] - 0.22)  # the left zone is the one at +y
+    assert s["in_left"][0] == pytest.approx(min(ZONE_RADIUS - d_left, ON_TABLE_TOL - (cube[2] - CUBE_HALF)))
 
 
 def _stl_parse():

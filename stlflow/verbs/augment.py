@@ -18,6 +18,8 @@ number of workers. Prints the acceptance rate, diversity before/after selection 
 Tasks: Crossing is optimised with gradients through ``env.dynamics_model()``; PickPlace has no differentiable
 model, so it uses the cross-entropy method over MuJoCo rollouts from the demo's start state (perturbing the
 demo's end-effector targets; its gripper timing is kept), selected by ``stl.opt`` in conf/stl/pickplace.yaml.
+Its two modes are the target zones: the demo's own zone starts from the demo's actions, the other zone from the
+demo retargeted there (``retarget_pick_place``), so every demo yields placements in both zones.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class PickPlaceAugmentation:
     Model "states" (B, H, 3 + S): the TCP position (m) then the env's STL signals in ``SIGNALS`` order.
     """
 
-    SIGNALS = ("ee_speed", "ee_height_clear", "in_target")
+    SIGNALS = ("ee_speed", "ee_height_clear", "in_target", "in_left", "in_right")
 
     def __init__(self, env_id: str = "stlflow/PickPlace-v0", env_kwargs: dict[str, Any] | None = None) -> None:
         from stlflow.control.collect import make_env
@@ -145,8 +147,16 @@ class PickPlaceAugmentation:
         if not np.allclose(obs0, episode["obs"][0], atol=1e-4):
             raise ValueError(f"env reset with seed {seed} does not reproduce the episode's first observation")
         state0 = u.get_state()
-        nominal = np.asarray(episode["action"], dtype=np.float64)
-        horizon = len(nominal)
+        demo = np.asarray(episode["action"], dtype=np.float64)
+        zones = {side: np.asarray(obs0[u.obs_index[f"zone_{side}"]], dtype=np.float64) for side in ("left", "right")}
+        nominal = {"*": demo}
+        mode = attrs.get("mode")
+        if mode in zones:  # the demo's zone is known: also offer the other zone (a mode the demo did not show)
+            other = "right" if mode == "left" else "left"
+            moved = retarget_pick_place(demo, zones[mode], zones[other])
+            if moved is not None:
+                nominal[other] = moved
+        horizon = min(max(len(v) for v in nominal.values()), int(u.max_steps))
 
         def rollout(controls: torch.Tensor) -> torch.Tensor:
             out = np.empty((controls.shape[0], horizon, 3 + len(self.SIGNALS)))
@@ -165,6 +175,42 @@ class PickPlaceAugmentation:
             return _replay(self.env, seed, controls)[0]
 
         return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal)
+
+
+def retarget_pick_place(actions: np.ndarray, zone_from: np.ndarray, zone_to: np.ndarray) -> np.ndarray | None:
+    """A PickPlace demo's actions (T, 4) moved to place in another zone: the nominal of an unseen mode.
+
+    The grasp (first closing command) and everything before it are kept. The closed-gripper segment up to the
+    release (grasp wait, lift, carry, lower) is re-timed so that its horizontal speed does not grow (stretched by
+    the ratio of the new to the old carry distance when that is > 1) and bent so that the target goes straight
+    from the grasp point to the old drop point moved by ``zone_to - zone_from`` (the same offset from the zone
+    centre), in proportion to the demo's horizontal progress; the release and what follows are shifted by the
+    same offset. Heights and gripper commands are the demo's. Returns (T', 4) or None when the demo has no
+    grasp followed by a release.
+    """
+    a = np.asarray(actions, dtype=np.float64)
+    closed = a[:, 3] > 0
+    if not closed.any():
+        return None
+    g = int(np.argmax(closed))
+    opened = np.flatnonzero(~closed[g:])
+    if not len(opened):
+        return None
+    r = g + int(opened[0])
+    p_g, p_r = a[g, :2], a[r - 1, :2]
+    shift = np.asarray(zone_to, dtype=np.float64) - np.asarray(zone_from, dtype=np.float64)
+    dist_from = float(np.linalg.norm(p_r - p_g))
+    dist_to = float(np.linalg.norm(p_r + shift - p_g))
+    n_old = r - g
+    n_new = max(n_old, int(np.ceil(n_old * dist_to / max(dist_from, 1e-6))))
+    src = np.linspace(0.0, n_old - 1, n_new) if n_old > 1 else np.zeros(n_new)
+    seg = np.stack([np.interp(src, np.arange(n_old), a[g:r, j]) for j in range(4)], axis=1)
+    progress = np.clip(np.linalg.norm(seg[:, :2] - p_g, axis=1) / max(dist_from, 1e-6), 0.0, 1.0)
+    seg[:, :2] += progress[:, None] * shift
+    seg[:, 3] = 1.0
+    tail = a[r:].copy()
+    tail[:, :2] += shift
+    return np.concatenate([a[:g], seg, tail])
 
 
 class _Playback:
