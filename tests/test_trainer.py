@@ -182,3 +182,27 @@ def test_cli_train_then_eval_end_to_end(tmp_path, monkeypatch, capsys):
     assert policy.discrete_action_mask.shape == (policy.action_dim,)
     assert cli.main(["eval", f"ckpt={out}", "episodes=2", f"out={tmp_path / 'eval'}", "progress=false"]) == 0
     assert "success" in capsys.readouterr().out.lower()
+
+
+def test_cli_train_pickplace_with_a_scaled_gripper_channel(tmp_path, monkeypatch):
+    """policy.discrete_scale reaches the saved policy, and the RTI controller's scale mode accepts it."""
+    from stlflow import cli
+    from stlflow.policy import RTIController
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    demos, out = tmp_path / "pp.zarr", tmp_path / "ckpt"
+    assert cli.main(["collect", "env=pickplace", "episodes=2", f"out={demos}", "progress=false"]) == 0
+    rc = cli.main(["train", "env=pickplace", "policy=flow", f"data={demos}", f"out={out}", "train=tiny",
+                   "train.steps=5", "train.batch_size=16", "train.progress=false", "eval_episodes=0",
+                   "policy.discrete_scale=4"])
+    assert rc == 0
+    policy = Policy.load(out)
+    assert policy.discrete_scale == 4.0 and policy.discrete_action_mask.tolist() == [False, False, False, True]
+    grip = policy.normalize_action(torch.tensor([[0.0, 0.0, 0.1, 1.0], [0.0, 0.0, 0.1, -1.0]]))[:, 3]
+    assert grip.abs().max() <= 0.25 + 1e-6  # the gripper's ±1 sit at ±1/4 in the network's units
+    ctrl = RTIController(policy, steps_per_tick=2, discrete_mode="scale")
+    import gymnasium as gym
+
+    env = gym.make("stlflow/PickPlace-v0")
+    obs, _ = env.reset(seed=0)
+    assert ctrl.act(obs)[3] in (-1.0, 1.0)
