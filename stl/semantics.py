@@ -48,7 +48,7 @@ log-sum-exp over the window instead of the trace's pairwise log-add-exp; same ±
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -539,15 +539,8 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     signals, params = _checked_inputs(signals, params, smooth, until, end)
     groups = _groups(formula, params) if _side is None else None
     if groups is not None:
-        B = sum(len(g[0]) for g in groups)
-        parts, order = [], []
-        for idx, p in groups:
-            sig = {k: _rows(v, idx, B, 2) for k, v in signals.items()}
-            p = {k: _rows(v, idx, B, 1) for k, v in p.items()}
-            parts.append(robustness_trace(formula, sig, dt, p, smooth, until=until, end=end))
-            order.append(idx)
-        inv = torch.argsort(torch.cat(order))
-        return torch.cat(parts, 0).index_select(0, inv.to(parts[0].device))
+        return _per_group(groups, signals, lambda sig, p: robustness_trace(formula, sig, dt, p, smooth, until=until,
+                                                                            end=end))
     xs, real, B, T, _, _ = _prepare(formula, signals, params, dt)
     ev = _Evaluator(xs, real, B, T, dt, smooth, until, end, known=_known, memo=_memo)
     return ev(formula, _side)
@@ -647,21 +640,26 @@ def _point(ev: _Evaluator, node: Formula, ev0: _Evaluator) -> torch.Tensor:
     return (-(-tau * psi0)) / tau  # the arithmetic of _until_smooth at its last sample
 
 
+def _per_group(groups: list, signals: Mapping[str, Any], evaluate: Callable) -> torch.Tensor:
+    """Evaluate each group of trajectories that share interval bounds (``_groups``) with ``evaluate(signals,
+    params)`` and put the rows back in the batch's order."""
+    B = sum(len(g[0]) for g in groups)
+    parts, order = [], []
+    for idx, p in groups:
+        sig = {k: _rows(v, idx, B, 2) for k, v in signals.items()}
+        parts.append(evaluate(sig, {k: _rows(v, idx, B, 1) for k, v in p.items()}))
+        order.append(idx)
+    inv = torch.argsort(torch.cat(order))
+    return torch.cat(parts, 0).index_select(0, inv.to(parts[0].device))
+
+
 def _robustness0(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None,
                  smooth: float | None, until: str, end: str) -> torch.Tensor:
     """ρ at sample 0 in point mode (see :func:`_point`); per-trajectory interval bounds evaluated in groups."""
     signals, params = _checked_inputs(signals, params, smooth, until, end)
     groups = _groups(formula, params)
     if groups is not None:
-        B = sum(len(g[0]) for g in groups)
-        parts, order = [], []
-        for idx, p in groups:
-            sig = {k: _rows(v, idx, B, 2) for k, v in signals.items()}
-            p = {k: _rows(v, idx, B, 1) for k, v in p.items()}
-            parts.append(_robustness0(formula, sig, dt, p, smooth, until, end))
-            order.append(idx)
-        inv = torch.argsort(torch.cat(order))
-        return torch.cat(parts, 0).index_select(0, inv.to(parts[0].device))
+        return _per_group(groups, signals, lambda sig, p: _robustness0(formula, sig, dt, p, smooth, until, end))
     xs, real, B, T, _, _ = _prepare(formula, signals, params, dt)
     ev = _Evaluator(xs, real, B, T, dt, smooth, until, end)
     ev0 = _Evaluator({k: v[:, :1] for k, v in xs.items()}, real, B, 1, dt, smooth, until, end)
