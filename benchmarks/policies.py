@@ -48,9 +48,18 @@ def task_dims(env_id: str) -> tuple[int, int, np.ndarray]:
     return dims
 
 
+# Extra ``stlflow train`` overrides for the quality runs (``--set``), e.g. ``policy.head.snr_gamma=5``; an override
+# for one head's key is applied only to the heads whose composed config has that key.
+OVERRIDES: list[str] = []
+_MISSING = object()
+
+
 def policy_config(head: str, net: str, overrides: list[str] | None = None) -> dict:
-    """The ``policy`` section of ``stlflow train``'s composed configuration (the shipped defaults)."""
-    cfg = compose("train", [f"policy={head}", f"net={net}", *(overrides or [])])
+    """The ``policy`` section of ``stlflow train``'s composed configuration (shipped defaults + ``--set``)."""
+    base = compose("train", [f"policy={head}", f"net={net}"])
+    extra = [o for o in (OVERRIDES if overrides is None else overrides)
+             if o.startswith("+") or OmegaConf.select(base, o.partition("=")[0], default=_MISSING) is not _MISSING]
+    cfg = compose("train", [f"policy={head}", f"net={net}", *extra])
     return OmegaConf.to_container(cfg.policy, resolve=True)
 
 
@@ -151,9 +160,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="policy override for the quality runs, as for stlflow train (e.g. policy.head.snr_gamma=5); "
+                         "applied to the heads that have the key; repeatable")
     ap.add_argument("--out", default=None, help="where to keep the trained policies (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    OVERRIDES.extend(args.overrides)
     latency_table(args.nets.split(","), args.calls)
     if args.latency_only or not args.data:
         return
@@ -170,7 +183,8 @@ def main() -> None:
                                        args.batch, out_root, steps=args.steps))
             print(rows[-1], flush=True)
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
-    print(f"\n## quality: {budget} of training per head, {args.episodes} closed-loop episodes (seeds 1000..)")
+    extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"\n## quality: {budget} of training per head, {args.episodes} closed-loop episodes (seeds 1000..){extra}")
     keys = ["task", "head", "net", "params_M", "steps", "train_min", "samples_per_s", "val_loss", "success",
             "nfe_per_action", "p50_ms", "p99_ms"]
     print("| " + " | ".join(keys) + " |")

@@ -168,6 +168,50 @@ def test_meanflow_loss_backpropagates_through_u_only():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_meanflow_loss_split_by_r_eq_t_matches_the_one_pass_identity(ratio):
+    """The loss skips the JVP for r = t pairs; value and gradients equal the identity applied to the whole batch."""
+    torch.manual_seed(0)
+    net = ResidualMLP(DA, TP, 3, n_times=2, width=32, n_blocks=2, time_scale=10.0).double()
+    head = MeanFlowHead(net, TP, DA, ratio_r_neq_t=ratio, adaptive_p=0.5)
+    x0, cond = torch.rand(16, TP, DA, dtype=torch.float64) * 2 - 1, torch.randn(16, 3, dtype=torch.float64)
+    noise = head.draw_noise(16, generator=torch.Generator().manual_seed(3))
+    n_jvp = int((noise["r"] < noise["t"]).sum())
+    assert n_jvp == 0 if ratio == 0.0 else n_jvp == 16 if ratio == 1.0 else 0 < n_jvp < 16  # both paths exercised
+    t, r, eps = (noise[k].double() for k in ("t", "r", "eps"))
+    z = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+    v = eps - x0
+    u, dudt = head.u_and_total_derivative(z, v, r, t, cond)
+    err = (u - (v - (t - r)[:, None, None] * dudt).detach()).pow(2).flatten(1).mean(1)
+    reference = (err / (err.detach() + 1e-3).pow(0.5)).mean()
+    loss = head.loss(x0, cond, noise)
+    torch.testing.assert_close(loss, reference)
+    g_ref = torch.autograd.grad(reference, list(net.parameters()))
+    g = torch.autograd.grad(loss, list(net.parameters()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_ddpm_min_snr_weighting():
+    torch.manual_seed(0)
+    net = ResidualMLP(DA, TP, 3, width=32, n_blocks=1).double()
+    x0, cond = torch.rand(32, TP, DA, dtype=torch.float64) * 2 - 1, torch.randn(32, 3, dtype=torch.float64)
+    noise = DDPMHead(net, TP, DA).draw_noise(32, generator=torch.Generator().manual_seed(1))
+    plain = DDPMHead(net, TP, DA).loss(x0, cond, noise)
+    # γ above every level's SNR: all weights are 1
+    torch.testing.assert_close(DDPMHead(net, TP, DA, snr_gamma=1e9).loss(x0, cond, noise), plain)
+    head = DDPMHead(net, TP, DA, snr_gamma=5.0)
+    ab = head.alphas_cumprod[noise["k"]].double()
+    snr = ab / (1 - ab)
+    w = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    assert (w < 1).any() and (w == 1).any()  # both regimes occur in this batch
+    x_k = ab.sqrt()[:, None, None] * x0 + (1 - ab).sqrt()[:, None, None] * noise["eps"].double()
+    per = (net(x_k, head._times(noise["k"]).double(), cond) - noise["eps"].double()).pow(2)
+    torch.testing.assert_close(head.loss(x0, cond, noise), (w[:, None, None] * per).mean())
+    with pytest.raises(ValueError, match="snr_gamma"):
+        DDPMHead(net, TP, DA, snr_gamma=0.0)
+
+
 def test_meanflow_draws_r_le_t_and_the_configured_fraction_of_r_eq_t():
     head = MeanFlowHead(ResidualMLP(DA, TP, 1, n_times=2, width=8, n_blocks=1), TP, DA, ratio_r_neq_t=0.25)
     n = head.draw_noise(20000, generator=torch.Generator().manual_seed(0))
