@@ -45,7 +45,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--from", dest="from_dir", default=None, help="reuse data and policy of an `stlflow demo` folder")
     ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per row")
     ap.add_argument("--sweep", type=float, nargs="+", default=[0.9, 1.1, 1.3, 1.5], help="requested v_max (m/s)")
-    ap.add_argument("--div-starts", type=int, default=5, help="start states for the diversity columns")
+    ap.add_argument("--div-starts", type=int, default=20, help="start states for the diversity columns")
     ap.add_argument("--div-samples", type=int, default=4, help="episodes per start state for diversity")
     ap.add_argument("--eval-seed", type=int, default=5000)
     ap.add_argument("--demos", type=int, default=100)
