@@ -430,7 +430,7 @@ class PickPlaceExpert:
                 # stop where the TCP is (not at the pressing target): the open pads must not slide to the table
                 self._target[2] = max(self._target[2], ee[2])
         if self.phase == "release":
-            goal = self._target.copy()
+            goal = self._target.copy()  # the gripper opens from the next step, once the TCP has been stopped
             self._wait += 1
             if self._wait > s["release_steps"]:
                 self.phase = "retreat"

@@ -20,6 +20,7 @@ from stlflow.envs.pickplace import (
     OBS_INDEX,
     ON_TABLE_TOL,
     ZONE_RADIUS,
+    RELEASE_HEIGHT,
     PickPlaceEnv,
     PickPlaceExpert,
     pickplace_signals,
@@ -208,6 +209,25 @@ def test_expert_succeeds_in_both_modes_within_the_rules():
             # the style drives the tightest speed limit (what calibration will recover per demo)
             assert sig["ee_speed"].max() == pytest.approx(expert.style["speed"], abs=0.005)
             assert u.action_space.contains(actions.min(0)) and u.action_space.contains(actions.max(0))
+
+
+def test_expert_opens_on_the_cube_height_not_on_the_servo_settling():
+    """The release is gated by an observable coarse condition (cube bottom within RELEASE_HEIGHT of the table) while
+    the lowering target is still below the table, so an imitating policy that keeps lowering reaches it."""
+    env = make()
+    for seed in (0, 1, 2, 3):
+        obs, actions, infos, expert = run_expert(env, seed)
+        grip = actions[:, 3]
+        opens = [t for t in range(1, len(grip)) if grip[t - 1] > 0 and grip[t] < 0]
+        assert len(opens) == 1, f"seed {seed}: one release expected, got steps {opens}"
+        t = opens[0]  # first open command; the release was decided one step earlier (that step stops the TCP)
+        cube_bottom = obs[t - 1, OBS_INDEX["cube_pos"]][2] - CUBE_HALF
+        assert cube_bottom <= RELEASE_HEIGHT + 1e-9
+        assert actions[t - 1][2] == pytest.approx(obs[t - 1, OBS_INDEX["ee_pos"]][2])  # stopped where the TCP was
+        # the last lowering command aimed the cube below its resting height: the target had not settled
+        ee, cube = obs[t - 2, OBS_INDEX["ee_pos"]], obs[t - 2, OBS_INDEX["cube_pos"]]
+        assert actions[t - 2][2] - (ee[2] - cube[2]) < CUBE_HALF
+        assert infos[-1]["success"] and not any(i["collision"] for i in infos)
 
 
 def test_holding_the_cube_in_the_zone_is_not_success_until_released():
