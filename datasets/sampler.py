@@ -60,7 +60,9 @@ class SequenceSampler:
             together with ``episode_ends``.
         horizon: ``Tp``, window length in steps.
         n_obs_steps: ``To``; ``pad_before = To - 1``.
-        n_action_steps: ``Ta``; ``pad_after = Ta - 1``.
+        n_action_steps: ``Ta``; ``pad_after = Ta - 1`` unless ``pad_after`` is given.
+        pad_after: steps a window may run past an episode's last step (None: ``Ta - 1``, Diffusion Policy's choice;
+            ``Tp - To`` makes every step of an episode, the last included, the newest observation of a window).
         keys: keys to load (default: all).
         key_horizons: ``{key: h}`` with ``1 <= h <= horizon``: that key's windows are its first ``h`` frames.
         episodes: episode indices to draw windows from (default: all), e.g. from :func:`split_episodes`.
@@ -77,6 +79,7 @@ class SequenceSampler:
         horizon: int,
         n_obs_steps: int = 1,
         n_action_steps: int = 1,
+        pad_after: int | None = None,
         keys: Sequence[str] | None = None,
         key_horizons: Mapping[str, int] | None = None,
         episodes: Sequence[int] | np.ndarray | None = None,
@@ -92,7 +95,9 @@ class SequenceSampler:
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)
         self.pad_before = self.n_obs_steps - 1
-        self.pad_after = self.n_action_steps - 1
+        self.pad_after = self.n_action_steps - 1 if pad_after is None else int(pad_after)
+        if not 0 <= self.pad_after < self.horizon:
+            raise ValueError(f"pad_after must be in [0, horizon - 1 = {self.horizon - 1}], got {pad_after}")
 
         if isinstance(store, EpisodeStore):
             all_keys = store.keys

@@ -42,7 +42,13 @@ class ChunkData:
 
     Args:
         store: an :class:`EpisodeStore`, or a mapping ``{key: (T_total, D)}`` with ``episode_ends``.
-        horizon, n_obs_steps, n_action_steps: Tp, To, Ta (the sampler pads To-1 before and Ta-1 after).
+        horizon, n_obs_steps, n_action_steps: Tp, To, Ta (the sampler pads To-1 steps before an episode).
+        pad_after: steps a window may run past an episode's end (None: ``Tp - To``, so that every step, the last
+            ones included, is the newest observation of some window). Diffusion Policy pads only ``Ta - 1``: the
+            last ``Tp - To - Ta + 1`` steps of every episode are then never a window's present, which a receding
+            horizon of Ta never needs but a controller that re-plans every tick does. On PickPlace, whose expert
+            opens the gripper in an episode's last steps, policies trained with ``Ta - 1`` learned "the release
+            is 7 steps ahead" for every state and never opened the gripper when re-planning every tick.
         episodes: episode indices to use (default all), e.g. one side of ``split_episodes``.
         params: θ per episode ``(n_episodes, P)`` (all episodes of the store, not only ``episodes``), or None.
         obs_key, action_key: the store keys to read.
@@ -59,10 +65,13 @@ class ChunkData:
         obs_key: str = "obs",
         action_key: str = "action",
         episode_ends: Sequence[int] | np.ndarray | None = None,
+        pad_after: int | None = None,
     ):
         self.obs_key, self.action_key = obs_key, action_key
+        pad_after = int(horizon) - int(n_obs_steps) if pad_after is None else int(pad_after)
         self.sampler = SequenceSampler(
-            store, horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, keys=[obs_key, action_key],
+            store, horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps, pad_after=pad_after,
+            keys=[obs_key, action_key],
             key_horizons={obs_key: n_obs_steps}, episodes=episodes, episode_ends=episode_ends,
         )
         self.params = None if params is None else np.asarray(params, dtype=np.float32)

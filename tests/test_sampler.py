@@ -118,6 +118,26 @@ def test_diffusion_policy_example():
     assert last["t"].tolist() == list(range(11, 20)) + [19] * 7
 
 
+def test_pad_after_full_makes_every_step_a_window_present():
+    """pad_after = Tp - To: the newest observation of the last window is the episode's last step (per-tick control
+    re-plans there); Diffusion Policy's Ta - 1 stops Tp - To - Ta + 1 steps short of it."""
+    from stlflow.policy.data import ChunkData
+
+    data, ends = make_data([20])
+    dp = SequenceSampler(data, horizon=16, n_obs_steps=2, n_action_steps=8, key_horizons={"obs": 2}, episode_ends=ends)
+    full = SequenceSampler(data, horizon=16, n_obs_steps=2, n_action_steps=8, pad_after=14, key_horizons={"obs": 2},
+                           episode_ends=ends)
+    present = lambda smp: sorted({int(smp[i]["t"][1]) for i in range(len(smp))})  # noqa: E731  (frame To-1)
+    assert present(dp) == list(range(0, 13))  # steps 13..19 are never the present
+    assert present(full) == list(range(0, 20))
+    assert full[len(full) - 1]["t"].tolist() == [18, 19] + [19] * 14  # the chunk repeats the last frame
+    chunk = ChunkData({"obs": data["obs"], "action": data["t"][:, None].astype(np.float32)}, 16, 2, 8,
+                      episode_ends=ends)
+    assert len(chunk) == len(full)  # the policies' data uses the full padding by default
+    with pytest.raises(ValueError, match="pad_after"):
+        SequenceSampler(data, 16, n_obs_steps=2, pad_after=16, episode_ends=ends)
+
+
 def test_short_episodes_yield_no_windows():
     data, ends = make_data([3, 10])
     s = SequenceSampler(data, horizon=8, n_obs_steps=2, n_action_steps=2, episode_ends=ends)
