@@ -137,3 +137,17 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     assert main(["env=pickplace", "controller=rti", "episodes=1", f"out={out}"]) == 2  # no checkpoint
     assert main(["env=pickplace", "controller=expert", "k=2", "episodes=1", f"out={out}"]) == 2  # expert takes no k
 
+
+
+def test_rti_start_level_comes_from_the_task_config():
+    """`stlflow eval controller=rti` warm-starts at the task's measured level unless control.t_start overrides it."""
+    from omegaconf import OmegaConf
+
+    from stlflow.config import compose
+
+    def t_start(*overrides):
+        return OmegaConf.to_container(compose("eval", ["control=rti", *overrides]).control, resolve=True)["t_start"]
+
+    assert t_start("env=crossing") == 0.2
+    assert t_start("env=pickplace") == 0.4
+    assert t_start("env=pickplace", "control.t_start=0.3") == 0.3
