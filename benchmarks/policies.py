@@ -97,7 +97,7 @@ def latency_table(nets: list[str], calls: int) -> None:
 
 
 def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
-                   batch: int, out_root: Path, steps: int | None = None) -> dict:
+                   batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None) -> dict:
     from stlflow.datasets import EpisodeStore, split_episodes
     from stlflow.policy.data import ChunkData
     from stlflow.policy.trainer import TrainConfig, Trainer
@@ -107,7 +107,8 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
     pc = policy_config(head, net)
     win = dict(horizon=pc["horizon"], n_obs_steps=pc["n_obs_steps"], n_action_steps=pc["n_action_steps"])
     tr_idx, va_idx = split_episodes(store.n_episodes, 0.05, seed=0)
-    train, val = ChunkData(store, episodes=tr_idx, **win), ChunkData(store, episodes=va_idx, **win)
+    train = ChunkData(store, episodes=tr_idx, pad_after=pad_after, **win)
+    val = ChunkData(store, episodes=va_idx, pad_after=pad_after, **win)
     do, da, mask = store.key_shape("obs")[-1], store.key_shape("action")[-1], task_dims(env_id)[2]
     torch.manual_seed(0)
     policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask,
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--episodes", type=int, default=100)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--pad-after", type=int, default=None,
+                    help="training windows run this many steps past an episode's end (default: ChunkData's Tp - To; "
+                         "7 = Diffusion Policy's Ta - 1)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="policy override for the quality runs, as for stlflow train (e.g. policy.head.snr_gamma=5); "
                          "applied to the heads that have the key; repeatable")
@@ -180,10 +184,11 @@ def main() -> None:
             budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
             print(f"\ntraining {head} on {task} ({path}) for {budget} ...", flush=True)
             rows.append(train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers,
-                                       args.batch, out_root, steps=args.steps))
+                                       args.batch, out_root, steps=args.steps, pad_after=args.pad_after))
             print(rows[-1], flush=True)
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
     extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
+    extra += f", pad_after {args.pad_after}" if args.pad_after is not None else ""
     print(f"\n## quality: {budget} of training per head, {args.episodes} closed-loop episodes (seeds 1000..){extra}")
     keys = ["task", "head", "net", "params_M", "steps", "train_min", "samples_per_s", "val_loss", "success",
             "nfe_per_action", "p50_ms", "p99_ms"]
