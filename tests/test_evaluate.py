@@ -138,7 +138,6 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     assert main(["env=pickplace", "controller=expert", "k=2", "episodes=1", f"out={out}"]) == 2  # expert takes no k
 
 
-
 def test_rti_start_level_comes_from_the_task_config():
     """`stlflow eval controller=rti` warm-starts at the task's measured level unless control.t_start overrides it."""
     from omegaconf import OmegaConf

@@ -83,9 +83,9 @@ def main(argv: list[str]) -> int:
     params = episode_params(store, names) if names else None
     train_idx, val_idx = split_episodes(store.n_episodes, float(cfg.val_ratio), seed=train_cfg.seed)
     win = dict(horizon=int(pc["horizon"]), n_obs_steps=int(pc["n_obs_steps"]), n_action_steps=int(pc["n_action_steps"]))
-    pad = {"pad_after": None if cfg.get("pad_after") is None else int(cfg.pad_after)}
-    train_data = ChunkData(store, episodes=train_idx, params=params, **win, **pad)
-    val_data = ChunkData(store, episodes=val_idx, params=params, **win, **pad) if len(val_idx) else None
+    pad_after = cfg.get("pad_after")  # None: ChunkData's default, Tp - To
+    train_data = ChunkData(store, episodes=train_idx, params=params, pad_after=pad_after, **win)
+    val_data = ChunkData(store, episodes=val_idx, params=params, pad_after=pad_after, **win) if len(val_idx) else None
     normalizer = train_data.fit_normalizer()
     obs_dim, action_dim = store.key_shape("obs")[-1], store.key_shape("action")[-1]
 
