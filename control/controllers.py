@@ -92,7 +92,8 @@ def make_controller(name: str, policy: Any, *, k: int | None = None, n_action_st
     ``k``: solver steps of ``cold`` and ``rti`` (default 2); ``steps``: solver steps of a full plan (``receding``,
     ``full``; None = the head's default); ``n_action_steps``: Ta (``receding`` default: the policy's own, 8 in
     Diffusion Policy; others 1); ``rti_options``: keyword arguments of :class:`RTIController` (``t_start``,
-    ``renoise``, ``discrete_mode``, ``clip_factor``, ``obs_jump``, ``residual_max``, ``cold_steps``);
+    ``renoise``, ``discrete_mode``, ``clip_factor``, ``obs_jump``, ``residual_max``, ``cold_steps``,
+    ``lookahead``, ``plan_at_reset``);
     ``guidance``: optional STL guidance object for any controller (None = off).
     """
     if name not in CONTROLLERS:

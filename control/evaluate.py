@@ -10,9 +10,12 @@ evaluations (``last_nfe``).
 Aggregate metrics (:func:`aggregate`): ``success_rate``, ``stl_satisfaction_rate`` (robustness >= 0),
 ``stl_<rule>_rate`` per conjunct, ``collision_rate``, ``latency_p50_ms`` / ``p95`` / ``p99`` / ``max`` over all
 ticks of all episodes, the same over warm ticks (every tick but each episode's first, as RTI-DP reports),
-``nfe_per_action`` (= network evaluations per tick: one action is executed per tick), ``nfe_per_call`` (mean over
-ticks that ran the network) and ``nfe_per_tick_max``. Latencies are per-process wall times; with several workers
-on a loaded machine they include contention, so time with ``workers=1`` and ``torch.set_num_threads(1)``.
+``nfe_per_action`` (network evaluations per executed action, one per tick, including any plan made in the
+controller's ``reset``), ``nfe_per_call`` (mean over ticks that ran the network), ``nfe_per_tick_max``, and, when
+the controller planned in ``reset`` (RTI ``plan_at_reset``), ``reset_plan_p50_ms`` / ``p95`` / ``p99`` / ``max``
+(that plan is outside the ticks: the loop makes it before its first tick). Latencies are per-process wall
+times; with several workers on a loaded machine they include contention, so time with ``workers=1`` and
+``torch.set_num_threads(1)``.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ def evaluate_episode(policy: Any, env_id: str, seed: int, controller: str = "rec
             res = np.asarray(log["residual"][-result.length:], dtype=np.float64)
             record["residual_mean"] = float(np.nanmean(res)) if np.isfinite(res).any() else float("nan")
             record["cold_ticks"] = int(np.sum(log["cold"][-result.length:]))
+        # a plan made in reset (RTI plan_at_reset): outside the ticks, reported apart and counted in NFE/action
+        record["reset_nfe"] = int(getattr(ctrl, "last_reset_nfe", 0) or 0)
+        record["reset_latency_s"] = float(getattr(ctrl, "last_reset_latency_s", 0.0) or 0.0)
         if render:
             record["frames"] = result.frames
         return record
@@ -153,7 +159,11 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
         metrics["residual_mean"] = float(np.nanmean([r["residual_mean"] for r in records]))
         metrics["cold_ticks_per_episode"] = float(np.mean([r["cold_ticks"] for r in records]))
     ran = nfe[nfe > 0]
-    metrics["nfe_per_action"] = float(nfe.mean())
+    reset_nfe = float(sum(r.get("reset_nfe", 0) for r in records))
+    metrics["nfe_per_action"] = float((nfe.sum() + reset_nfe) / nfe.size)
+    planned = np.asarray([r["reset_latency_s"] for r in records if r.get("reset_nfe", 0) > 0]) * 1e3
+    if planned.size:
+        metrics.update(_percentiles(planned, "reset_plan"))
     metrics["nfe_per_call"] = float(ran.mean()) if ran.size else 0.0
     metrics["nfe_per_tick_max"] = float(nfe.max())
     return metrics
@@ -281,15 +291,16 @@ def run_label(report: dict[str, Any]) -> str:
 def markdown_table(reports: list[dict[str, Any]]) -> str:
     """The comparison table of several evaluation reports (one row each)."""
     head = ("| controller | success | STL sat. | collision | NFE/call | NFE/action | p50 ms | p99 ms | "
-            "p99 warm ms | max ms | episodes |")
-    rows = [head, "|" + "---|" * 11]
+            "p99 warm ms | max ms | reset plan p99 ms | episodes |")
+    rows = [head, "|" + "---|" * 12]
     for r in reports:
         m = r["metrics"]
+        plan = f"{m['reset_plan_p99_ms']:.2f}" if "reset_plan_p99_ms" in m else "-"
         rows.append(
             f"| {run_label(r)} | {m['success_rate']:.1%} | {m['stl_satisfaction_rate']:.1%} | "
             f"{m['collision_rate']:.1%} | {m['nfe_per_call']:.1f} | {m['nfe_per_action']:.2f} | "
             f"{m['latency_p50_ms']:.2f} | {m['latency_p99_ms']:.2f} | {m['latency_warm_p99_ms']:.2f} | "
-            f"{m['latency_max_ms']:.2f} | {int(m['episodes'])} |")
+            f"{m['latency_max_ms']:.2f} | {plan} | {int(m['episodes'])} |")
     return "\n".join(rows) + "\n"
 
 

@@ -13,8 +13,10 @@ from a fresh observation has arrived yet; the env then executes the controller's
 padded with the first real action). The env's clock is frozen while the controller thinks (lock-step), so the
 measured per-tick latency is reported, not simulated; the delay option simulates it deterministically in ticks.
 
-A controller is anything with ``reset()`` (optionally ``reset(seed=...)``) and ``act(obs) -> action``; when it has
-``last_nfe`` the loop records the network evaluations of each tick.
+A controller is anything with ``reset()`` (optionally ``reset(seed=..., obs=...)``: the episode seed and its first
+observation) and ``act(obs) -> action``; when it has ``last_nfe`` the loop records the network evaluations of each
+tick. Work a controller does in ``reset`` (e.g. RTI's ``plan_at_reset``) is outside the ticks' latency; the
+evaluation runner reports it separately.
 """
 
 from __future__ import annotations
@@ -76,14 +78,21 @@ class EpisodeResult:
         return int(self.action.shape[0])
 
 
-def reset_controller(controller: Any, seed: int) -> None:
-    """Call ``controller.reset(seed=seed)`` when it takes a seed, else ``controller.reset()``."""
+def reset_controller(controller: Any, seed: int, obs: Any = None) -> None:
+    """Call ``controller.reset`` with the ``seed`` and the first ``obs`` as far as its signature takes them.
+
+    A controller that takes ``obs`` may plan its first chunk there (``RTIController(plan_at_reset=True)``), before
+    the loop's first tick.
+    """
     reset = controller.reset
     try:
-        takes_seed = "seed" in inspect.signature(reset).parameters
+        names = inspect.signature(reset).parameters
     except (TypeError, ValueError):
-        takes_seed = False
-    reset(seed=seed) if takes_seed else reset()
+        names = {}
+    kw = {"seed": seed} if "seed" in names else {}
+    if obs is not None and "obs" in names:
+        kw["obs"] = obs
+    reset(**kw)
 
 
 def run_episode(
@@ -110,7 +119,7 @@ def run_episode(
     if delay < 0:
         raise ValueError(f"delay must be >= 0 ticks, got {delay}")
     obs, info = env.reset(seed=int(seed))
-    reset_controller(controller, int(seed))
+    reset_controller(controller, int(seed), obs)
     if hook is not None:
         hook.begin(int(seed), obs, info)
     limit = max_steps if max_steps is not None else getattr(env.unwrapped, "max_steps", None)

@@ -19,10 +19,15 @@ Timing (lock-step, one action executed per tick)::
     obs_t --act--> a_t = chunk_t[To-1]  --env.step--> obs_{t+1} --act--> a_{t+1} = chunk_{t+1}[To-1] ...
     chunk_t[To-1+j] plans time t+j, so chunk_{t+1}'s guess is chunk_t shifted left by one.
 
-Fallback to a cold start (full schedule) happens on ``reset()``, when the observation jumps by more than
-``obs_jump`` (max-abs difference of consecutive observations, physical units), and when the update residual
-(RMS of chunk_n - guess, normalised action units) exceeds ``residual_max``; in the last case the tick is
-redone cold and its network evaluations count both attempts. Residuals are logged every warm tick: contraction
+With ``plan_at_reset=True`` and the episode's first observation given to ``reset(obs=...)``, the cold denoise runs
+inside ``reset`` (before the control loop's first deadline, as a robot plans while it stands still) and tick 0
+is a warm tick from that plan, unshifted: every tick then costs k evaluations. The plan's wall time and network
+evaluations are logged apart from the ticks' (``stats["reset"]``), so they are reported, not hidden.
+
+Fallback to a cold start (full schedule) happens on ``reset()`` (unless planned there), when the observation
+jumps by more than ``obs_jump`` (max-abs difference of consecutive observations, physical units), and when the
+update residual (RMS of chunk_n - guess, normalised action units) exceeds ``residual_max``; in the last case the
+tick is redone cold and its network evaluations count both attempts. Residuals are logged every warm tick: contraction
 of the warm start is measured here, not assumed (the RTI-DP contraction bound is not a usable guarantee).
 
 Defaults, chosen by measurement (``benchmarks/rti.py``, Crossing, a DDPM/DDIM policy, 50 seeds, k = 2): re-noising
@@ -122,6 +127,8 @@ class RTIController:
             ``bind(policy, obs_history, params)`` gives the head's ``guidance_fn`` for the tick. None = off.
         lookahead: execute the chunk's action planned ``lookahead`` ticks after the newest observation; set it to a
             known observation-to-action delay in ticks (the action then lands when it was planned for).
+        plan_at_reset: when ``reset`` is given the first observation, run the cold denoise there (see the module
+            docstring); without an observation, or when False, the first tick is cold.
     """
 
     def __init__(
@@ -140,6 +147,7 @@ class RTIController:
         shift: int = 1,
         guidance: Any = None,
         lookahead: int = 0,
+        plan_at_reset: bool = False,
     ) -> None:
         if int(steps_per_tick) < 1:
             raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
@@ -158,6 +166,7 @@ class RTIController:
         self.obs_jump, self.residual_max = obs_jump, residual_max
         self.params, self.seed, self.shift = params, int(seed), int(shift)
         self.guidance = guidance
+        self.plan_at_reset = bool(plan_at_reset)
         self.exec_offset = exec_offset_of(policy) + int(lookahead)
         if int(lookahead) < 0 or not 0 <= self.exec_offset < policy.horizon:
             raise ValueError(f"lookahead={lookahead} puts the executed index {self.exec_offset} outside the chunk "
@@ -173,35 +182,57 @@ class RTIController:
             levels = torch.tensor([-1.0, 0.0, 1.0]).repeat_interleave(policy.action_dim).reshape(3, -1)
             self._discrete_levels = policy.normalize_action(levels).float()
         self._chunk: torch.Tensor | None = None  # last clean chunk, normalised, (1, Tp, Da)
+        self._unshifted = False  # the chunk was planned at reset for the next tick's own time: no shift
         self.last_nfe = 0
+        self.last_reset_nfe, self.last_reset_latency_s = 0, 0.0  # the plan made in reset (0 when none)
         self.last_residual = float("nan")
         self.last_cold = False
         self.log: dict[str, list] = {}
         self.clear_stats()
 
     # ------------------------------------------------------------------ episode bookkeeping
-    def reset(self, seed: int | None = None) -> None:
-        """Start a new episode: forget the warm start and the history (the next tick is cold); reseed if asked."""
-        self._chunk = None
+    @torch.no_grad()
+    def reset(self, seed: int | None = None, obs: Any = None) -> None:
+        """Start a new episode: forget the warm start and the history; reseed if asked.
+
+        The next tick is cold, unless ``plan_at_reset`` is set and ``obs`` (the episode's first observation) is
+        given: then the cold plan is made here, timed and counted in ``stats["reset"]``, and tick 0 is warm.
+        """
+        self._chunk, self._unshifted = None, False
         self.history.reset()
         if seed is not None:
             self.seed = int(seed)
             self.generator.manual_seed(self.seed)
+        self.last_reset_nfe, self.last_reset_latency_s = 0, 0.0
+        if obs is None or not self.plan_at_reset:
+            return
+        t0 = time.perf_counter()
+        history = self.history.push(obs)
+        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
+        self._chunk = self.policy.sample_normalized(self.policy.condition(history, self.params),
+                                                    steps=self.cold_steps, generator=self.generator,
+                                                    guidance_fn=gfn).detach()
+        self._unshifted = True
+        self.last_reset_nfe = self.policy.nfe(self.cold_steps)
+        self.last_reset_latency_s = time.perf_counter() - t0
+        self.log["reset_latency_s"].append(self.last_reset_latency_s)
+        self.log["reset_nfe"].append(self.last_reset_nfe)
 
     def clear_stats(self) -> None:
         """Empty the per-tick logs behind :attr:`stats`."""
-        self.log = {"latency_s": [], "nfe": [], "residual": [], "cold": [], "reason": []}
+        self.log = {"latency_s": [], "nfe": [], "residual": [], "cold": [], "reason": [], "reset_latency_s": [],
+                    "reset_nfe": []}
         self.fallbacks = {"obs_jump": 0, "residual": 0}
 
     # ------------------------------------------------------------------ the warm start
-    def warm_start(self, chunk: torch.Tensor) -> torch.Tensor:
+    def warm_start(self, chunk: torch.Tensor, shift: int | None = None) -> torch.Tensor:
         """The initial guess for the next tick from a clean chunk (B, Tp, Da) normalised.
 
-        Drop the ``shift`` executed actions, repeat the last action to refill the end, and in ``"clip"`` mode
-        snap the discrete channels to their discrete values (divided by ``clip_factor``).
+        Drop the ``shift`` executed actions (default ``self.shift``), repeat the last action to refill the end,
+        and in ``"clip"`` mode snap the discrete channels to their discrete values (divided by ``clip_factor``).
         """
-        s = self.shift
-        guess = torch.cat([chunk[:, s:], chunk[:, -1:].expand(-1, s, -1)], dim=1)
+        s = self.shift if shift is None else int(shift)
+        guess = torch.cat([chunk[:, s:], chunk[:, -1:].expand(-1, s, -1)], dim=1) if s else chunk
         if self.discrete_mode == "clip" and bool(self.discrete_mask.any()):
             lo, zero, hi = self._discrete_levels
             snapped = torch.where(guess > zero, hi, lo)
@@ -228,7 +259,7 @@ class RTIController:
         gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
         nfe, residual = 0, float("nan")
         if not reason:
-            guess = self.warm_start(self._chunk)
+            guess = self.warm_start(self._chunk, shift=0 if self._unshifted else None)
             x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
                 else guess
             chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
@@ -243,7 +274,7 @@ class RTIController:
             chunk = self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator,
                                                   guidance_fn=gfn)
             nfe += self.policy.nfe(self.cold_steps)
-        self._chunk = chunk.detach()
+        self._chunk, self._unshifted = chunk.detach(), False
         action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
         if bool(self.discrete_mask.any()):
             action = self.policy.threshold_discrete(action)
@@ -264,7 +295,8 @@ class RTIController:
         ``latency`` (p50/p95/p99/max/mean in ms, wall time of ``act``), ``nfe_per_tick`` (mean network
         evaluations per ``act``), ``nfe_per_action`` (the same divided by the actions executed per tick, here 1),
         ``cold_ticks``, ``fallbacks`` (by reason), ``residual_mean`` / ``residual_max`` over warm ticks and the raw
-        per-tick ``residuals`` (NaN on cold ticks).
+        per-tick ``residuals`` (NaN on cold ticks); ``reset``: the plans made in ``reset`` (count, latency
+        summary, network evaluations), which ``nfe_per_action`` includes.
         """
         nfe = np.asarray(self.log["nfe"], dtype=np.float64)
         res = np.asarray(self.log["residual"], dtype=np.float64)
@@ -273,14 +305,18 @@ class RTIController:
             "ticks": len(nfe),
             "latency": latency_summary(self.log["latency_s"]),
             "nfe_per_tick": float(nfe.mean()) if nfe.size else float("nan"),
-            "nfe_per_action": float(nfe.sum() / nfe.size) if nfe.size else float("nan"),
+            "nfe_per_action": float((nfe.sum() + sum(self.log["reset_nfe"])) / nfe.size) if nfe.size
+            else float("nan"),
             "cold_ticks": int(np.sum(self.log["cold"])),
             "fallbacks": dict(self.fallbacks),
             "residual_mean": float(warm.mean()) if warm.size else float("nan"),
             "residual_max": float(warm.max()) if warm.size else float("nan"),
             "residuals": res.tolist(),
+            "reset": {"plans": len(self.log["reset_nfe"]), "latency": latency_summary(self.log["reset_latency_s"]),
+                      "nfe": int(sum(self.log["reset_nfe"]))},
         }
 
     def __repr__(self) -> str:
         return (f"RTIController(k={self.steps_per_tick}, t_start={self.t_start}, renoise={self.renoise}, "
-                f"discrete_mode={self.discrete_mode!r}, obs_jump={self.obs_jump}, residual_max={self.residual_max})")
+                f"discrete_mode={self.discrete_mode!r}, obs_jump={self.obs_jump}, residual_max={self.residual_max}, "
+                f"plan_at_reset={self.plan_at_reset})")

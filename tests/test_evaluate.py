@@ -109,6 +109,21 @@ def test_worker_count_does_not_change_results_and_policy_mode_is_restored():
     assert "success_rate" in metrics and metrics["nfe_per_action"] == 1.0
 
 
+def test_a_plan_made_in_reset_is_reported_apart_from_the_ticks():
+    policy = tiny_pickplace_policy()
+    kw = {"controller": "rti", "max_steps": 6, "seed": 5}
+    cold = evaluate(policy, "pickplace", 2, controller_kw={"k": 2, "t_start": 0.4}, **kw)
+    planned = evaluate(policy, "pickplace", 2, controller_kw={"k": 2, "t_start": 0.4, "plan_at_reset": True}, **kw)
+    warm = policy.nfe(2, 0.4)
+    assert cold["ticks"]["nfe"] == ([policy.nfe()] + [warm] * 5) * 2
+    assert planned["ticks"]["nfe"] == [warm] * 12  # the loop handed reset the first observation
+    assert [e["reset_nfe"] for e in planned["episodes"]] == [policy.nfe()] * 2
+    m = planned["metrics"]
+    assert m["nfe_per_action"] == pytest.approx((2 * policy.nfe() + 12 * warm) / 12)
+    assert m["reset_plan_max_ms"] == pytest.approx(1e3 * max(e["reset_latency_s"] for e in planned["episodes"]))
+    assert "reset_plan_p99_ms" not in cold["metrics"]
+
+
 def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     from stlflow.verbs.eval import main
 

@@ -99,6 +99,38 @@ def test_reset_forces_cold_and_nothing_leaks_across_episodes():
     np.testing.assert_array_equal(first, fresh.act(observations(1, seed=2)[0]))
 
 
+def test_plan_at_reset_moves_the_cold_plan_out_of_the_ticks():
+    policy = tiny_policy("flow")
+    calls, spy = NetCalls(policy), Spy(policy)
+    ctrl = RTIController(policy, steps_per_tick=2, t_start=0.3, renoise=False, plan_at_reset=True)
+    obs = observations(4)
+    ctrl.reset(seed=0, obs=obs[0])
+    full, warm = policy.nfe(), policy.nfe(2, 0.3)
+    assert calls.n == full and ctrl.last_reset_nfe == full and ctrl.last_reset_latency_s > 0
+    plan = spy.calls[0]["out"]
+    per_tick = []
+    for o in obs:
+        before = calls.n
+        ctrl.act(o)
+        per_tick.append((ctrl.last_nfe, calls.n - before, ctrl.last_cold))
+    assert per_tick == [(warm, warm, False)] * 4
+    # tick 0 starts from the plan itself (it was made for tick 0's time), not from the plan shifted by one
+    torch.testing.assert_close(spy.calls[1]["x_init"], plan)
+    st_ = ctrl.stats
+    assert st_["cold_ticks"] == 0 and st_["reset"]["plans"] == 1 and st_["reset"]["nfe"] == full
+    assert st_["nfe_per_action"] == pytest.approx((full + 4 * warm) / 4)
+
+
+def test_plan_at_reset_needs_the_observation_and_the_option():
+    policy = tiny_policy("flow")
+    for ctrl, kw in ((RTIController(policy, plan_at_reset=True), {}),
+                     (RTIController(policy, plan_at_reset=False), {"obs": observations(1)[0]})):
+        ctrl.reset(seed=0, **kw)
+        assert ctrl.last_reset_nfe == 0
+        ctrl.act(observations(1)[0])
+        assert ctrl.last_cold and ctrl.last_nfe == policy.nfe()
+
+
 def test_shift_semantics_in_the_loop():
     policy = tiny_policy("flow")
     spy = Spy(policy)
