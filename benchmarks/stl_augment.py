@@ -1,6 +1,7 @@
-"""STL augmentation, controllable policies and STL guidance on Crossing: the issue #7 evaluation table.
+"""STL augmentation, controllable policies and STL guidance: the issue #7 evaluation table, per task.
 
-    python benchmarks/stl_augment.py [--episodes 100] [--from demo_out] [--out bench_out/stl_augment] ...
+    python benchmarks/stl_augment.py [--env crossing|pickplace] [--episodes 100] [--from demo_out]
+        [--out bench_out/stl_augment] ...
 
 Rows (same evaluation seeds for every row, closed loop):
   expert                         the scripted expert (reference; deterministic per start state)
@@ -10,6 +11,9 @@ Rows (same evaluation seeds for every row, closed loop):
   θ on demos+aug + guidance      the same with inference-time STL guidance
   θ on demos+aug + guidance, RTI the same under the real-time-iteration controller (k = 2)
 Rows 2-5 use Diffusion Policy's receding-horizon controller (full flow schedule, Ta = 8).
+PickPlace has no differentiable model, so its guided rows are replaced by ``θ on demos+aug, RTI k=2`` (unguided);
+its diversity compares TCP paths (xyz) and its modes are the zones the cube ends in; its sweep is over the arm's
+``v_max`` (0.3 .. 0.6 m/s) and θ is the task's calibrated parameters (conf/stl/pickplace.yaml).
 
 Columns: STL satisfaction of all rules at the requested θ, collision rate, success; diversity = mean pairwise RMS
 distance (m) of closed-loop xy trajectories from the same start state and distinct behaviour modes reached per
@@ -41,10 +45,12 @@ from stlflow import pipeline as P
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="crossing", choices=sorted(P.TASKS), help="task")
     ap.add_argument("--out", default="bench_out/stl_augment", help="working and output folder")
     ap.add_argument("--from", dest="from_dir", default=None, help="reuse data and policy of an `stlflow demo` folder")
     ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per row")
-    ap.add_argument("--sweep", type=float, nargs="+", default=[0.9, 1.1, 1.3, 1.5], help="requested v_max (m/s)")
+    ap.add_argument("--sweep", type=float, nargs="+", default=None,
+                    help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.3 0.4 0.5 0.6")
     ap.add_argument("--div-starts", type=int, default=20, help="start states for the diversity columns")
     ap.add_argument("--div-samples", type=int, default=4, help="episodes per start state for diversity")
     ap.add_argument("--eval-seed", type=int, default=5000)
@@ -69,6 +75,7 @@ ROWS = [  # key, label, policy key, controller, guided
     ("aug", "θ on demos+aug", "aug", "receding", False),
     ("aug_g", "θ on demos+aug + guidance", "aug", "receding", True),
     ("aug_g_rti", "θ on demos+aug + guidance, RTI k=2", "aug", "rti", True),
+    ("aug_rti", "θ on demos+aug, RTI k=2", "aug", "rti", False),  # instead of the guided rows without a model
 ]
 
 
@@ -77,6 +84,7 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
     """Closed-loop metrics of one row over the θ sweep (episode i: sweep[i mod n], seed eval_seed + i)."""
     from stlflow.control.evaluate import evaluate
 
+    wiring = P.task_wiring(args.env)
     records, lat, requested = [], [], []
     t0 = time.perf_counter()
     gsec = 0.0
@@ -88,10 +96,10 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
         if controller == "rti":
             kw["k"] = int(args.k)
         if guided:
-            kw["guidance"] = P.crossing_guidance(theta, **guidance_opts)
+            kw["guidance"] = wiring.guidance(theta, **guidance_opts)
         # evaluate() runs consecutive seeds; the sweep's episodes use seeds eval_seed + i with i = j (mod n)
         for i in idx:
-            rep = evaluate(None if controller == "expert" else policy, P.ENV, 1, seed=args.eval_seed + i,
+            rep = evaluate(None if controller == "expert" else policy, wiring.env, 1, seed=args.eval_seed + i,
                            workers=1, controller=controller, controller_kw=kw, stl_params=theta)
             ep = rep["episodes"][0]
             records.append(ep)
@@ -101,7 +109,7 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
             gsec += kw["guidance"].seconds
     wall = time.perf_counter() - t0
     n = len(records)
-    max_speed = [theta_v - ep["rule_robustness"]["speed"] for theta_v, ep in zip(requested, records)]
+    max_speed = [theta_v - ep["rule_robustness"][wiring.speed_rule] for theta_v, ep in zip(requested, records)]
     lat_a = np.asarray(lat)
     return {
         "episodes": n,
@@ -127,16 +135,20 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.from_dir) if args.from_dir else out
     demos, augmented = src / "data" / "demos.zarr", src / "data" / "augmented.zarr"
-    cond = ["v_max", "d_safe", "w", "T"]
+    from stlflow.config import compose
+
+    wiring = P.task_wiring(args.env)
+    cond = list(compose("calibrate", [f"env={args.env}"]).stl.calibrate_params)
+    sweep = list(args.sweep or wiring.sweep)
     t_all = time.perf_counter()
     aug_report: dict[str, Any] = {}
     if args.from_dir is None:
         print(f"collect {args.demos} demos ...", flush=True)
-        P.stage_collect(demos, args.demos, seed=args.seed, workers=args.workers)
-        P.stage_calibrate(demos, log=lambda s: None)
+        P.stage_collect(demos, args.demos, seed=args.seed, workers=args.workers, task=args.env)
+        P.stage_calibrate(demos, log=lambda s: None, task=args.env)
         print(f"augment {args.aug_demos} demos x {args.per_demo} ...", flush=True)
         aug_report = P.stage_augment(demos, augmented, args.per_demo, args.aug_demos, workers=args.workers,
-                                     seed=args.seed)
+                                     seed=args.seed, task=args.env)
     else:
         from stlflow.datasets import EpisodeStore
 
@@ -146,21 +158,25 @@ def main() -> int:
 
     dataset_theta = {k: float(v) for k, v in EpisodeStore.open(demos).attrs["stl_params_dataset"].items()}
     policies: dict[str, Any] = {}
-    wanted = {r[0] for r in ROWS} if args.rows == "all" else set(args.rows.split(","))
+    guided_ok = wiring.guidance is not None
+    default_rows = {r[0] for r in ROWS if r[0] != "aug_rti"} if guided_ok else {r[0] for r in ROWS if not r[4]}
+    wanted = default_rows if args.rows == "all" else set(args.rows.split(","))
+    if not guided_ok and any(r[4] for r in ROWS if r[0] in wanted):
+        raise SystemExit(f"{args.env} has no differentiable model for STL guidance: drop the guided rows")
     need = {r[2] for r in ROWS if r[0] in wanted and r[2]}
     if "aug" in need:
         if args.from_dir and (src / "policy").exists():
             policies["aug"] = Policy.load(src / "policy")
         else:
             policies["aug"] = P.stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy_aug", cond,
-                                            args.train_steps, args.batch_size, seed=args.seed)
+                                            args.train_steps, args.batch_size, seed=args.seed, task=args.env)
     for key, names in (("theta", cond), ("notheta", [])):
         if key in need:
             ckpt = out / f"policy_{key}"
             policies[key] = Policy.load(ckpt) if (ckpt / "policy.yaml").exists() else P.stage_train(
                 [demos], out / "data" / "unused.zarr", ckpt, names, args.train_steps, args.batch_size,
-                seed=args.seed)
-    thetas = [{**dataset_theta, "v_max": float(v)} for v in args.sweep]
+                seed=args.seed, task=args.env)
+    thetas = [{**dataset_theta, "v_max": float(v)} for v in sweep]
     gopts = {"t_max": args.guidance_t_max}
     results: dict[str, Any] = {}
     for key, label, pkey, controller, guided in ROWS:
@@ -173,7 +189,7 @@ def main() -> int:
             policy, [args.eval_seed + 100000 + i for i in range(args.div_starts)],
             1 if controller == "expert" else args.div_samples, dataset_theta, controller=controller,
             controller_kw=({"k": args.k} if controller == "rti" else {}) | (
-                {"guidance": P.crossing_guidance(dataset_theta, **gopts)} if guided else {}))
+                {"guidance": wiring.guidance(dataset_theta, **gopts)} if guided else {}), task=args.env)
         m.update(P.sample_metrics(samples))
         results[key] = {"label": label, **m}
         print(f"  {json.dumps({k: v for k, v in m.items() if not isinstance(v, dict)})}", flush=True)
@@ -197,7 +213,8 @@ def main() -> int:
               f"wall, {aug_report.get('model_satisfying_per_second', float('nan')):.1f} model-satisfying/s; diversity "
               f"per start state: random subset {aug_report.get('div_random', float('nan')):.3f} m -> selected "
               f"{aug_report.get('div_selected', float('nan')):.3f} m")
-    print(f"sweep v_max={args.sweep}; other θ={ {k: round(v, 3) for k, v in dataset_theta.items() if k != 'v_max'} }; "
+    others = {k: round(v, 3) for k, v in dataset_theta.items() if k != "v_max"}
+    print(f"{args.env}: sweep v_max={sweep}; other θ={others}; "
           f"total {time.perf_counter() - t_all:.0f} s")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": results, "augment": aug_report,
                                                   "dataset_theta": dataset_theta, "table": table}, indent=1,

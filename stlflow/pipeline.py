@@ -41,6 +41,10 @@ __all__ = [
     "crossing_model_inputs",
     "crossing_guidance",
     "crossing_mode",
+    "pickplace_mode",
+    "TaskWiring",
+    "TASKS",
+    "task_wiring",
     "spearman",
     "closed_loop_samples",
     "diversity",
@@ -158,6 +162,53 @@ def crossing_mode(obs: np.ndarray, side: float = 0.6, stop_speed: float = 0.15, 
     return "yield" if float(np.min(np.abs(obs[: t + 1, I_V]))) < stop_speed and t > 0 else "behind"
 
 
+def pickplace_mode(obs: np.ndarray) -> str:
+    """Behaviour mode of a PickPlace trajectory ``obs`` (T, 22): the zone the cube ends in (``left``/``right``), else
+    ``"none"`` (the zones are the task's modes, as in conf/stl/pickplace.yaml)."""
+    from stlflow.envs.pickplace import pickplace_signals
+
+    sig = pickplace_signals(np.asarray(obs)[-1:])
+    if sig["in_left"][-1] >= 0:
+        return "left"
+    return "right" if sig["in_right"][-1] >= 0 else "none"
+
+
+@dataclass(frozen=True)
+class TaskWiring:
+    """What the STL benchmark and the sampling helpers need to know of a task.
+
+    ``speed_signal`` / ``speed_rule``: the signal the controllability sweep measures (its maximum) and the rule that
+    bounds it by ``v_max``; ``path``: the slice of the observation whose closed-loop paths the diversity compares
+    (Crossing: robot xy; PickPlace: TCP xyz); ``mode``: behaviour-mode classifier of a trajectory; ``guidance``:
+    factory of STL guidance (None: the task has no differentiable model, so no guided rows); ``sweep``: default
+    requested v_max values.
+    """
+
+    env: str
+    env_id: str
+    speed_signal: str
+    speed_rule: str
+    path: slice
+    mode: Callable[[np.ndarray], str]
+    guidance: Callable[..., Any] | None
+    sweep: tuple[float, ...]
+
+
+TASKS: dict[str, TaskWiring] = {
+    "crossing": TaskWiring("crossing", "stlflow/Crossing-v0", "speed", "speed", slice(0, 2), crossing_mode,
+                           crossing_guidance, (0.9, 1.1, 1.3, 1.5)),
+    "pickplace": TaskWiring("pickplace", "stlflow/PickPlace-v0", "ee_speed", "speed_limit", slice(0, 3),
+                            pickplace_mode, None, (0.3, 0.4, 0.5, 0.6)),
+}
+
+
+def task_wiring(task: str) -> TaskWiring:
+    """The :class:`TaskWiring` of ``task`` (``crossing``, ``pickplace``); a clear error for anything else."""
+    if task not in TASKS:
+        raise ValueError(f"no task wiring for {task!r}; tasks: {sorted(TASKS)}")
+    return TASKS[task]
+
+
 # ============================================================================================ metrics
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when either side is constant or n < 2."""
@@ -180,7 +231,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def diversity(trajectories: Sequence[np.ndarray]) -> float:
-    """Mean pairwise RMS distance (m) between xy trajectories (T_i, 2), shorter ones held at their last point."""
+    """Mean pairwise RMS distance (m) between paths (T_i, D), shorter ones held at their last point."""
     import torch
 
     from stlflow.datasets.augment import mean_pairwise_distance
@@ -209,13 +260,15 @@ class _Reseeded:
 
 def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_params: Mapping[str, float], *,
                         controller: str = "rti", controller_kw: Mapping[str, Any] | None = None,
-                        max_steps: int | None = None) -> list[dict[str, Any]]:
+                        max_steps: int | None = None, task: str = ENV) -> list[dict[str, Any]]:
     """Run ``samples`` closed-loop episodes from each start state ``seeds`` (different controller noise each).
 
     ``policy``: a Policy, or None with ``controller="expert"`` (then samples > 1 repeat the deterministic expert).
-    Returns one record per episode: ``seed``, ``sample``, ``xy`` (T+1, 2), ``mode``, ``max_speed`` (m/s),
-    ``success``, ``collision``, ``robustness`` (exact, all rules at ``stl_params``).
+    Returns one record per episode: ``seed``, ``sample``, ``xy`` (T+1, D: the task's path, see
+    :class:`TaskWiring`), ``mode``, ``max_speed`` (m/s, of the task's speed signal), ``success``, ``collision``,
+    ``robustness`` (exact, all rules at ``stl_params``).
     """
+    wiring = task_wiring(task)
     from stlflow.control.collect import make_env
     from stlflow.control.controllers import make_controller
     from stlflow.control.evaluate import rule_robustness
@@ -224,7 +277,7 @@ def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_par
     records = []
     for s in seeds:
         for j in range(samples):
-            env = make_env(ENV_ID)
+            env = make_env(wiring.env_id)
             try:
                 u = env.unwrapped
                 theta = {**{k: float(v) for k, v in u.rule_defaults.items()}, **dict(stl_params)}
@@ -239,8 +292,9 @@ def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_par
                 res = run_episode(env, ctrl, int(s), max_steps=max_steps)
                 sig = {k: np.asarray(v, dtype=np.float64) for k, v in u.signals(res.obs).items()}
                 rho, _ = rule_robustness(u.rules, None, sig, u.dt, theta)
-                records.append({"seed": int(s), "sample": j, "xy": res.obs[:, :2].astype(np.float64),
-                                "mode": crossing_mode(res.obs), "max_speed": float(np.max(sig["speed"])),
+                records.append({"seed": int(s), "sample": j, "xy": res.obs[:, wiring.path].astype(np.float64),
+                                "mode": wiring.mode(res.obs),
+                                "max_speed": float(np.max(sig[wiring.speed_signal])),
                                 "success": bool(res.success), "collision": bool(res.collision),
                                 "robustness": float(rho)})
             finally:
@@ -260,15 +314,17 @@ def sample_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 # ============================================================================================ stages
-def stage_collect(out: Path, episodes: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
-    """Expert demonstrations of Crossing into ``out`` (an EpisodeStore)."""
+def stage_collect(out: Path, episodes: int, seed: int = 0, workers: int = 1, progress: bool = True,
+                  task: str = ENV) -> Path:
+    """Expert demonstrations of ``task`` (Crossing by default) into ``out`` (an EpisodeStore)."""
     from stlflow.control.collect import collect
 
-    collect(ENV, int(episodes), out, seed=int(seed), workers=int(workers), overwrite=True, progress=progress)
+    collect(task, int(episodes), out, seed=int(seed), workers=int(workers), overwrite=True, progress=progress)
     return out
 
 
-def stage_calibrate(data: Path, q: float = 0.95, log: Callable[[str], None] = print) -> dict[str, Any]:
+def stage_calibrate(data: Path, q: float = 0.95, log: Callable[[str], None] = print, task: str = ENV
+                    ) -> dict[str, Any]:
     """``stlflow calibrate data=...`` in process: per-episode θ (``stl_params``) and dataset θ into the store."""
     import contextlib
     import io
@@ -277,7 +333,7 @@ def stage_calibrate(data: Path, q: float = 0.95, log: Callable[[str], None] = pr
     from stlflow.datasets import EpisodeStore
     from stlflow.verbs.calibrate import calibrate
 
-    cfg = compose("calibrate", [f"data={data}", f"q={q}"])
+    cfg = compose("calibrate", [f"env={task}", f"data={data}", f"q={q}"])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         status = calibrate(cfg)
@@ -294,12 +350,12 @@ def stage_calibrate(data: Path, q: float = 0.95, log: Callable[[str], None] = pr
 
 def stage_augment(data: Path, out: Path, per_demo: int, demos: int | None, workers: int = 1, seed: int = 0,
                   opt: Mapping[str, Any] | None = None, modes: Sequence[str] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, task: str = ENV) -> dict[str, Any]:
     """``stlflow augment`` in process on the first ``demos`` demonstrations; returns its report as a dict."""
     from stlflow.config import compose
     from stlflow.verbs.augment import augment, format_report
 
-    overrides = [f"data={data}", f"out={out}", f"per_demo={int(per_demo)}", f"workers={int(workers)}",
+    overrides = [f"env={task}", f"data={data}", f"out={out}", f"per_demo={int(per_demo)}", f"workers={int(workers)}",
                  f"seed={int(seed)}", "overwrite=true", f"progress={str(bool(progress)).lower()}"]
     if demos is not None:
         overrides.append(f"episodes={int(demos)}")
@@ -315,7 +371,7 @@ def stage_augment(data: Path, out: Path, per_demo: int, demos: int | None, worke
 
 def stage_train(stores: Sequence[Path], merged: Path, out: Path, cond_params: Sequence[str], steps: int,
                 batch_size: int, net: Mapping[str, Any] | None = None, seed: int = 0, threads: int = 1,
-                progress: bool = True) -> Any:
+                progress: bool = True, task: str = ENV) -> Any:
     """``stlflow train`` (flow head, MLP) in process on the concatenation of ``stores``; returns the Policy."""
     from stlflow.datasets import EpisodeStore
     from stlflow.policy import Policy
@@ -325,7 +381,8 @@ def stage_train(stores: Sequence[Path], merged: Path, out: Path, cond_params: Se
     if len(stores) > 1:
         EpisodeStore.merge(list(stores), merged, overwrite=True)
         data = merged
-    argv = [f"data={data}", f"out={out}", "policy=flow", "net=mlp", "eval_episodes=0", f"train.steps={int(steps)}",
+    argv = [f"env={task}", f"data={data}", f"out={out}", "policy=flow", "net=mlp", "eval_episodes=0",
+            f"train.steps={int(steps)}",
             f"train.batch_size={int(batch_size)}", f"train.seed={int(seed)}", f"train.threads={int(threads)}",
             f"train.warmup_steps={max(1, min(500, int(steps) // 10))}", f"train.val_every={max(1, int(steps) // 4)}",
             f"train.ckpt_every={int(steps)}", "train.tensorboard=false", f"train.progress={str(progress).lower()}",

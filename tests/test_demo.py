@@ -103,3 +103,23 @@ def test_expert_modes_are_recognised():
         n += 1
         agree += crossing_mode(arrays["obs"]) == attrs["mode"]
     assert agree >= 0.75 * n, f"{agree}/{n}"
+
+
+def test_pickplace_wiring_reads_the_zone_and_the_arm_speed():
+    """PickPlace samples: the mode is the zone the expert placed in, the path is the TCP's, max speed its own."""
+    from stlflow.control.collect import collect_episode
+    from stlflow.envs.pickplace import pickplace_signals
+    from stlflow.pipeline import closed_loop_samples, task_wiring
+
+    with pytest.raises(ValueError, match="no task wiring"):
+        task_wiring("walker")
+    seeds = [0, 1, 2, 3]
+    recs = closed_loop_samples(None, seeds, 1, {}, controller="expert", task="pickplace")
+    for rec in recs:
+        arrays, attrs = collect_episode("stlflow/PickPlace-v0", rec["seed"])
+        assert rec["success"] and rec["mode"] == attrs["mode"] in ("left", "right")
+        n = len(arrays["obs"])  # the store keeps the observations the actions were taken at (no final one)
+        assert rec["xy"].shape == (n + 1, 3)
+        np.testing.assert_allclose(rec["xy"][:n], arrays["obs"][:, :3], atol=1e-6)
+        assert rec["max_speed"] >= pickplace_signals(arrays["obs"])["ee_speed"].max() - 1e-6
+    assert task_wiring("pickplace").mode(arrays["obs"][:1]) == "none"  # the cube starts outside both zones
