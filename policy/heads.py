@@ -352,7 +352,9 @@ class MeanFlowHead(Head):
 
     Args:
         ratio_r_neq_t: fraction of training pairs with r < t (the rest has r = t, plain flow matching).
-        logit_mean, logit_std: (t, r) are the max and min of two logit-normal draws.
+        time_sampling: ``"logit_normal"`` (MeanFlow's choice) or ``"uniform"``: (t, r) are the max and min of two
+            such draws. One-step sampling asks for (r, t) = (0, 1), a corner logit-normal(-0.4, 1) rarely visits.
+        logit_mean, logit_std: parameters of the logit-normal draws.
         adaptive_p: MeanFlow's adaptive loss weight w = 1 / (|Δ|² + c)^p per sample (0 = plain MSE).
     """
 
@@ -367,6 +369,7 @@ class MeanFlowHead(Head):
         horizon: int,
         action_dim: int,
         ratio_r_neq_t: float = 0.5,
+        time_sampling: str = "logit_normal",
         logit_mean: float = -0.4,
         logit_std: float = 1.0,
         adaptive_p: float = 0.0,
@@ -375,7 +378,10 @@ class MeanFlowHead(Head):
         super().__init__(net, horizon, action_dim, default_steps)
         if not 0.0 <= ratio_r_neq_t <= 1.0:
             raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {ratio_r_neq_t}")
+        if time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {time_sampling!r}")
         self.ratio_r_neq_t, self.adaptive_p = float(ratio_r_neq_t), float(adaptive_p)
+        self.time_sampling = time_sampling
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
 
     def u(self, z: Tensor, r: Tensor, t: Tensor, cond: Tensor) -> Tensor:
@@ -390,8 +396,8 @@ class MeanFlowHead(Head):
 
     def draw_noise(self, batch, generator=None, device=None):
         dev = generator.device if generator is not None else device
-        a = _sample_times(batch, "logit_normal", self.logit_mean, self.logit_std, generator, dev)
-        b = _sample_times(batch, "logit_normal", self.logit_mean, self.logit_std, generator, dev)
+        a = _sample_times(batch, self.time_sampling, self.logit_mean, self.logit_std, generator, dev)
+        b = _sample_times(batch, self.time_sampling, self.logit_mean, self.logit_std, generator, dev)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         r = torch.where(torch.rand((batch,), generator=generator, device=dev) < self.ratio_r_neq_t, r, t)
         return {"t": t, "r": r, "eps": torch.randn((batch, self.horizon, self.action_dim), generator=generator,

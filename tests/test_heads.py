@@ -217,6 +217,13 @@ def test_meanflow_draws_r_le_t_and_the_configured_fraction_of_r_eq_t():
     n = head.draw_noise(20000, generator=torch.Generator().manual_seed(0))
     assert torch.all(n["r"] <= n["t"]) and torch.all((n["t"] > 0) & (n["t"] < 1))
     assert abs((n["r"] < n["t"]).float().mean().item() - 0.25) < 0.02
+    uni = MeanFlowHead(ResidualMLP(DA, TP, 1, n_times=2, width=8, n_blocks=1), TP, DA, ratio_r_neq_t=1.0,
+                       time_sampling="uniform").draw_noise(20000, generator=torch.Generator().manual_seed(0))
+    # max and min of two uniforms: E[t] = 2/3, E[r] = 1/3, and the one-step corner t > 0.9 is visited 19% of the time
+    assert abs(uni["t"].mean().item() - 2 / 3) < 0.01 and abs(uni["r"].mean().item() - 1 / 3) < 0.01
+    assert abs((uni["t"] > 0.9).float().mean().item() - 0.19) < 0.015 and (n["t"] > 0.9).float().mean() < 0.05
+    with pytest.raises(ValueError, match="time_sampling"):
+        MeanFlowHead(ResidualMLP(DA, TP, 1, n_times=2), TP, DA, time_sampling="beta")
 
 
 def test_flow_time_sampling_modes():
