@@ -78,7 +78,7 @@ class EpisodeResult:
         return int(self.action.shape[0])
 
 
-def reset_controller(controller: Any, seed: int, obs: Any = None) -> None:
+def reset_controller(controller: Any, seed: int | None, obs: Any = None) -> None:
     """Call ``controller.reset`` with the ``seed`` and the first ``obs`` as far as its signature takes them.
 
     A controller that takes ``obs`` may plan its first chunk there (``RTIController(plan_at_reset=True)``), before
@@ -89,7 +89,7 @@ def reset_controller(controller: Any, seed: int, obs: Any = None) -> None:
         names = inspect.signature(reset).parameters
     except (TypeError, ValueError):
         names = {}
-    kw = {"seed": seed} if "seed" in names else {}
+    kw = {"seed": seed} if "seed" in names and seed is not None else {}
     if obs is not None and "obs" in names:
         kw["obs"] = obs
     reset(**kw)

@@ -249,8 +249,10 @@ class _Reseeded:
     def __init__(self, inner: Any, sample: int) -> None:
         self.inner, self.sample = inner, int(sample)
 
-    def reset(self, seed: int | None = None) -> None:
-        self.inner.reset(seed=None if seed is None else int(seed) * 1000 + self.sample)
+    def reset(self, seed: int | None = None, obs: Any = None) -> None:
+        from stlflow.control.loop import reset_controller
+
+        reset_controller(self.inner, None if seed is None else int(seed) * 1000 + self.sample, obs)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         action = self.inner.act(obs)
