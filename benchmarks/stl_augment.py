@@ -24,6 +24,10 @@ share. Episode i of a row requests v_max = sweep[i mod len(sweep)] (other θ: th
 calibration) with seed ``--eval-seed + i``. Also prints the augmentation throughput (replay-verified satisfying
 trajectories per second) from the augmentation report.
 
+``--relabel`` trains the demos+aug policy on augmented episodes labelled the way the demonstrations are (their
+tightest θ + the calibration margin, by ``stlflow calibrate``) instead of the θ they were optimised for: an episode
+optimised for v_max = 0.6 that never exceeds 0.45 then teaches "v_max = 0.45 + margin", as a demonstration would.
+
 With ``--from DIR`` (an ``stlflow demo`` output folder) the demonstrations, the augmented store and the θ-conditioned
 demos+aug policy are reused; the two other policies are trained here with the same settings (``--train-steps``).
 Use ``torch.set_num_threads(1)`` timings (done here); evaluation workers add contention to the latency figures.
@@ -64,6 +68,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--meet-tol", type=float, default=0.05, help="max speed may exceed the request by this (m/s)")
     ap.add_argument("--guidance-t-max", type=float, default=0.25, help="guide at noise levels t <= this")
     ap.add_argument("--rows", default="all", help="comma-separated row keys to run (default all)")
+    ap.add_argument("--reuse-data", action="store_true",
+                    help="reuse the demonstrations and augmented store already in --out (skip collect/augment)")
+    ap.add_argument("--relabel", action="store_true",
+                    help="label the augmented episodes as the demonstrations are (stlflow calibrate: tightest θ + "
+                         "margin of the replayed trajectory) instead of the θ they were optimised for, before "
+                         "training the demos+aug policy")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
@@ -142,7 +152,7 @@ def main() -> int:
     sweep = list(args.sweep or wiring.sweep)
     t_all = time.perf_counter()
     aug_report: dict[str, Any] = {}
-    if args.from_dir is None:
+    if args.from_dir is None and not (args.reuse_data and augmented.exists()):
         print(f"collect {args.demos} demos ...", flush=True)
         P.stage_collect(demos, args.demos, seed=args.seed, workers=args.workers, task=args.env)
         P.stage_calibrate(demos, log=lambda s: None, task=args.env)
@@ -165,10 +175,21 @@ def main() -> int:
         raise SystemExit(f"{args.env} has no differentiable model for STL guidance: drop the guided rows")
     need = {r[2] for r in ROWS if r[0] in wanted and r[2]}
     if "aug" in need:
-        if args.from_dir and (src / "policy").exists():
+        ckpt = out / ("policy_aug_relabel" if args.relabel else "policy_aug")
+        if args.from_dir and (src / "policy").exists() and not args.relabel:
             policies["aug"] = Policy.load(src / "policy")
+        elif (ckpt / "policy.yaml").exists():
+            policies["aug"] = Policy.load(ckpt)
         else:
-            policies["aug"] = P.stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy_aug", cond,
+            aug_data = augmented
+            if args.relabel:  # hindsight labels: the θ each replayed trajectory satisfies tightly (+ margin)
+                import shutil
+
+                aug_data = out / "data" / "augmented_relabelled.zarr"
+                shutil.rmtree(aug_data, ignore_errors=True)
+                shutil.copytree(augmented, aug_data)
+                P.stage_calibrate(aug_data, log=lambda s: None, task=args.env)
+            policies["aug"] = P.stage_train([demos, aug_data], out / "data" / "train.zarr", ckpt, cond,
                                             args.train_steps, args.batch_size, seed=args.seed, task=args.env)
     for key, names in (("theta", cond), ("notheta", [])):
         if key in need:
@@ -182,6 +203,8 @@ def main() -> int:
     for key, label, pkey, controller, guided in ROWS:
         if key not in wanted:
             continue
+        if args.relabel and pkey == "aug":
+            label = label.replace("demos+aug", "demos+aug (θ relabelled)")
         print(f"row {label} ...", flush=True)
         policy = policies.get(pkey) if pkey else None
         m = evaluate_row(policy, controller, guided, thetas, args.episodes, args, gopts)
