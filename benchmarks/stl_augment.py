@@ -13,7 +13,8 @@ Rows (same evaluation seeds for every row, closed loop):
 Rows 2-5 use Diffusion Policy's receding-horizon controller (full flow schedule, Ta = 8).
 PickPlace has no differentiable model, so its guided rows are replaced by ``θ on demos+aug, RTI k=2`` (unguided);
 its diversity compares TCP paths (xyz) and its modes are the zones the cube ends in; its sweep is over the arm's
-``v_max`` (0.3 .. 0.6 m/s) and θ is the task's calibrated parameters (conf/stl/pickplace.yaml).
+``v_max`` within the demonstrations' calibrated range (0.2 .. 0.35 m/s: the expert moves at 0.12-0.32 m/s, and the
+CEM's small perturbations of the demo's targets do not make it faster) and the other θ are the dataset's.
 
 Columns: STL satisfaction of all rules at the requested θ, collision rate, success; diversity = mean pairwise RMS
 distance (m) of closed-loop xy trajectories from the same start state and distinct behaviour modes reached per
@@ -54,7 +55,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--from", dest="from_dir", default=None, help="reuse data and policy of an `stlflow demo` folder")
     ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per row")
     ap.add_argument("--sweep", type=float, nargs="+", default=None,
-                    help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.3 0.4 0.5 0.6")
+                    help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.2 0.25 0.3 0.35")
     ap.add_argument("--div-starts", type=int, default=20, help="start states for the diversity columns")
     ap.add_argument("--div-samples", type=int, default=4, help="episodes per start state for diversity")
     ap.add_argument("--eval-seed", type=int, default=5000)
