@@ -209,9 +209,7 @@ class RTIController:
         t0 = time.perf_counter()
         history = self.history.push(obs)
         gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
-        self._chunk = self.policy.sample_normalized(self.policy.condition(history, self.params),
-                                                    steps=self.cold_steps, generator=self.generator,
-                                                    guidance_fn=gfn).detach()
+        self._chunk = self._cold_plan(self.policy.condition(history, self.params), gfn).detach()
         self._unshifted = True
         self.last_reset_nfe = self.policy.nfe(self.cold_steps)
         self.last_reset_latency_s = time.perf_counter() - t0
@@ -223,6 +221,11 @@ class RTIController:
         self.log = {"latency_s": [], "nfe": [], "residual": [], "cold": [], "reason": [], "reset_latency_s": [],
                     "reset_nfe": []}
         self.fallbacks = {"obs_jump": 0, "residual": 0}
+
+    def _cold_plan(self, cond: torch.Tensor, guidance_fn: Any) -> torch.Tensor:
+        """A chunk from noise with the full (``cold_steps``) schedule: first tick, reset plan and fallbacks."""
+        return self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator,
+                                             guidance_fn=guidance_fn)
 
     # ------------------------------------------------------------------ the warm start
     def warm_start(self, chunk: torch.Tensor, shift: int | None = None) -> torch.Tensor:
@@ -271,8 +274,7 @@ class RTIController:
                 reason = "residual"
                 self.fallbacks["residual"] += 1
         if reason:
-            chunk = self.policy.sample_normalized(cond, steps=self.cold_steps, generator=self.generator,
-                                                  guidance_fn=gfn)
+            chunk = self._cold_plan(cond, gfn)
             nfe += self.policy.nfe(self.cold_steps)
         self._chunk, self._unshifted = chunk.detach(), False
         action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
