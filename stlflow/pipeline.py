@@ -195,8 +195,8 @@ class TaskWiring:
 
 
 TASKS: dict[str, TaskWiring] = {
-    "crossing": TaskWiring("crossing", "stlflow/Crossing-v0", "speed", "speed", slice(0, 2), crossing_mode,
-                           crossing_guidance, (0.9, 1.1, 1.3, 1.5)),
+    ENV: TaskWiring(ENV, ENV_ID, "speed", "speed", slice(0, 2), crossing_mode, crossing_guidance,
+                    (0.9, 1.1, 1.3, 1.5)),
     "pickplace": TaskWiring("pickplace", "stlflow/PickPlace-v0", "ee_speed", "speed_limit", slice(0, 3),
                             pickplace_mode, None, (0.2, 0.25, 0.3, 0.35)),  # the demos' calibrated range
 }
