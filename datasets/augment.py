@@ -99,6 +99,9 @@ class DemoWindow:
       ``{mode name: (H, Du)}`` with one nominal per behaviour mode (e.g. the demo retargeted to another zone;
       modes missing from the dict use the ``"*"`` entry); needed for ``optimiser="cem"``. ``rollout`` need not
       be differentiable for it (it may step MuJoCo). Nominals shorter than H hold their last control.
+    - ``retime``: optional ``retime(nominal (T, Du), theta) -> (T', Du)``: the nominal adapted to a group's θ
+      before the optimiser perturbs it (e.g. played faster or slower to match a requested speed limit, which
+      small perturbations of the demo cannot do).
     """
 
     horizon: int
@@ -107,9 +110,10 @@ class DemoWindow:
     positions: Callable[[torch.Tensor], torch.Tensor]
     replay: Callable[[np.ndarray], ReplayResult]
     nominal: np.ndarray | dict[str, np.ndarray] | None = None
+    retime: Callable[[np.ndarray, dict[str, float]], np.ndarray] | None = None
 
-    def nominal_for(self, mode: str) -> np.ndarray:
-        """The nominal controls (H, Du) of behaviour ``mode`` (see the class docstring)."""
+    def nominal_for(self, mode: str, theta: dict[str, float] | None = None) -> np.ndarray:
+        """The nominal controls (H, Du) of behaviour ``mode`` at θ (see the class docstring)."""
         if self.nominal is None:
             raise ValueError("optimiser='cem' needs DemoWindow.nominal (the controls to perturb)")
         nom = self.nominal
@@ -117,6 +121,8 @@ class DemoWindow:
             if mode not in nom and "*" not in nom:
                 raise KeyError(f"DemoWindow.nominal has no entry for mode {mode!r} (nor '*'): {sorted(nom)}")
             nom = nom.get(mode, nom.get("*"))
+        if self.retime is not None and theta is not None:
+            nom = self.retime(np.asarray(nom, dtype=np.float64), dict(theta))
         nom = np.asarray(nom, dtype=np.float64)[: self.horizon]
         if len(nom) < self.horizon:
             nom = np.concatenate([nom, np.repeat(nom[-1:], self.horizon - len(nom), axis=0)])
@@ -337,7 +343,7 @@ def cem_controls(
     settings: AugmentSettings,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy method around each group's nominal (``window.nominal_for(mode)``), all groups' samples
+    """Cross-entropy method around each group's nominal (``window.nominal_for(mode, theta)``), all groups' samples
     rolled out together each round.
 
     Each group's ``n`` must be ``cem_iters * cem_samples``: every sample of every round is a candidate (round r,
@@ -350,7 +356,8 @@ def cem_controls(
         if g.n != n_s * n_r:
             raise ValueError(f"group {g.mode!r} has n={g.n}; optimiser='cem' needs cem_iters*cem_samples={n_s * n_r}")
     w = knot_matrix(window.horizon, settings.knot_every).to(low.dtype)
-    base = torch.stack([torch.as_tensor(window.nominal_for(g.mode), dtype=low.dtype) for g in groups])  # (G, H, Du)
+    base = torch.stack([torch.as_tensor(window.nominal_for(g.mode, g.theta), dtype=low.dtype)
+                        for g in groups])  # (G, H, Du)
     std0 = (high - low) * 0.05 if settings.cem_std is None else torch.as_tensor(settings.cem_std, dtype=low.dtype)
     n_g, n_k, n_u = len(groups), w.shape[1], low.numel()
     mean = torch.zeros(n_g, n_k, n_u, dtype=low.dtype)

@@ -364,3 +364,57 @@ def test_pickplace_augmentation_places_in_both_zones(tmp_path):
     assert modes == {"left", "right"}
     for arrays, a in r.episodes:
         assert a["rho_replay"] >= 0 and arrays["signals"][f"in_{a['mode']}"].max() >= 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.4, 2.5), st.integers(0, 10_000))
+def test_retime_pick_place_changes_the_pace_not_the_path(scale, seed):
+    from stlflow.verbs.augment import retime_pick_place
+
+    rng = np.random.default_rng(seed)
+    # moving segments (2 cm steps), a grasp wait (target still, gripper switches), a carry, a release
+    path = np.cumsum(rng.normal(0, 0.02, size=(30, 3)), axis=0)
+    a = np.concatenate([np.c_[path[:12], -np.ones(12)], np.c_[np.repeat(path[11:12], 4, 0), np.ones(4)],
+                        np.c_[path[12:], np.ones(18)], np.c_[path[-1:], -np.ones(1)]])
+    start = path[0] - 0.02
+    out = retime_pick_place(a, scale, start=start)
+    np.testing.assert_allclose(out[-1], a[-1])  # the release is kept
+    # the gripper commands keep their order (runs), and the wait keeps its length
+    runs = lambda g: [int(v) for i, v in enumerate(g) if i == 0 or v != g[i - 1]]  # noqa: E731
+    assert runs(out[:, 3]) == runs(a[:, 3])
+    closed_still = [i for i in range(1, len(out)) if out[i, 3] > 0 and np.allclose(out[i, :3], out[i - 1, :3])]
+    assert len(closed_still) >= 2
+    # every new target lies on the old polyline (the path is kept), and the top speed scales with `scale`
+    full = np.concatenate([start[None], a[:, :3]])
+    seg_d = np.linalg.norm(np.diff(full, axis=0), axis=1)
+    new_d = np.linalg.norm(np.diff(np.concatenate([start[None], out[:, :3]]), axis=0), axis=1)
+    assert new_d.max() <= scale * seg_d.max() * (1 + 1e-9) + 1e-12
+    assert new_d.max() >= 0.5 * scale * np.median(seg_d[seg_d > 1e-4])
+    assert abs(len(out) - (len(a) - 5) / scale - 5) <= 3
+
+
+def test_retimed_pickplace_demo_succeeds_at_the_new_pace_in_mujoco(tmp_path):
+    """Re-timing is what lets PickPlace augmentation reach speeds its demo did not show (controllability)."""
+    from stlflow.config import compose
+    from stlflow.control.collect import collect
+    from stlflow.verbs.augment import PickPlaceAugmentation, _replay, make_task
+
+    stl_cfg = OmegaConf.to_container(compose("augment", ["env=pickplace"]).stl, resolve=True)
+    assert stl_cfg["retime"]["speed_fraction"] == pytest.approx(0.85)
+    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=0, progress=False)
+    ep, attrs = store.episode(0), store.episode_attrs(0)
+    demo_speed = float(np.linalg.norm(ep["obs"][:, 3:6], axis=-1).max())
+    window = make_task("stlflow/PickPlace-v0", {}, stl_cfg).window(ep, attrs)
+    assert window.horizon == min(120, int(np.ceil(len(ep["action"]) / 0.5)))
+    env = PickPlaceAugmentation().env
+    for v_max in (0.6 * demo_speed, 1.6 * demo_speed):
+        nominal = window.nominal_for(attrs["mode"], {"v_max": v_max})
+        result, episode = _replay(env, int(attrs["seed"]), nominal)
+        assert episode.success and not episode.collision
+        realised = float(np.max(result.signals["ee_speed"]))
+        assert realised <= v_max and realised == pytest.approx(0.85 * v_max, rel=0.2), (v_max, realised)
+    env.close()
+    # without θ (or with a θ that has no v_max) the nominal is the demo itself
+    n = len(ep["action"])
+    np.testing.assert_allclose(window.nominal_for(attrs["mode"])[:n], ep["action"], atol=1e-6)
+    np.testing.assert_allclose(window.nominal_for(attrs["mode"], {"h_min": 0.04})[:n], ep["action"], atol=1e-6)

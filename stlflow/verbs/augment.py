@@ -129,15 +129,30 @@ class PickPlaceAugmentation:
     the sampling-based optimiser (``optimiser=cem``) that perturbs the demo's end-effector targets.
 
     Model "states" (B, H, 3 + S): the TCP position (m) then the env's STL signals in ``SIGNALS`` order.
+
+    With ``retime`` (``{speed_fraction, scale_range}``, conf/stl/pickplace.yaml) each (mode, θ) group's nominal is
+    the demo played faster or slower (:func:`retime_pick_place`) so that its top speed is ``speed_fraction`` times
+    the group's requested ``v_max`` (scale clipped to ``scale_range``): the CEM's 5 mm perturbations cannot change
+    the demo's pace, so without this every augmented episode moves at its demo's speed whatever θ it is labelled
+    with, and a θ-conditioned policy cannot learn to follow a requested speed.
     """
 
     SIGNALS = ("ee_speed", "ee_height_clear", "in_target", "in_left", "in_right")
 
-    def __init__(self, env_id: str = "stlflow/PickPlace-v0", env_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, env_id: str = "stlflow/PickPlace-v0", env_kwargs: dict[str, Any] | None = None,
+                 retime: dict[str, Any] | None = None) -> None:
         from stlflow.control.collect import make_env
 
         self.env = make_env(env_id, env_kwargs)
         self.u = self.env.unwrapped
+        self.retime = None
+        if retime:
+            frac = float(retime.get("speed_fraction", 0.85))
+            lo, hi = (float(x) for x in retime.get("scale_range", (0.5, 2.0)))
+            if not (0.0 < frac <= 1.0 and 0.0 < lo <= 1.0 <= hi):
+                raise ValueError(f"retime needs 0 < speed_fraction <= 1 and 0 < scale_range[0] <= 1 <= "
+                                 f"scale_range[1]; got {retime}")
+            self.retime = {"speed_fraction": frac, "scale_range": (lo, hi)}
 
     def window(self, episode: dict[str, np.ndarray], attrs: dict[str, Any]) -> DemoWindow:
         if "seed" not in attrs:
@@ -156,7 +171,21 @@ class PickPlaceAugmentation:
             moved = retarget_pick_place(demo, zones[mode], zones[other])
             if moved is not None:
                 nominal[other] = moved
-        horizon = min(max(len(v) for v in nominal.values()), int(u.max_steps))
+        longest = max(len(v) for v in nominal.values())
+        retime = None
+        if self.retime is not None:
+            demo_speed = float(np.max(np.linalg.norm(np.asarray(episode["obs"])[:, u.obs_index["ee_vel"]], axis=-1)))
+            frac, (lo, hi) = self.retime["speed_fraction"], self.retime["scale_range"]
+            start = np.asarray(obs0[u.obs_index["ee_target"]], dtype=np.float64)
+
+            def retime(nom: np.ndarray, theta: dict[str, float]) -> np.ndarray:
+                if "v_max" not in theta or demo_speed <= 0:
+                    return nom
+                scale = float(np.clip(frac * theta["v_max"] / demo_speed, lo, hi))
+                return retime_pick_place(nom, scale, start=start)
+
+            longest = int(np.ceil(longest / lo))  # the slowest re-timing must fit in the rollouts
+        horizon = min(longest, int(u.max_steps))
 
         def rollout(controls: torch.Tensor) -> torch.Tensor:
             out = np.empty((controls.shape[0], horizon, 3 + len(self.SIGNALS)))
@@ -174,7 +203,38 @@ class PickPlaceAugmentation:
         def replay(controls: np.ndarray) -> ReplayResult:
             return _replay(self.env, seed, controls)[0]
 
-        return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal)
+        return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal,
+                          retime=retime)
+
+
+def retime_pick_place(actions: np.ndarray, scale: float, start: np.ndarray | None = None,
+                      still_tol: float = 1e-4) -> np.ndarray:
+    """A PickPlace action sequence (T, 4) played ``scale`` times faster (> 1) or slower (< 1).
+
+    Steps in which the TCP target moves last ``1 / scale`` as long; steps in which it holds still (grasp and
+    release waits) or the gripper command switches keep their duration, so the gripper still has time to close
+    on the cube. ``start``: the servo set-point before the first action (the env's ``ee_target`` at reset), so that
+    the move to the first target is re-timed too. Targets are interpolated linearly in the new time; the gripper
+    command at a new step is the last original command at or before it; the last action is always kept (the
+    release). Returns (T', 4), T' ~ (moving steps) / scale + (still steps).
+    """
+    a = np.asarray(actions, dtype=np.float64)
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if scale == 1.0 or len(a) < 2:
+        return a.copy()
+    if start is not None:  # the set-point at reset, with the first action's gripper command
+        a = np.concatenate([np.append(np.asarray(start, dtype=np.float64)[:3], a[0, 3])[None], a])
+    moves = np.linalg.norm(np.diff(a[:, :3], axis=0), axis=1) > still_tol
+    switches = np.diff(a[:, 3]) != 0
+    tau = np.concatenate([[0.0], np.cumsum(np.where(moves & ~switches, 1.0 / scale, 1.0))])
+    tq = np.arange(int(np.floor(tau[-1] + 1e-9)) + 1, dtype=np.float64)
+    if tau[-1] - tq[-1] > 1e-9:
+        tq = np.append(tq, tau[-1])
+    xyz = np.stack([np.interp(tq, tau, a[:, j]) for j in range(3)], axis=1)
+    grip = a[np.searchsorted(tau, tq + 1e-9, side="right") - 1, 3]
+    out = np.concatenate([xyz, grip[:, None]], axis=1)
+    return out[1:] if start is not None else out
 
 
 def retarget_pick_place(actions: np.ndarray, zone_from: np.ndarray, zone_to: np.ndarray) -> np.ndarray | None:
@@ -275,7 +335,7 @@ def make_task(
         for k in ("init_low", "init_high")
     }
     if env_id == "stlflow/PickPlace-v0":
-        pp = PickPlaceAugmentation(env_id, env_kwargs)
+        pp = PickPlaceAugmentation(env_id, env_kwargs, retime=stl_cfg.get("retime"))
         space = pp.env.action_space
         return AugmentTask(
             rules=pp.u.rules,
