@@ -356,6 +356,12 @@ class MeanFlowHead(Head):
             such draws. One-step sampling asks for (r, t) = (0, 1), a corner logit-normal(-0.4, 1) rarely visits.
         logit_mean, logit_std: parameters of the logit-normal draws.
         adaptive_p: MeanFlow's adaptive loss weight w = 1 / (|Δ|² + c)^p per sample (0 = plain MSE).
+
+    Distillation (``loss(..., velocity=teacher)``): the identity holds for the *marginal* velocity field, of which
+    the per-sample ``ε - x0`` is a noisy unbiased stand-in. Given a trained flow policy's velocity ``v_T(z_t, t)``,
+    the same loss with v = v_T (as the target of the r = t rows, and as the JVP's tangent and in the target of the
+    r < t rows) has the same minimiser but no sampling noise in its target (Eulerian flow-map distillation). The
+    teacher is used only at training time; the checkpoint is an ordinary MeanFlow policy.
     """
 
     kind = "meanflow"
@@ -403,12 +409,19 @@ class MeanFlowHead(Head):
         return {"t": t, "r": r, "eps": torch.randn((batch, self.horizon, self.action_dim), generator=generator,
                                                    device=dev)}
 
-    def loss(self, actions, cond, noise=None):
+    def loss(self, actions, cond, noise=None, velocity=None):
+        """MeanFlow loss; ``velocity(z_t (B,Tp,Da), t (B,)) -> v`` (a teacher's marginal velocity) replaces ε - x0."""
         self._check_chunk(actions, "actions")
         noise = noise if noise is not None else self.draw_noise(actions.shape[0], device=actions.device)
         t, r, eps = noise["t"].to(actions), noise["r"].to(actions), noise["eps"].to(actions)
         z = (1 - t)[:, None, None] * actions + t[:, None, None] * eps
-        v = eps - actions
+        if velocity is None:
+            v = eps - actions
+        else:
+            with torch.no_grad():
+                v = velocity(z, t).detach()
+            if v.shape != z.shape:
+                raise ValueError(f"teacher velocity has shape {tuple(v.shape)}, expected {tuple(z.shape)}")
         # Pairs with r = t are plain flow matching (target v, the JVP term vanishes): they skip the forward-mode
         # pass, which costs about as much again as the forward itself. Same loss, fewer FLOPs.
         jvp_rows = (r < t).nonzero().squeeze(1)

@@ -264,7 +264,42 @@ class Policy(nn.Module):
         if self.param_names and params is None:
             raise KeyError(f"batch lacks 'params' for the θ conditioning on {self.param_names}")
         cond = self.condition(obs[:, : self.n_obs_steps], params, keep=keep)
-        return self.head.loss(self.normalize_action(act), cond, noise)
+        teacher = self.__dict__.get("_teacher")
+        if teacher is None:
+            return self.head.loss(self.normalize_action(act), cond, noise)
+        t_cond = teacher.condition(obs[:, : teacher.n_obs_steps], params, keep=keep)
+
+        def velocity(z: Tensor, t: Tensor) -> Tensor:  # the teacher's marginal velocity at (z_t, t)
+            return teacher.head.net(z, t[:, None], t_cond)
+
+        return self.head.loss(self.normalize_action(act), cond, noise, velocity=velocity)
+
+    def set_teacher(self, teacher: Policy | None) -> None:
+        """Distil from a trained flow policy: its velocity replaces ε - x0 in this MeanFlow policy's loss.
+
+        The teacher is held outside the module tree (not in ``state_dict``, not saved, not wrapped by DDP) and used
+        only by :meth:`compute_loss`. It must match this policy: same observation/action sizes, To, Tp, θ names,
+        discrete scaling and normaliser (the two flows must share one noise space); ``None`` removes it.
+        """
+        if teacher is None:
+            self.__dict__.pop("_teacher", None)
+            return
+        if self.head.kind != "meanflow":
+            raise ValueError(f"only a meanflow policy is distilled from a teacher; this one is {self.head.kind!r}")
+        if teacher.head.kind != "flow":
+            raise ValueError(f"the teacher must be a flow policy (velocity prediction), got {teacher.head.kind!r}")
+        mine, theirs = self.config(), teacher.config()
+        keys = ("obs_dim", "action_dim", "n_obs_steps", "horizon", "param_names", "discrete_scale")
+        diff = {k: (mine[k], theirs[k]) for k in keys if mine[k] != theirs[k]}
+        sd_a, sd_b = self.normalizer.state_dict(), teacher.normalizer.state_dict()
+        if sd_a.keys() != sd_b.keys() or any(not torch.allclose(sd_a[k].double(), sd_b[k].double(), atol=1e-6)
+                                             for k in sd_a):
+            diff["normalizer"] = ("this policy's", "the teacher's")
+        if diff:
+            raise ValueError(f"the teacher does not match this policy (this, teacher): {diff}; build the student "
+                             f"with the teacher's normalizer and window")
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration on purpose
 
     def forward(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
         """Training loss (so that DistributedDataParallel can wrap the policy)."""

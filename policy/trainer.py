@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     tensorboard: bool = True
+    teacher: str | None = None  # a flow policy checkpoint to distil a meanflow policy from (Policy.set_teacher)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -201,6 +202,10 @@ class Trainer:
         self.train_data, self.val_data, self.eval_fn = train_data, val_data, eval_fn
         self.policy = policy.to(self.device)
         self.ema = EMA(self.policy, cfg)
+        if cfg.teacher:
+            teacher = Policy.load(cfg.teacher, map_location=self.device)
+            for p in (self.policy, self.ema.model):  # one teacher object, outside both module trees
+                p.set_teacher(teacher)
         self.model: nn.Module = self.policy
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

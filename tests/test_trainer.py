@@ -96,6 +96,78 @@ def test_multimodal_toy_is_reproduced_not_averaged(tmp_path, kind, solvers):
         assert plus > 0.3 and minus > 0.3 and between < 0.25, (kind, solver, plus, minus, between)
 
 
+class _ExactVelocity(torch.nn.Module):
+    """The marginal velocity of a one-point dataset x0 = a: v(z, t) = (z - a) / t (= ε - a on every path)."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = a
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # a Policy needs one parameter (its device)
+
+    def forward(self, z, times, cond):
+        return (z - self.a) / times[:, :1, None]
+
+
+def test_distilling_from_the_exact_marginal_velocity_gives_the_plain_meanflow_loss():
+    # One data point: ε - x0 IS the marginal velocity, so the teacher's target and tangent equal the plain ones on
+    # every row (r = t and r < t): the losses must agree. A wiring error (time, normalisation, cond) breaks this.
+    torch.manual_seed(0)
+    data = ChunkData({"obs": np.zeros((40, 3)), "action": np.random.default_rng(0).normal(size=(40, 2))}, 8, 2, 4,
+                     episode_ends=np.array([40]))
+    norm = data.fit_normalizer()
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow", "ratio_r_neq_t": 0.5}, net=NET, normalizer=norm)
+    teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm)
+    batch = data.batch([7] * 64)
+    teacher.head.net = _ExactVelocity(student.normalize_action(batch["action"][:1]))
+    noise = student.draw_noise(64, generator=torch.Generator().manual_seed(3))
+    assert 0 < int((noise["r"] < noise["t"]).sum()) < 64  # both kinds of rows are exercised
+    plain = student.compute_loss(batch, noise)
+    student.set_teacher(teacher)
+    distilled = student.compute_loss(batch, noise)
+    torch.testing.assert_close(distilled, plain, rtol=1e-4, atol=1e-6)
+    # a wrong teacher changes the loss (the check can fail)
+    teacher.head.net = _ExactVelocity(student.normalize_action(batch["action"][:1]) + 0.5)
+    assert abs(float(student.compute_loss(batch, noise)) - float(plain)) > 1e-2
+    student.set_teacher(None)
+    torch.testing.assert_close(student.compute_loss(batch, noise), plain)
+
+
+def test_set_teacher_refuses_a_teacher_that_does_not_match():
+    data = _bimodal_data()
+    norm = data.fit_normalizer()
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    with pytest.raises(ValueError, match="must be a flow policy"):
+        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "ddpm"}, net=NET, normalizer=norm))
+    with pytest.raises(ValueError, match="normalizer"):
+        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET))
+    with pytest.raises(ValueError, match="horizon"):
+        student.set_teacher(Policy(3, 2, 2, 10, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
+    with pytest.raises(ValueError, match="only a meanflow policy"):
+        Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm).set_teacher(
+            Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
+
+
+def test_a_meanflow_policy_distilled_from_a_flow_checkpoint_keeps_both_modes(tmp_path):
+    data = _bimodal_data()
+    norm = data.fit_normalizer()
+    torch.manual_seed(0)
+    teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm)
+    Trainer(teacher, data, _cfg(steps=500, batch_size=64, warmup_steps=20), tmp_path / "teacher").fit()
+    torch.manual_seed(1)
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    trainer = Trainer(student, data, _cfg(steps=500, batch_size=64, warmup_steps=20,
+                                          teacher=str(tmp_path / "teacher")), tmp_path / "student")
+    trainer.fit()
+    saved = Policy.load(tmp_path / "student")  # an ordinary meanflow checkpoint: no teacher weights in it
+    assert saved.state_dict().keys() == student.state_dict().keys()
+    assert not any(k.startswith("_teacher") for k in load_file(str(tmp_path / "student" / "model.safetensors")))
+    assert "_teacher" not in saved.__dict__
+    chunk = saved.predict(np.zeros((300, 2, 3)), generator=torch.Generator().manual_seed(1))  # one step
+    m = chunk[:, :, 0].mean(1)
+    plus, minus, between = (m > 0.5).mean(), (m < -0.5).mean(), (np.abs(m) < 0.5).mean()
+    assert plus > 0.3 and minus > 0.3 and between < 0.25, (plus, minus, between)
+
+
 def _losses_csv(path):
     with open(path, newline="") as f:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
@@ -182,6 +254,27 @@ def test_cli_train_then_eval_end_to_end(tmp_path, monkeypatch, capsys):
     assert policy.discrete_action_mask.shape == (policy.action_dim,)
     assert cli.main(["eval", f"ckpt={out}", "episodes=2", f"out={tmp_path / 'eval'}", "progress=false"]) == 0
     assert "success" in capsys.readouterr().out.lower()
+
+
+def test_cli_distils_a_meanflow_policy_from_a_flow_checkpoint(tmp_path, monkeypatch, capsys):
+    from stlflow import cli
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    demos = tmp_path / "demos.zarr"
+    assert cli.main(["collect", "env=crossing", "episodes=3", f"out={demos}"]) == 0
+    common = [f"data={demos}", "train=tiny", "train.steps=10", "train.batch_size=32", "train.progress=false",
+              "eval_episodes=0"]
+    assert cli.main(["train", "env=crossing", "policy=flow", f"out={tmp_path / 'flow'}", *common]) == 0
+    assert cli.main(["train", "env=crossing", "policy=meanflow", f"out={tmp_path / 'mf'}", *common,
+                     f"train.teacher={tmp_path / 'flow'}"]) == 0
+    student, teacher = Policy.load(tmp_path / "mf"), Policy.load(tmp_path / "flow")
+    assert student.head.kind == "meanflow"
+    sa, sb = student.normalizer.state_dict(), teacher.normalizer.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    capsys.readouterr()
+    assert cli.main(["train", "env=crossing", "policy=ddpm", f"out={tmp_path / 'bad'}", *common,
+                     f"train.teacher={tmp_path / 'flow'}"]) == 2
+    assert "policy=meanflow" in capsys.readouterr().err
 
 
 def test_cli_train_pickplace_with_a_scaled_gripper_channel(tmp_path, monkeypatch):

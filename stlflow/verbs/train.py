@@ -6,9 +6,11 @@
 policy=ddpm|flow|meanflow picks the head, net=mlp|unet|unet_dp the network, train=default|tiny the trainer
 settings. The final EMA policy is written to out/ (``Policy.load(out)``); training state, periodic checkpoints
 (keep-last-K) and metrics to out/checkpoints, out/metrics.csv and out/val.csv. resume=true continues from
-out/checkpoints/latest. With policy.cond_params=[v_max,...] the policy is conditioned on the episodes'
-calibrated STL parameters (attribute stl_params, from `stlflow calibrate`). Closed-loop evaluation on the
-env's task runs every train.eval_every steps and at the end (eval_episodes episodes; 0 turns it off).
+out/checkpoints/latest. train.teacher=DIR (with policy=meanflow) distils the one-step policy from a trained
+flow policy DIR: the teacher's velocity replaces the noisy per-sample target (same data and window as the
+teacher's; the student takes the teacher's normaliser). With policy.cond_params=[v_max,...] the policy is
+conditioned on the episodes' calibrated STL parameters (attribute stl_params, from `stlflow calibrate`).
+Closed-loop evaluation on the env's task runs every train.eval_every steps and at the end (eval_episodes episodes; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def main(argv: list[str]) -> int:
     train_data = ChunkData(store, episodes=train_idx, params=params, pad_after=pad_after, **win)
     val_data = ChunkData(store, episodes=val_idx, params=params, pad_after=pad_after, **win) if len(val_idx) else None
     normalizer = train_data.fit_normalizer()
+    if train_cfg.teacher:  # distillation: the student shares the teacher's normalised space (Policy.set_teacher)
+        if pc["head"].get("kind") != "meanflow":
+            print("stlflow train: train.teacher distils a policy=meanflow student from a flow policy",
+                  file=sys.stderr)
+            return 2
+        try:
+            normalizer = Policy.load(train_cfg.teacher).normalizer
+        except (FileNotFoundError, ValueError) as err:
+            print(f"stlflow train: train.teacher: {err}", file=sys.stderr)
+            return 2
     obs_dim, action_dim = store.key_shape("obs")[-1], store.key_shape("action")[-1]
 
     seed_everything(train_cfg.seed)
