@@ -10,7 +10,8 @@ out/checkpoints/latest. train.teacher=DIR (with policy=meanflow) distils the one
 flow policy DIR: the teacher's velocity replaces the noisy per-sample target (same data and window as the
 teacher's; the student takes the teacher's normaliser). With policy.cond_params=[v_max,...] the policy is
 conditioned on the episodes' calibrated STL parameters (attribute stl_params, from `stlflow calibrate`).
-Closed-loop evaluation on the env's task runs every train.eval_every steps and at the end (eval_episodes episodes; 0 turns it off).
+Closed-loop evaluation on the env's task runs every train.eval_every steps and at the end (eval_episodes
+episodes; 0 turns it off).
 """
 
 from __future__ import annotations
