@@ -13,8 +13,9 @@ Rows (same evaluation seeds for every row, closed loop):
 Rows 2-5 use Diffusion Policy's receding-horizon controller (full flow schedule, Ta = 8).
 PickPlace has no differentiable model, so its guided rows are replaced by ``θ on demos+aug, RTI k=2`` (unguided);
 its diversity compares TCP paths (xyz) and its modes are the zones the cube ends in; its sweep is over the arm's
-``v_max`` within the demonstrations' calibrated range (0.2 .. 0.35 m/s: the expert moves at 0.12-0.32 m/s, and the
-CEM's small perturbations of the demo's targets do not make it faster) and the other θ are the dataset's.
+``v_max`` from 0.2 to 0.5 m/s (the demonstrations' calibrated range is about 0.17-0.37 m/s; the augmentation
+re-times each demo to its sampled v_max, conf/stl/pickplace.yaml ``retime``, up to about 0.5 m/s) and the other θ
+are the dataset's.
 
 Columns: STL satisfaction of all rules at the requested θ, collision rate, success; diversity = mean pairwise RMS
 distance (m) of closed-loop xy trajectories from the same start state and distinct behaviour modes reached per
