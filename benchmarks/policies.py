@@ -13,6 +13,8 @@ evaluated closed loop (receding horizon, Ta = 8, the head's default steps) over 
     python benchmarks/policies.py --data crossing=demos_crossing.zarr --data pickplace=demos_pickplace.zarr \
         --minutes 20 --episodes 100            # the issue's quality bar: ~2 h of CPU
     python benchmarks/policies.py --data crossing=demos_crossing.zarr --steps 20000   # fixed run length
+    python benchmarks/policies.py --data pickplace=demos_pickplace.zarr --heads flow,meanflow --steps 20000 \
+        --teacher flow --distil-steps 8000   # one-step MeanFlow distilled from the flow head of the same run
 
 Everything printed is measured in this run.
 """
@@ -97,7 +99,8 @@ def latency_table(nets: list[str], calls: int) -> None:
 
 
 def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
-                   batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None) -> dict:
+                   batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None,
+                   teacher: str | None = None) -> dict:
     from stlflow.datasets import EpisodeStore, split_episodes
     from stlflow.policy.data import ChunkData
     from stlflow.policy.trainer import TrainConfig, Trainer
@@ -111,28 +114,30 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
     val = ChunkData(store, episodes=va_idx, pad_after=pad_after, **win)
     do, da, mask = store.key_shape("obs")[-1], store.key_shape("action")[-1], task_dims(env_id)[2]
     torch.manual_seed(0)
-    policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask,
-                    normalizer=train.fit_normalizer(), **win)
+    # a distilled student shares its teacher's normalised space (Policy.set_teacher checks it)
+    norm = Policy.load(teacher).normalizer if teacher else train.fit_normalizer()
+    policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask, normalizer=norm, **win)
     if steps is None:
         # throughput probe: 10 timed steps (after 3) on a copy, to size the run to the time budget (a probe taken
         # while other work runs under-sizes the run: pass --steps for a fixed, reproducible run length instead)
         probe = Trainer(build(head, net, do, da, mask, policy.normalizer), train,
                         TrainConfig(steps=13, batch_size=batch, progress=False, val_every=0, ckpt_every=0,
-                                    tensorboard=False), tempfile.mkdtemp())
+                                    tensorboard=False, teacher=teacher), tempfile.mkdtemp())
         probe.fit(until=3)
         t1 = time.perf_counter()
         probe.fit(until=13)
         s_per_step = (time.perf_counter() - t1) / 10
         steps = max(100, int(0.95 * minutes * 60 / s_per_step))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=3e-4, warmup_steps=min(500, steps // 10),
-                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False)
+                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False, teacher=teacher)
     out = out_root / f"{task}_{head}_{net}"
     t_train = time.perf_counter()
     trainer = Trainer(policy, train, cfg, out, val_data=val)
     last = trainer.fit()
     t_train = time.perf_counter() - t_train
     row = {"task": task, "head": head, "net": net, "params_M": policy.num_parameters() / 1e6, "steps": steps,
-           "train_min": t_train / 60, "samples_per_s": steps * batch / t_train, "val_loss": last.get("val_loss")}
+           "train_min": t_train / 60, "samples_per_s": steps * batch / t_train, "val_loss": last.get("val_loss"),
+           "teacher": teacher or ""}
     try:
         from stlflow.control.evaluate import evaluate_policy
     except ImportError as err:
@@ -168,6 +173,12 @@ def main() -> None:
                     help="policy override for the quality runs, as for stlflow train (e.g. policy.head.snr_gamma=5); "
                          "applied to the heads that have the key; repeatable")
     ap.add_argument("--out", default=None, help="where to keep the trained policies (default: a temp dir)")
+    ap.add_argument("--teacher", default=None, metavar="flow|DIR",
+                    help="distil the meanflow head from a flow policy (train.teacher): 'flow' = the flow head trained "
+                         "just before it in this run on the same task (list flow before meanflow in --heads; the "
+                         "table then reports the teacher's minutes too), or a flow checkpoint DIR")
+    ap.add_argument("--distil-steps", type=int, default=None,
+                    help="optimiser steps of a distilled meanflow head (default: --steps or the --minutes budget)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OVERRIDES.extend(args.overrides)
@@ -180,11 +191,24 @@ def main() -> None:
         task, _, path = spec.partition("=")
         if task not in TASKS or not path:
             raise SystemExit(f"--data must be TASK=STORE with TASK in {sorted(TASKS)}, got {spec!r}")
+        trained: dict[str, dict] = {}
         for head in args.heads.split(","):
-            budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
-            print(f"\ntraining {head} on {task} ({path}) for {budget} ...", flush=True)
-            rows.append(train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers,
-                                       args.batch, out_root, steps=args.steps, pad_after=args.pad_after))
+            teacher, steps = None, args.steps
+            if head == "meanflow" and args.teacher:
+                if args.teacher == "flow" and "flow" not in trained:
+                    raise SystemExit("--teacher flow: list flow before meanflow in --heads")
+                teacher = str(out_root / f"{task}_flow_{args.net}") if args.teacher == "flow" else args.teacher
+                steps = args.distil_steps or args.steps
+            budget = f"{steps} steps" if steps else f"{args.minutes} min"
+            print(f"\ntraining {head} on {task} ({path}) for {budget}"
+                  f"{f', distilled from {teacher}' if teacher else ''} ...", flush=True)
+            row = train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers, args.batch,
+                                 out_root, steps=steps, pad_after=args.pad_after, teacher=teacher)
+            if teacher and args.teacher == "flow":
+                row["teacher_min"] = trained["flow"]["train_min"]
+                row["total_min"] = row["train_min"] + row["teacher_min"]
+            trained[head] = row
+            rows.append(row)
             print(rows[-1], flush=True)
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
     extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
@@ -192,6 +216,8 @@ def main() -> None:
     print(f"\n## quality: {budget} of training per head, {args.episodes} closed-loop episodes (seeds 1000..){extra}")
     keys = ["task", "head", "net", "params_M", "steps", "train_min", "samples_per_s", "val_loss", "success",
             "nfe_per_action", "p50_ms", "p99_ms"]
+    if any(r.get("teacher") for r in rows):
+        keys += ["teacher", "teacher_min", "total_min"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:

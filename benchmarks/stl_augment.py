@@ -69,6 +69,11 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=2, help="RTI steps per tick")
     ap.add_argument("--meet-tol", type=float, default=0.05, help="max speed may exceed the request by this (m/s)")
     ap.add_argument("--guidance-t-max", type=float, default=0.25, help="guide at noise levels t <= this")
+    ap.add_argument("--guidance-scale", type=float, default=1.0,
+                    help="gradient guidance step (0 = no gradient; with --guidance-particles, selection alone)")
+    ap.add_argument("--guidance-particles", type=int, default=1,
+                    help="chunks sampled per policy call, one kept: uniformly among those that satisfy the rules "
+                         "(exact robustness >= margin), else the most robust (1 = no selection)")
     ap.add_argument("--rows", default="all", help="comma-separated row keys to run (default all)")
     ap.add_argument("--reuse-data", action="store_true",
                     help="reuse the demonstrations and augmented store already in --out (skip collect/augment)")
@@ -200,7 +205,7 @@ def main() -> int:
                 [demos], out / "data" / "unused.zarr", ckpt, names, args.train_steps, args.batch_size,
                 seed=args.seed, task=args.env)
     thetas = [{**dataset_theta, "v_max": float(v)} for v in sweep]
-    gopts = {"t_max": args.guidance_t_max}
+    gopts = {"t_max": args.guidance_t_max, "scale": args.guidance_scale, "particles": args.guidance_particles}
     results: dict[str, Any] = {}
     for key, label, pkey, controller, guided in ROWS:
         if key not in wanted:

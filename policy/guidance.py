@@ -15,6 +15,16 @@ Gradient guidance (the default and only method here), at every denoising step of
 The head turns the corrected x0_hat back into its update (DDIM: a consistent ε; flow: a corrected velocity),
 so guidance works for cold sampling and inside the real-time-iteration controller's few warm steps alike.
 
+Particle selection (``particles = N > 1``), for each policy call with one observation history::
+
+    x0^1..N  = N chunks sampled in one batch (different noise; the same warm start under RTI)
+    ρ_i      = exact robustness of chunk i (as above, no smoothing)
+    choice   = uniform at random among {i : ρ_i >= margin}, or argmax_i ρ_i when none qualifies
+
+The gradient pulls every violating sample toward the same constraint boundary, which costs diversity; selection
+moves no sample, it only discards violating ones, so the distinct behaviours the policy proposes survive. The
+two combine (``scale > 0`` guides every particle); ``scale = 0`` with ``particles > 1`` is selection alone.
+
 Layering: this module imports no env and no controller. It receives the dynamics model (``rollout`` and
 ``signals``), the STL text and a function ``model_inputs(obs_history (To, Do), horizon H) -> (state0 (1, Ds),
 context)`` that builds the model's start state and whatever the signals need besides the robot (e.g. the
@@ -60,6 +70,7 @@ class STLGuidance:
         iters: gradient steps per denoising step.
         t_max: guide only at noise levels t <= t_max (1.0: every step).
         exec_offset: chunk index of the action for the newest observation (None: ``policy.n_obs_steps - 1``).
+        particles: chunks sampled per policy call for selection (1 = no selection; see the module docstring).
     """
 
     def __init__(
@@ -77,25 +88,31 @@ class STLGuidance:
         iters: int = 2,
         t_max: float = 1.0,
         exec_offset: int | None = None,
+        particles: int = 1,
     ) -> None:
         if not rules or not isinstance(rules, str):
             raise ValueError(f"rules must be non-empty STL text, got {rules!r}")
         for name in ("rollout", "signals"):
             if not callable(getattr(dynamics, name, None)):
                 raise TypeError(f"dynamics must have a callable {name}(); got {type(dynamics).__name__}")
-        if dt <= 0 or scale < 0 or max_step <= 0 or smooth <= 0 or iters < 1 or not 0.0 <= t_max <= 1.0:
+        if (dt <= 0 or scale < 0 or max_step <= 0 or smooth <= 0 or iters < 1 or not 0.0 <= t_max <= 1.0
+                or int(particles) < 1):
             raise ValueError(
-                f"need dt > 0, scale >= 0, max_step > 0, smooth > 0, iters >= 1, 0 <= t_max <= 1; got dt={dt}, "
-                f"scale={scale}, max_step={max_step}, smooth={smooth}, iters={iters}, t_max={t_max}"
+                f"need dt > 0, scale >= 0, max_step > 0, smooth > 0, iters >= 1, 0 <= t_max <= 1, particles >= 1; "
+                f"got dt={dt}, scale={scale}, max_step={max_step}, smooth={smooth}, iters={iters}, t_max={t_max}, "
+                f"particles={particles}"
             )
         self.rules, self.dynamics, self.model_inputs, self.dt = rules, dynamics, model_inputs, float(dt)
         self.params = {k: float(v) for k, v in dict(params or {}).items()}
         self.scale, self.max_step, self.margin = float(scale), float(max_step), float(margin)
         self.smooth, self.iters, self.t_max = float(smooth), int(iters), float(t_max)
         self.exec_offset = exec_offset
+        self.particles = int(particles)
         self._spec = None
         self.calls = 0  # guidance evaluations (one rollout forward + backward each) since the last reset_counters
         self.seconds = 0.0
+        self.selections = 0  # particle selections, and how many of them found a particle with ρ >= margin
+        self.selections_ok = 0
 
     # ------------------------------------------------------------------ helpers
     def __getstate__(self) -> dict[str, Any]:
@@ -114,6 +131,7 @@ class STLGuidance:
 
     def reset_counters(self) -> None:
         self.calls, self.seconds = 0, 0.0
+        self.selections = self.selections_ok = 0
 
     def _theta(self, requested: Any) -> dict[str, float]:
         theta = dict(self.params)
@@ -155,7 +173,10 @@ class STLGuidance:
         """The ``guidance_fn(x0_hat, t) -> correction`` of one tick (the head adds the correction to x0_hat).
 
         ``obs_history``: (To, Do) or (1, To, Do) physical observations of this tick; ``params``: the requested θ
-        ({name: value}; the policy's conditioning), which overrides the guidance's own ``params``.
+        ({name: value}; the policy's conditioning), which overrides the guidance's own ``params``. The returned
+        function also carries ``particles`` and ``select(x0 (N, Tp, Da), generator) -> (1, Tp, Da)``, which
+        :meth:`stlflow.policy.Policy.sample_normalized` uses for particle selection, and ``steers`` (False when
+        ``scale`` is 0: the denoising steps are then left untouched).
         """
         import time
 
@@ -195,8 +216,26 @@ class STLGuidance:
             self.seconds += time.perf_counter() - t0
             return (x - x0_hat).detach() if moved else torch.zeros_like(x0_hat)
 
+        def select(x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+            t0 = time.perf_counter()
+            x = x0.clamp(-clip, clip) if clip else x0
+            with torch.no_grad():
+                rho = self._rho(policy, x, state0, context, theta, off, None)
+            ok = torch.nonzero(rho >= self.margin).squeeze(1)
+            if ok.numel():
+                i = int(ok[torch.randint(int(ok.numel()), (1,), generator=generator, device=ok.device)])
+            else:
+                i = int(torch.argmax(rho))
+            self.selections += 1
+            self.selections_ok += int(ok.numel() > 0)
+            self.seconds += time.perf_counter() - t0
+            return x0[i : i + 1]
+
+        guidance_fn.steers = self.scale > 0.0  # type: ignore[attr-defined]  # False: selection alone, no hook
+        guidance_fn.particles = self.particles  # type: ignore[attr-defined]
+        guidance_fn.select = select  # type: ignore[attr-defined]
         return guidance_fn
 
     def __repr__(self) -> str:
         return (f"STLGuidance(rules={self.rules!r}, scale={self.scale}, margin={self.margin}, smooth={self.smooth}, "
-                f"iters={self.iters}, t_max={self.t_max})")
+                f"iters={self.iters}, t_max={self.t_max}, particles={self.particles})")

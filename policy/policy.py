@@ -321,12 +321,24 @@ class Policy(nn.Module):
         generator: torch.Generator | None = None,
         guidance_fn: Callable[[Tensor, float], Tensor] | None = None,
     ) -> Tensor:
-        """Normalised chunk (B, Tp, Da) for ``cond`` (B, Dc), with classifier-free guidance when configured."""
+        """Normalised chunk (B, Tp, Da) for ``cond`` (B, Dc), with classifier-free guidance when configured.
+
+        Particle selection: when ``guidance_fn`` carries ``particles`` = N > 1 and ``select`` (STL guidance bound
+        to one observation history) and B = 1, N chunks are sampled in one batch (``x_init`` repeated, the noise
+        different) and ``guidance_fn.select`` returns the one kept (1, Tp, Da).
+        """
         use_cfg = bool(self.param_names) and self.guidance_scale != 1.0
-        return self.head.sample(
-            cond, x_init=x_init, t_start=t_start, steps=steps, generator=generator, guidance_fn=guidance_fn,
+        n = int(getattr(guidance_fn, "particles", 1) or 1)
+        select = n > 1 and cond.shape[0] == 1
+        if select:
+            cond = cond.expand(n, -1)
+            x_init = None if x_init is None else x_init.expand(n, *x_init.shape[1:])
+        hook = guidance_fn if getattr(guidance_fn, "steers", True) else None
+        x = self.head.sample(
+            cond, x_init=x_init, t_start=t_start, steps=steps, generator=generator, guidance_fn=hook,
             uncond=self.unconditional(cond) if use_cfg else None, guidance_scale=self.guidance_scale,
         )
+        return guidance_fn.select(x, generator) if select else x
 
     @torch.no_grad()
     def predict(

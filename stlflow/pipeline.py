@@ -118,7 +118,8 @@ def crossing_guidance(params: Mapping[str, float] | None = None, rules: Sequence
     """:class:`stlflow.policy.guidance.STLGuidance` for Crossing: the named rules through ``CrossingDynamics``.
 
     ``params``: θ for the rules (defaults: the env's ``rule_defaults``; a θ-conditioned policy's requested values
-    override them at every tick). ``options``: ``scale``, ``max_step``, ``margin``, ``smooth``, ``iters``, ``t_max``.
+    override them at every tick). ``options``: ``scale``, ``max_step``, ``margin``, ``smooth``, ``iters``, ``t_max``,
+    ``particles``.
     """
     from stlflow.envs.crossing import DT, RULE_DEFAULTS, RULE_LIST
     from stlflow.envs.crossing_dynamics import CrossingDynamics

@@ -176,3 +176,66 @@ def test_policy_predict_takes_guidance(crossing_obs):
     x_plain = policy.normalize_action(torch.as_tensor(plain))
     x_guided = policy.normalize_action(torch.as_tensor(guided))
     assert g.robustness(policy, x_guided, crossing_obs) > g.robustness(policy, x_plain, crossing_obs)
+
+
+def test_particle_selection_keeps_one_of_the_samples_and_it_satisfies(crossing_obs):
+    """Selection moves no sample: the chunk returned is one of the N unguided particles, a satisfying one."""
+    policy = crossing_policy()
+    cond1 = policy.condition(crossing_obs)
+    n = 8
+    plain_all = policy.sample_normalized(cond1.expand(64, -1), generator=torch.Generator().manual_seed(0))
+    probe = speed_guidance(1.0)
+    rho_all = probe.robustness(policy, plain_all, crossing_obs)
+    v_max = float(np.quantile(1.0 - rho_all.numpy(), 0.3))  # a limit about 30% of unguided chunks meet
+    g = speed_guidance(v_max, scale=0.0, particles=n, margin=0.0)
+    picked = []
+    for seed in range(12):
+        particles = policy.sample_normalized(cond1.expand(n, -1), generator=torch.Generator().manual_seed(seed))
+        chosen = policy.sample_normalized(cond1, generator=torch.Generator().manual_seed(seed),
+                                          guidance_fn=g.bind(policy, crossing_obs))
+        assert chosen.shape == (1, 16, 2)
+        match = [i for i in range(n) if torch.equal(particles[i], chosen[0])]
+        assert len(match) == 1  # one of the particles, untouched
+        rho = g.robustness(policy, particles, crossing_obs)
+        if bool((rho >= 0).any()):
+            assert float(g.robustness(policy, chosen, crossing_obs)[0]) >= 0
+        else:
+            assert match[0] == int(torch.argmax(rho))  # none qualifies: the most robust
+        picked.append(match[0])
+    assert g.selections == 12 and 0 < g.selections_ok <= 12
+    assert len(set(picked)) > 1
+
+
+def test_particle_selection_is_uniform_among_the_satisfying(crossing_obs):
+    policy = crossing_policy()
+    x = policy.sample_normalized(policy.condition(crossing_obs).expand(6, -1),
+                                 generator=torch.Generator().manual_seed(4))
+    probe = speed_guidance(1.0)
+    top = 1.0 - probe.robustness(policy, x, crossing_obs)  # each particle's max speed
+    v_max = float(torch.sort(top).values[3])  # exactly the 4 slowest particles satisfy (margin 0)
+    g = speed_guidance(v_max + 1e-4, scale=0.0, particles=6, margin=0.0)
+    fn = g.bind(policy, crossing_obs)
+    counts = {}
+    for s in range(400):
+        c = fn.select(x, torch.Generator().manual_seed(s))
+        i = next(i for i in range(6) if torch.equal(x[i], c[0]))
+        counts[i] = counts.get(i, 0) + 1
+    assert set(counts) == set(torch.argsort(top)[:4].tolist())
+    assert min(counts.values()) > 60  # ~100 each
+
+
+def test_rti_with_particle_selection(crossing_obs):
+    policy = crossing_policy()
+    g = speed_guidance(0.6, scale=0.0, particles=8, margin=0.0)
+    plain = RTIController(policy, steps_per_tick=2, seed=0)
+    sel = RTIController(policy, steps_per_tick=2, seed=0, guidance=g)
+    rho = {"plain": [], "sel": []}
+    for _ in range(10):
+        for name, ctrl in (("plain", plain), ("sel", sel)):
+            ctrl.act(crossing_obs[0])
+            rho[name].append(float(g.robustness(policy, ctrl._chunk, crossing_obs)))
+            assert ctrl._chunk.shape == (1, 16, 2)
+    assert np.mean(rho["sel"]) > np.mean(rho["plain"])
+    assert plain.last_nfe == sel.last_nfe and g.selections == 10
+    with pytest.raises(ValueError, match="particles"):
+        speed_guidance(0.6, particles=0)
