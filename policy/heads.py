@@ -356,6 +356,8 @@ class MeanFlowHead(Head):
             such draws. One-step sampling asks for (r, t) = (0, 1), a corner logit-normal(-0.4, 1) rarely visits.
         logit_mean, logit_std: parameters of the logit-normal draws.
         adaptive_p: MeanFlow's adaptive loss weight w = 1 / (|Δ|² + c)^p per sample (0 = plain MSE).
+        fm_times: time of the r = t (flow matching) rows: ``"max"`` of the two draws (MeanFlow's recipe), or a
+            ``"single"`` draw, which visits t near 0 (near the data) as often as a flow head does.
 
     Distillation (``loss(..., velocity=teacher)``): the identity holds for the *marginal* velocity field, of which
     the per-sample ``ε - x0`` is a noisy unbiased stand-in. Given a trained flow policy's velocity ``v_T(z_t, t)``,
@@ -379,9 +381,13 @@ class MeanFlowHead(Head):
         logit_mean: float = -0.4,
         logit_std: float = 1.0,
         adaptive_p: float = 0.0,
+        fm_times: str = "max",
         default_steps: int = 1,
     ):
         super().__init__(net, horizon, action_dim, default_steps)
+        if fm_times not in ("max", "single"):
+            raise ValueError(f"fm_times must be 'max' or 'single', got {fm_times!r}")
+        self.fm_times = fm_times
         if not 0.0 <= ratio_r_neq_t <= 1.0:
             raise ValueError(f"ratio_r_neq_t must be in [0, 1], got {ratio_r_neq_t}")
         if time_sampling not in ("uniform", "logit_normal"):
@@ -405,7 +411,10 @@ class MeanFlowHead(Head):
         a = _sample_times(batch, self.time_sampling, self.logit_mean, self.logit_std, generator, dev)
         b = _sample_times(batch, self.time_sampling, self.logit_mean, self.logit_std, generator, dev)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
-        r = torch.where(torch.rand((batch,), generator=generator, device=dev) < self.ratio_r_neq_t, r, t)
+        mf = torch.rand((batch,), generator=generator, device=dev) < self.ratio_r_neq_t
+        if self.fm_times == "single":  # r = t rows: one draw, as a flow head has (the max of two avoids t ~ 0)
+            t = torch.where(mf, t, a)
+        r = torch.where(mf, r, t)
         return {"t": t, "r": r, "eps": torch.randn((batch, self.horizon, self.action_dim), generator=generator,
                                                    device=dev)}
 

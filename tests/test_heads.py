@@ -224,6 +224,16 @@ def test_meanflow_draws_r_le_t_and_the_configured_fraction_of_r_eq_t():
     assert abs((uni["t"] > 0.9).float().mean().item() - 0.19) < 0.015 and (n["t"] > 0.9).float().mean() < 0.05
     with pytest.raises(ValueError, match="time_sampling"):
         MeanFlowHead(ResidualMLP(DA, TP, 1, n_times=2), TP, DA, time_sampling="beta")
+    # fm_times="single": the r = t rows take one draw (uniform: mean 1/2, 10% below 0.1), the r < t rows are unchanged
+    net = ResidualMLP(DA, TP, 1, n_times=2, width=8, n_blocks=1)
+    single = MeanFlowHead(net, TP, DA, ratio_r_neq_t=0.5, time_sampling="uniform", fm_times="single").draw_noise(
+        40000, generator=torch.Generator().manual_seed(1))
+    fm, mf = single["r"] == single["t"], single["r"] < single["t"]
+    assert abs(fm.float().mean().item() - 0.5) < 0.02 and bool(torch.all(fm | mf))
+    assert abs(single["t"][fm].mean().item() - 0.5) < 0.01 and abs((single["t"][fm] < 0.1).float().mean() - 0.1) < 0.01
+    assert abs(single["t"][mf].mean().item() - 2 / 3) < 0.01
+    with pytest.raises(ValueError, match="fm_times"):
+        MeanFlowHead(net, TP, DA, fm_times="min")
 
 
 def test_flow_time_sampling_modes():
