@@ -18,9 +18,10 @@ re-times each demo to its sampled v_max, conf/stl/pickplace.yaml ``retime``, up 
 are the dataset's.
 
 Columns: STL satisfaction of all rules at the requested θ, collision rate, success; diversity = mean pairwise RMS
-distance (m) of closed-loop xy trajectories from the same start state and distinct behaviour modes reached per
-start state (``--div-starts`` x ``--div-samples`` episodes at the dataset θ); controllability = Spearman
-correlation of the realised max speed with the requested v_max over a sweep, and the fraction of episodes whose
+distance (m) of closed-loop xy trajectories from the same start state (time-indexed: differences in pace count),
+the same between routes (each path resampled evenly along its arc length: pace does not count) and distinct
+behaviour modes reached per start state (``--div-starts`` x ``--div-samples`` episodes at the dataset θ);
+controllability = Spearman correlation of the realised max speed with the requested v_max over a sweep, and the fraction of episodes whose
 max speed is within the request (+ ``--meet-tol``); time = per-tick latency p50/p99 (ms) and the guidance's
 share. Episode i of a row requests v_max = sweep[i mod len(sweep)] (other θ: the demonstrations' dataset-level
 calibration) with seed ``--eval-seed + i``. Also prints the augmentation throughput (replay-verified satisfying
@@ -224,13 +225,14 @@ def main() -> int:
         results[key] = {"label": label, **m}
         print(f"  {json.dumps({k: v for k, v in m.items() if not isinstance(v, dict)})}", flush=True)
 
-    head = ("| row | STL sat. @θ | collision | success | diversity (m) | modes/start | Spearman(v_max) | "
-            "meets v_max | p50 ms | p99 ms | guidance ms/tick | episodes |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| row | STL sat. @θ | collision | success | diversity (m) | route div. (m) | modes/start | "
+            "Spearman(v_max) | meets v_max | p50 ms | p99 ms | guidance ms/tick | episodes |")
+    lines = [head, "|" + "---|" * 13]
     for r in results.values():
         lines.append(
             f"| {r['label']} | {r['stl_satisfaction']:.1%} | {r['collision']:.1%} | {r['success']:.1%} | "
-            f"{r['diversity_m']:.3f} | {r['modes_per_start']:.2f} | {r['spearman_vmax']:.3f} | "
+            f"{r['diversity_m']:.3f} | {r['path_diversity_m']:.3f} | {r['modes_per_start']:.2f} | "
+            f"{r['spearman_vmax']:.3f} | "
             f"{r['meets_vmax']:.1%} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
             f"{r['guidance_ms_per_tick']:.2f} | {r['episodes']} |")
     table = "\n".join(lines)

@@ -244,6 +244,32 @@ def diversity(trajectories: Sequence[np.ndarray]) -> float:
     return mean_pairwise_distance(torch.as_tensor(padded))
 
 
+def arc_length_resample(path: np.ndarray, n: int = 64) -> np.ndarray:
+    """``n`` points (n, D) spaced evenly along the arc length of ``path`` (T, D) (all at the start when it is still)."""
+    p = np.asarray(path, dtype=np.float64)
+    s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
+    if s[-1] <= 1e-12:
+        return np.repeat(p[:1], n, axis=0)
+    q = np.linspace(0.0, s[-1], n)
+    return np.stack([np.interp(q, s, p[:, j]) for j in range(p.shape[1])], axis=1)
+
+
+def path_diversity(trajectories: Sequence[np.ndarray], n: int = 64) -> float:
+    """Mean pairwise RMS distance (m) between the *routes* of paths (T_i, D): each path resampled to ``n`` points
+    evenly spaced along its arc length, so two runs of one route at different speeds count as the same behaviour.
+
+    The time-indexed :func:`diversity` also counts differences in pace; at a fixed requested speed limit a policy
+    that obeys the limit varies its pace less, which that measure reads as less diverse.
+    """
+    import torch
+
+    from stlflow.datasets.augment import mean_pairwise_distance
+
+    if len(trajectories) < 2:
+        return 0.0
+    return mean_pairwise_distance(torch.as_tensor(np.stack([arc_length_resample(t, n) for t in trajectories])))
+
+
 class _Reseeded:
     """A controller whose noise seed is ``seed * 1000 + sample`` (several samples from one start state)."""
 
@@ -306,13 +332,16 @@ def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_par
 
 
 def sample_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per start state: mean pairwise distance and number of distinct modes reached, averaged over start states."""
+    """Per start state, averaged over start states: mean pairwise distance of the paths (time-indexed,
+    ``diversity_m``, and along the route, ``path_diversity_m``) and number of distinct modes reached."""
     by_seed: dict[int, list[Mapping[str, Any]]] = {}
     for r in records:
         by_seed.setdefault(int(r["seed"]), []).append(r)
     div = [diversity([r["xy"] for r in rs]) for rs in by_seed.values()]
+    route = [path_diversity([r["xy"] for r in rs]) for rs in by_seed.values()]
     modes = [len({r["mode"] for r in rs} - {"none"}) for rs in by_seed.values()]  # "none": never level with it
     return {"diversity_m": float(np.mean(div)) if div else float("nan"),
+            "path_diversity_m": float(np.mean(route)) if route else float("nan"),
             "modes_per_start": float(np.mean(modes)) if modes else float("nan")}
 
 

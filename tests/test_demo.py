@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stlflow.pipeline import crossing_mode, diversity, spearman
+from stlflow.pipeline import crossing_mode, diversity, path_diversity, spearman
 
 
 def _run(args: list[str], tmp_path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -91,6 +91,24 @@ def test_diversity_of_shifted_copies(n, length, gap):
     expected = gap * np.mean([abs(i - j) for i in range(n) for j in range(n) if i != j])
     assert diversity(trajs) == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert diversity(trajs[:1]) == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 5), st.floats(0.0, 3.0), st.lists(st.floats(0.3, 3.0), min_size=5, max_size=5))
+def test_route_diversity_ignores_pace_and_sees_the_route(n, gap, paces):
+    """The same route walked at different paces has route diversity 0 (time-indexed diversity does not); shifted
+    copies of one route keep their distance gap * mean |i - j| either way."""
+    s = np.linspace(0.0, 1.0, 400)
+    route = np.stack([4.0 * s, np.sin(3.0 * s)], axis=1)  # a curved route, 4 m long in x
+    paced = [route[np.unique(np.minimum(np.round(np.arange(0, 400, p * 4)).astype(int), 399))] for p in paces[:n]]
+    paced = [np.concatenate([r, route[-1:]]) for r in paced]  # every run reaches the end of the route
+    assert path_diversity(paced, n=200) < 0.02
+    if max(paces[:n]) > 1.5 * min(paces[:n]):
+        assert diversity(paced) > 0.1
+    shifted = [route + np.array([0.0, i * gap]) for i in range(n)]
+    expected = gap * np.mean([abs(i - j) for i in range(n) for j in range(n) if i != j])
+    assert path_diversity(shifted) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert path_diversity(shifted[:1]) == 0.0 and path_diversity([route[:1], route[:1]]) == 0.0
 
 
 def test_expert_modes_are_recognised():
