@@ -24,8 +24,8 @@ behaviour modes reached per start state (``--div-starts`` x ``--div-samples`` ep
 controllability = Spearman correlation of the realised max speed with the requested v_max over a sweep, and the
 fraction of episodes whose max speed is within the request (+ ``--meet-tol``); time = per-tick latency p50/p99 (ms)
 and the guidance's share. Episode i of a row requests v_max = sweep[i mod len(sweep)] (other θ: the
-demonstrations' dataset-level calibration) with seed ``--eval-seed + i``. Also prints the augmentation throughput (replay-verified satisfying
-trajectories per second) from the augmentation report.
+demonstrations' dataset-level calibration) with seed ``--eval-seed + i``. Also prints the augmentation throughput
+(replay-verified satisfying trajectories per second) from the augmentation report.
 
 ``--relabel`` trains the demos+aug policy on augmented episodes labelled the way the demonstrations are (their
 tightest θ + the calibration margin, by ``stlflow calibrate``) instead of the θ they were optimised for: an episode
