@@ -638,12 +638,14 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
         log(aug["text"])
     summary["stages"]["augment"] = {"seconds": info["seconds"], **{k: v for k, v in aug.items() if k != "text"}}
 
+    train_threads = int(c.get("train_threads") or c["threads"])  # training runs alone: it may use every core
     with stage("train a θ-conditioned flow policy", 4, total, log) as info:
         policy = stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy",
                              list(c["cond_params"]), b["train_steps"], b["batch_size"], net=b.get("net"),
-                             seed=seed, threads=int(c["threads"]), progress=progress)
+                             seed=seed, threads=train_threads, progress=progress)
+    torch.set_num_threads(int(c["threads"]))  # the trainer set its own count; latency is measured on `threads`
     summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"],
-                                  "parameters": policy.num_parameters()}
+                                  "parameters": policy.num_parameters(), "threads": train_threads}
 
     dataset_theta = {k: float(v) for k, v in cal["dataset_theta"].items()}
     thetas = [{**dataset_theta, **dict(c.get("theta") or {}), "v_max": float(v)} for v in c["v_max_sweep"]]
