@@ -256,10 +256,8 @@ def arc_length_resample(path: np.ndarray, n: int = 64) -> np.ndarray:
 
 def path_diversity(trajectories: Sequence[np.ndarray], n: int = 64) -> float:
     """Mean pairwise RMS distance (m) between the *routes* of paths (T_i, D): each path resampled to ``n`` points
-    evenly spaced along its arc length, so two runs of one route at different speeds count as the same behaviour.
-
-    The time-indexed :func:`diversity` also counts differences in pace; at a fixed requested speed limit a policy
-    that obeys the limit varies its pace less, which that measure reads as less diverse.
+    evenly spaced along its arc length, so two runs of one route at different speeds count as the same behaviour
+    (the time-indexed :func:`diversity` counts differences in pace too).
     """
     import torch
 

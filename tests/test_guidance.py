@@ -112,17 +112,24 @@ def test_off_by_default_identical_actions(crossing_obs):
     assert not np.array_equal(default, guided)
 
 
+def _tick_robustness(controllers: dict, g: STLGuidance, policy: Policy, obs: np.ndarray, ticks: int) -> dict:
+    """Step each RTI controller ``ticks`` times on ``obs[0]``; the robustness (under ``g``) of every tick's chunk."""
+    rho = {name: [] for name in controllers}
+    for _ in range(ticks):
+        for name, ctrl in controllers.items():
+            ctrl.act(obs[0])
+            assert ctrl._chunk.shape == (1, policy.horizon, policy.action_dim)  # one chunk per tick, also with particles
+            rho[name].append(float(g.robustness(policy, ctrl._chunk, obs)))
+    return rho
+
+
 def test_rti_with_guidance_obeys_requested_limit(crossing_obs):
     """Inside the RTI controller, every tick's chunk is steered toward a tight requested speed limit."""
     policy = crossing_policy()
     g = speed_guidance(0.5, scale=2.0, iters=3)
     plain = RTIController(policy, steps_per_tick=2, seed=0)
     guided = RTIController(policy, steps_per_tick=2, seed=0, guidance=g)
-    rho = {"plain": [], "guided": []}
-    for _ in range(12):
-        for name, ctrl in (("plain", plain), ("guided", guided)):
-            ctrl.act(crossing_obs[0])
-            rho[name].append(float(g.robustness(policy, ctrl._chunk, crossing_obs)))
+    rho = _tick_robustness({"plain": plain, "guided": guided}, g, policy, crossing_obs, ticks=12)
     assert np.mean(rho["guided"]) > np.mean(rho["plain"])  # robustness of the speed rule at v_max = 0.5
     assert sum(a > b for a, b in zip(rho["guided"], rho["plain"])) >= 9  # tick by tick, not only on average
     assert plain.last_nfe == guided.last_nfe  # guidance costs no extra network evaluations
@@ -229,12 +236,8 @@ def test_rti_with_particle_selection(crossing_obs):
     g = speed_guidance(0.6, scale=0.0, particles=8, margin=0.0)
     plain = RTIController(policy, steps_per_tick=2, seed=0)
     sel = RTIController(policy, steps_per_tick=2, seed=0, guidance=g)
-    rho = {"plain": [], "sel": []}
-    for _ in range(10):
-        for name, ctrl in (("plain", plain), ("sel", sel)):
-            ctrl.act(crossing_obs[0])
-            rho[name].append(float(g.robustness(policy, ctrl._chunk, crossing_obs)))
-            assert ctrl._chunk.shape == (1, 16, 2)
+    rho = _tick_robustness({"plain": plain, "sel": sel}, g, policy, crossing_obs, ticks=10)
+    assert plain._chunk.shape == sel._chunk.shape == (1, 16, 2)  # selection keeps one chunk
     assert np.mean(rho["sel"]) > np.mean(rho["plain"])
     assert plain.last_nfe == sel.last_nfe and g.selections == 10
     with pytest.raises(ValueError, match="particles"):
