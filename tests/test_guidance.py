@@ -118,7 +118,7 @@ def _tick_robustness(controllers: dict, g: STLGuidance, policy: Policy, obs: np.
     for _ in range(ticks):
         for name, ctrl in controllers.items():
             ctrl.act(obs[0])
-            assert ctrl._chunk.shape == (1, policy.horizon, policy.action_dim)  # one chunk per tick, also with particles
+            assert ctrl._chunk.shape == (1, policy.horizon, policy.action_dim)  # one chunk per tick (particles too)
             rho[name].append(float(g.robustness(policy, ctrl._chunk, obs)))
     return rho
 
