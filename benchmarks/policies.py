@@ -15,6 +15,8 @@ evaluated closed loop (receding horizon, Ta = 8, the head's default steps) over 
     python benchmarks/policies.py --data crossing=demos_crossing.zarr --steps 20000   # fixed run length
     python benchmarks/policies.py --data pickplace=demos_pickplace.zarr --heads flow,meanflow --steps 20000 \
         --teacher flow --distil-steps 8000   # one-step MeanFlow distilled from the flow head of the same run
+    python benchmarks/policies.py --data pickplace=demos_pickplace.zarr --heads flow,meanflow --steps 12000 \
+        --teacher flow --distil trajectory --distil-steps 6000   # flow-map distillation of its sampling paths
 
 Everything printed is measured in this run.
 """
@@ -100,7 +102,7 @@ def latency_table(nets: list[str], calls: int) -> None:
 
 def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
                    batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None,
-                   teacher: str | None = None) -> dict:
+                   teacher: str | None = None, distil: str = "velocity") -> dict:
     from stlflow.datasets import EpisodeStore, split_episodes
     from stlflow.policy.data import ChunkData
     from stlflow.policy.trainer import TrainConfig, Trainer
@@ -122,14 +124,15 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
         # while other work runs under-sizes the run: pass --steps for a fixed, reproducible run length instead)
         probe = Trainer(build(head, net, do, da, mask, policy.normalizer), train,
                         TrainConfig(steps=13, batch_size=batch, progress=False, val_every=0, ckpt_every=0,
-                                    tensorboard=False, teacher=teacher), tempfile.mkdtemp())
+                                    tensorboard=False, teacher=teacher, distil=distil), tempfile.mkdtemp())
         probe.fit(until=3)
         t1 = time.perf_counter()
         probe.fit(until=13)
         s_per_step = (time.perf_counter() - t1) / 10
         steps = max(100, int(0.95 * minutes * 60 / s_per_step))
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=3e-4, warmup_steps=min(500, steps // 10),
-                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False, teacher=teacher)
+                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False, teacher=teacher,
+                      distil=distil)
     out = out_root / f"{task}_{head}_{net}"
     t_train = time.perf_counter()
     trainer = Trainer(policy, train, cfg, out, val_data=val)
@@ -179,6 +182,9 @@ def main() -> None:
                          "table then reports the teacher's minutes too), or a flow checkpoint DIR")
     ap.add_argument("--distil-steps", type=int, default=None,
                     help="optimiser steps of a distilled meanflow head (default: --steps or the --minutes budget)")
+    ap.add_argument("--distil", default="velocity", choices=("velocity", "trajectory"),
+                    help="distillation target (train.distil): the teacher's velocity in the MeanFlow loss, or "
+                         "flow-map regression on the teacher's sampling paths (trajectory)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     OVERRIDES.extend(args.overrides)
@@ -203,7 +209,8 @@ def main() -> None:
             print(f"\ntraining {head} on {task} ({path}) for {budget}"
                   f"{f', distilled from {teacher}' if teacher else ''} ...", flush=True)
             row = train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers, args.batch,
-                                 out_root, steps=steps, pad_after=args.pad_after, teacher=teacher)
+                                 out_root, steps=steps, pad_after=args.pad_after, teacher=teacher,
+                                 distil=args.distil)
             if teacher and args.teacher == "flow":
                 row["teacher_min"] = trained["flow"]["train_min"]
                 row["total_min"] = row["train_min"] + row["teacher_min"]

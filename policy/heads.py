@@ -327,6 +327,28 @@ class FlowHead(Head):
         return v
 
     @torch.no_grad()
+    def trajectory(self, cond: Tensor, eps: Tensor, steps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampler's path from ``eps`` (B, Tp, Da) at t = 1 to t = 0, as :meth:`sample` takes it.
+
+        Returns ``states`` (K+1, B, Tp, Da) at the grid ``times`` (K+1,) = linspace(1, 0, K+1) (K = ``steps``;
+        ``states[-1]`` is exactly what ``sample`` returns for this noise) and ``velocities`` (K, B, Tp, Da), the
+        network's velocity at each state but the last. A one-step student learns from it (flow-map distillation).
+        """
+        self._check_chunk(eps, "eps")
+        ts = np.linspace(1.0, 0.0, self._steps(steps) + 1)
+        x, states, vels = eps.to(cond), [], []
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            h = float(t - t_next)
+            v0 = v = self._velocity(x, float(t), cond, None, 1.0, None)
+            if self.solver == "midpoint":
+                v = self._velocity(x - 0.5 * h * v, float(t) - 0.5 * h, cond, None, 1.0, None)
+            states.append(x)
+            vels.append(v0)
+            x = x - h * v
+        states.append(x)
+        return torch.stack(states), torch.stack(vels), torch.as_tensor(ts, dtype=eps.dtype, device=x.device)
+
+    @torch.no_grad()
     def sample(self, cond, x_init=None, t_start=1.0, steps=None, generator=None, guidance_fn=None, uncond=None,
                guidance_scale=1.0):
         x = self._start(cond, x_init, t_start, generator)
@@ -445,6 +467,21 @@ class MeanFlowHead(Head):
             i = fm_rows
             u = self.u(z[i], r[i], t[i], cond[i])
             err = err.index_put((i,), (u - v[i]).pow(2).flatten(1).mean(1))
+        if self.adaptive_p > 0:
+            err = err / (err.detach() + 1e-3).pow(self.adaptive_p)
+        return err.mean()
+
+    def flow_map_loss(self, z: Tensor, r: Tensor, t: Tensor, u_target: Tensor, cond: Tensor) -> Tensor:
+        """Regression of u(z_t, r, t) on given average velocities ``u_target`` (B, Tp, Da): flow-map distillation.
+
+        On a teacher's sampling path z_s (s from 1 to 0), the average velocity over [r, t] is by definition
+        (z_t - z_r) / (t - r), and the instantaneous velocity when r = t; regressing on it needs no JVP, and the
+        (r, t) = (0, 1) rows train exactly the jump one-step sampling takes.
+        """
+        self._check_chunk(z, "z")
+        if u_target.shape != z.shape:
+            raise ValueError(f"u_target has shape {tuple(u_target.shape)}, expected {tuple(z.shape)}")
+        err = (self.u(z, r.to(z), t.to(z), cond) - u_target.detach()).pow(2).flatten(1).mean(1)
         if self.adaptive_p > 0:
             err = err / (err.detach() + 1e-3).pow(self.adaptive_p)
         return err.mean()

@@ -73,6 +73,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     teacher: str | None = None  # a flow policy checkpoint to distil a meanflow policy from (Policy.set_teacher)
+    distil: str = "velocity"  # velocity (teacher velocity in the MeanFlow loss) | trajectory (flow-map regression)
+    distil_pairs: int = 4  # trajectory: grid pairs per teacher path (batch_size // distil_pairs paths per step)
+    distil_steps: int = 0  # trajectory: teacher solver steps per path (0: the teacher's default)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -205,7 +208,7 @@ class Trainer:
         if cfg.teacher:
             teacher = Policy.load(cfg.teacher, map_location=self.device)
             for p in (self.policy, self.ema.model):  # one teacher object, outside both module trees
-                p.set_teacher(teacher)
+                p.set_teacher(teacher, mode=cfg.distil, pairs=cfg.distil_pairs, steps=cfg.distil_steps or None)
         self.model: nn.Module = self.policy
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

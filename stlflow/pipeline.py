@@ -182,7 +182,7 @@ class TaskWiring:
     bounds it by ``v_max``; ``path``: the slice of the observation whose closed-loop paths the diversity compares
     (Crossing: robot xy; PickPlace: TCP xyz); ``mode``: behaviour-mode classifier of a trajectory; ``guidance``:
     factory of STL guidance (None: the task has no differentiable model, so no guided rows); ``sweep``: default
-    requested v_max values.
+    requested v_max values; ``cell``: grid cell (m) of the valid-area measure.
     """
 
     env: str
@@ -193,13 +193,14 @@ class TaskWiring:
     mode: Callable[[np.ndarray], str]
     guidance: Callable[..., Any] | None
     sweep: tuple[float, ...]
+    cell: float = 0.1  # grid cell (m) of the valid-area measure (:func:`covered_area`)
 
 
 TASKS: dict[str, TaskWiring] = {
     ENV: TaskWiring(ENV, ENV_ID, "speed", "speed", slice(0, 2), crossing_mode, crossing_guidance,
                     (0.9, 1.1, 1.3, 1.5)),
     "pickplace": TaskWiring("pickplace", "stlflow/PickPlace-v0", "ee_speed", "speed_limit", slice(0, 3),
-                            pickplace_mode, None, (0.2, 0.3, 0.4, 0.5)),  # demos 0.17-0.37; re-timed aug. to 0.51
+                            pickplace_mode, None, (0.2, 0.3, 0.4, 0.5), 0.02),  # demos 0.17-0.37; aug. to 0.51
 }
 
 
@@ -268,6 +269,21 @@ def path_diversity(trajectories: Sequence[np.ndarray], n: int = 64) -> float:
     return mean_pairwise_distance(torch.as_tensor(np.stack([arc_length_resample(t, n) for t in trajectories])))
 
 
+def covered_area(paths: Sequence[np.ndarray], cell: float) -> float:
+    """Area (m²) of the union of ``cell`` x ``cell`` grid squares that the xy paths (T_i, >=2) pass through.
+
+    Each path is densified to points at most cell / 4 apart along its arc length first, so a fast path covers the
+    squares between its samples. The grid is fixed in the world frame, so areas of different sets compare.
+    """
+    cells: set[tuple[int, int]] = set()
+    for path in paths:
+        xy = np.asarray(path, dtype=np.float64)[:, :2]
+        length = float(np.sum(np.linalg.norm(np.diff(xy, axis=0), axis=1))) if len(xy) > 1 else 0.0
+        dense = arc_length_resample(xy, max(2, int(np.ceil(4 * length / cell)) + 1))
+        cells.update(map(tuple, np.floor(dense / cell).astype(np.int64).tolist()))
+    return len(cells) * cell * cell
+
+
 class _Reseeded:
     """A controller whose noise seed is ``seed * 1000 + sample`` (several samples from one start state)."""
 
@@ -329,18 +345,39 @@ def closed_loop_samples(policy: Any, seeds: Sequence[int], samples: int, stl_par
     return records
 
 
-def sample_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per start state, averaged over start states: mean pairwise distance of the paths (time-indexed,
-    ``diversity_m``, and along the route, ``path_diversity_m``) and number of distinct modes reached."""
+def is_valid(record: Mapping[str, Any]) -> bool:
+    """A closed-loop sample that satisfies the rules (exact robustness >= 0) and does not collide."""
+    return bool(record["robustness"] >= 0 and not record["collision"])
+
+
+def sample_metrics(records: Sequence[Mapping[str, Any]], cell: float = 0.1) -> dict[str, float]:
+    """Per start state, averaged over start states.
+
+    Over all samples: mean pairwise distance of the paths (time-indexed, ``diversity_m``, and along the route,
+    ``path_diversity_m``) and number of distinct modes reached (``modes_per_start``). Failed samples count here
+    too, so a policy that crashes in varied ways scores as diverse.
+
+    Over the *valid* samples only (rules satisfied, no collision; :func:`is_valid`), as the STL-diffusion paper
+    measures diversity: distinct modes reached (``valid_modes_per_start``), the xy area their paths cover on a
+    ``cell`` grid (``valid_area_m2``, the paper's "valid area" on a fixed grid) and the fraction of valid samples
+    (``valid_fraction``). A start state with no valid sample scores 0 on both.
+    """
     by_seed: dict[int, list[Mapping[str, Any]]] = {}
     for r in records:
         by_seed.setdefault(int(r["seed"]), []).append(r)
     div = [diversity([r["xy"] for r in rs]) for rs in by_seed.values()]
     route = [path_diversity([r["xy"] for r in rs]) for rs in by_seed.values()]
     modes = [len({r["mode"] for r in rs} - {"none"}) for rs in by_seed.values()]  # "none": never level with it
-    return {"diversity_m": float(np.mean(div)) if div else float("nan"),
-            "path_diversity_m": float(np.mean(route)) if route else float("nan"),
-            "modes_per_start": float(np.mean(modes)) if modes else float("nan")}
+    valid = [[r for r in rs if is_valid(r)] for rs in by_seed.values()]
+    v_modes = [len({r["mode"] for r in rs} - {"none"}) for rs in valid]
+    v_area = [covered_area([r["xy"] for r in rs], cell) for rs in valid]
+
+    def mean(v: list[float]) -> float:
+        return float(np.mean(v)) if v else float("nan")
+
+    return {"diversity_m": mean(div), "path_diversity_m": mean(route), "modes_per_start": mean(modes),
+            "valid_modes_per_start": mean(v_modes), "valid_area_m2": mean(v_area),
+            "valid_fraction": mean([is_valid(r) for r in records])}
 
 
 # ============================================================================================ stages

@@ -132,6 +132,51 @@ def test_distilling_from_the_exact_marginal_velocity_gives_the_plain_meanflow_lo
     torch.testing.assert_close(student.compute_loss(batch, noise), plain)
 
 
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+def test_flow_map_distillation_regresses_on_the_teachers_own_paths(solver):
+    # The teacher's velocity (z - a) / t walks every path z_t = a + t (ε - a) exactly (both solvers), so the average
+    # velocity over any grid pair [r, t] is ε - a: a student that is exactly this map has zero loss on every pair,
+    # and a student off by δ has loss |δ|² / t² averaged over the drawn rows (the check can fail).
+    torch.manual_seed(0)
+    data = ChunkData({"obs": np.zeros((40, 3)), "action": np.random.default_rng(0).normal(size=(40, 2))}, 8, 2, 4,
+                     episode_ends=np.array([40]))
+    norm = data.fit_normalizer()
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow", "solver": solver}, net=NET, normalizer=norm)
+    a = torch.randn(1, 8, 2)
+    teacher.head.net = _ExactVelocity(a)
+    student.set_teacher(teacher, mode="trajectory", pairs=4, steps=5)
+    states, vels, times = teacher.head.trajectory(torch.zeros(3, 6), torch.randn(3, 8, 2), steps=5)
+    assert states.shape == (6, 3, 8, 2) and vels.shape == (5, 3, 8, 2)
+    torch.testing.assert_close(times, torch.linspace(1.0, 0.0, 6))
+    torch.testing.assert_close(states[-1], a.expand(3, 8, 2))  # the path ends on the data point
+    batch = data.batch(list(range(32)))
+    noise = student.draw_noise(32, generator=torch.Generator().manual_seed(3))
+    assert noise["traj_eps"].shape == (8, 8, 2) and noise["traj_i"].shape == (8, 4)
+    student.head.net = _ExactVelocity(a)  # u(z, r, t) = (z - a) / t: the exact average velocity on these paths
+    assert float(student.compute_loss(batch, noise)) < 1e-10
+    student.head.net = _ExactVelocity(a + 0.3)
+    t = torch.linspace(1.0, 0.0, 6)[noise["traj_i"]]
+    expected = float((0.09 / t**2).mean())
+    assert float(student.compute_loss(batch, noise)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_flow_map_pairs_cover_the_grid_and_always_include_the_one_step_jump():
+    norm = _bimodal_data().fit_normalizer()
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm),
+                        mode="trajectory", pairs=5, steps=4)
+    noise = student.draw_noise(4000, generator=torch.Generator().manual_seed(0))
+    i, j = noise["traj_i"], noise["traj_j"]
+    assert i.shape == (800, 5)
+    assert (i[:, 0] == 0).all() and (j[:, 0] == 4).all()  # (t, r) = (1, 0): the jump one-step sampling takes
+    assert ((0 <= i) & (i <= j) & (j <= 4) & (i < 4)).all()  # t >= r on the grid, t > 0
+    seen = {(int(x), int(y)) for x, y in zip(i[:, 1:].flatten(), j[:, 1:].flatten())}
+    assert seen == {(x, y) for x in range(4) for y in range(x, 5)}  # every pair, r = t rows included
+    with pytest.raises(ValueError, match="velocity' or 'trajectory"):
+        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm), mode="path")
+
+
 def test_set_teacher_refuses_a_teacher_that_does_not_match():
     data = _bimodal_data()
     norm = data.fit_normalizer()
@@ -147,7 +192,8 @@ def test_set_teacher_refuses_a_teacher_that_does_not_match():
             Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
 
 
-def test_a_meanflow_policy_distilled_from_a_flow_checkpoint_keeps_both_modes(tmp_path):
+@pytest.mark.parametrize("distil", ["velocity", "trajectory"])
+def test_a_meanflow_policy_distilled_from_a_flow_checkpoint_keeps_both_modes(tmp_path, distil):
     data = _bimodal_data()
     norm = data.fit_normalizer()
     torch.manual_seed(0)
@@ -156,7 +202,7 @@ def test_a_meanflow_policy_distilled_from_a_flow_checkpoint_keeps_both_modes(tmp
     torch.manual_seed(1)
     student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
     trainer = Trainer(student, data, _cfg(steps=500, batch_size=64, warmup_steps=20,
-                                          teacher=str(tmp_path / "teacher")), tmp_path / "student")
+                                          teacher=str(tmp_path / "teacher"), distil=distil), tmp_path / "student")
     trainer.fit()
     saved = Policy.load(tmp_path / "student")  # an ordinary meanflow checkpoint: no teacher weights in it
     assert saved.state_dict().keys() == student.state_dict().keys()
