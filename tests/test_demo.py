@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stlflow.pipeline import crossing_mode, diversity, path_diversity, spearman
+from stlflow.pipeline import covered_area, crossing_mode, diversity, path_diversity, sample_metrics, spearman
 
 
 def _run(args: list[str], tmp_path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -109,6 +109,44 @@ def test_route_diversity_ignores_pace_and_sees_the_route(n, gap, paces):
     expected = gap * np.mean([abs(i - j) for i in range(n) for j in range(n) if i != j])
     assert path_diversity(shifted) == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert path_diversity(shifted[:1]) == 0.0 and path_diversity([route[:1], route[:1]]) == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.3, 5.0), st.integers(1, 4), st.integers(2, 200))
+def test_covered_area_counts_grid_squares_once(length, copies, samples):
+    """A straight path along a row of squares covers ceil(length / cell) squares (+1 at a boundary) however finely
+    it is sampled; repeating it adds nothing; a copy one row up doubles the area; adding paths never shrinks it."""
+    cell = 0.1
+    x = 0.05 + np.linspace(0.0, length, samples)
+    path = np.stack([x, np.full_like(x, 0.05)], axis=1)  # inside the row of squares 0 <= y < 0.1
+    one = covered_area([path], cell)
+    n_cells = int(np.floor(x[-1] / cell)) + 1
+    assert one == pytest.approx(n_cells * cell * cell)
+    assert covered_area([path] * copies, cell) == pytest.approx(one)
+    assert covered_area([path, path + np.array([0.0, cell])], cell) == pytest.approx(2 * one)
+    assert covered_area([path, path + np.array([0.0, 0.37])], cell) >= one
+    assert covered_area([], cell) == 0.0
+
+
+def test_valid_diversity_counts_only_rule_satisfying_collision_free_samples():
+    """Crashes in varied directions raise the all-sample diversity, not the valid measures."""
+    line = np.stack([np.linspace(0.0, 2.0, 21), np.zeros(21)], axis=1)
+
+    def rec(seed, dy, mode, rho=1.0, collision=False):
+        return {"seed": seed, "xy": line + np.array([0.0, dy]), "mode": mode, "robustness": rho,
+                "collision": collision}
+
+    good = [rec(0, 0.0, "left"), rec(0, 0.5, "right"), rec(1, 0.0, "left"), rec(1, 0.0, "left")]
+    crashes = [rec(0, 3.0, "front", rho=-1.0), rec(1, -3.0, "behind", collision=True)]
+    base, noisy = sample_metrics(good), sample_metrics(good + crashes)
+    assert noisy["diversity_m"] > base["diversity_m"] and noisy["modes_per_start"] > base["modes_per_start"]
+    for k in ("valid_modes_per_start", "valid_area_m2"):
+        assert noisy[k] == pytest.approx(base[k])
+    assert base["valid_modes_per_start"] == pytest.approx(1.5)  # start 0: left + right; start 1: left
+    assert base["valid_area_m2"] == pytest.approx((2 * 21 + 21) * 0.01 / 2)  # 21 squares per distinct row
+    assert noisy["valid_fraction"] == pytest.approx(4 / 6)
+    none_valid = sample_metrics([rec(0, 0.0, "left", rho=-0.1)])
+    assert none_valid["valid_modes_per_start"] == 0 and none_valid["valid_area_m2"] == 0
 
 
 def test_expert_modes_are_recognised():
