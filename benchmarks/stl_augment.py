@@ -11,8 +11,9 @@ Rows (same evaluation seeds for every row, closed loop):
   θ on demos+aug + guidance      the same with inference-time STL guidance
   θ on demos+aug + guidance, RTI the same under the real-time-iteration controller (k = 2)
 Rows 2-5 use Diffusion Policy's receding-horizon controller (full flow schedule, Ta = 8).
-PickPlace has no differentiable model, so its guided rows are replaced by ``θ on demos+aug, RTI k=2`` (unguided);
-its diversity compares TCP paths (xyz) and its modes are the zones the cube ends in; its sweep is over the arm's
+PickPlace guidance steers the speed rule through the arm's set-point model (``stlflow.envs.pickplace_dynamics``;
+``--rows aug_rti`` adds the unguided RTI row); its diversity compares TCP paths (xyz) and its modes are the zones the
+cube ends in; its sweep is over the arm's
 ``v_max`` from 0.2 to 0.5 m/s (the demonstrations' calibrated range is about 0.17-0.37 m/s; the augmentation
 re-times each demo to its sampled v_max, conf/stl/pickplace.yaml ``retime``, up to about 0.5 m/s) and the other θ
 are the dataset's.
@@ -62,7 +63,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--sweep", type=float, nargs="+", default=None,
                     help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.2 0.25 0.3 0.35")
     ap.add_argument("--div-starts", type=int, default=20, help="start states for the diversity columns")
-    ap.add_argument("--div-samples", type=int, default=4, help="episodes per start state for diversity")
+    ap.add_argument("--div-samples", type=int, default=8, help="episodes per start state for diversity")
     ap.add_argument("--eval-seed", type=int, default=5000)
     ap.add_argument("--demos", type=int, default=100)
     ap.add_argument("--aug-demos", type=int, default=40)
@@ -73,8 +74,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=2, help="RTI steps per tick")
     ap.add_argument("--meet-tol", type=float, default=0.05, help="max speed may exceed the request by this (m/s)")
     ap.add_argument("--guidance-t-max", type=float, default=0.25, help="guide at noise levels t <= this")
-    ap.add_argument("--guidance-scale", type=float, default=1.0,
-                    help="gradient guidance step (0 = no gradient; with --guidance-particles, selection alone)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="gradient guidance step (default: the task's, Crossing 1.0, PickPlace 0.01; 0 = no gradient: "
+                         "with --guidance-particles, selection alone)")
     ap.add_argument("--guidance-particles", type=int, default=1,
                     help="chunks sampled per policy call, one kept: uniformly among those that satisfy the rules "
                          "(exact robustness >= margin), else the most robust (1 = no selection)")
@@ -209,7 +211,9 @@ def main() -> int:
                 [demos], out / "data" / "unused.zarr", ckpt, names, args.train_steps, args.batch_size,
                 seed=args.seed, task=args.env)
     thetas = [{**dataset_theta, "v_max": float(v)} for v in sweep]
-    gopts = {"t_max": args.guidance_t_max, "scale": args.guidance_scale, "particles": args.guidance_particles}
+    gopts = {"t_max": args.guidance_t_max, "particles": args.guidance_particles}
+    if args.guidance_scale is not None:
+        gopts["scale"] = args.guidance_scale
     results: dict[str, Any] = {}
     for key, label, pkey, controller, guided in ROWS:
         if key not in wanted:

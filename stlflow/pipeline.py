@@ -163,6 +163,43 @@ def crossing_mode(obs: np.ndarray, side: float = 0.6, stop_speed: float = 0.15, 
     return "yield" if float(np.min(np.abs(obs[: t + 1, I_V]))) < stop_speed and t > 0 else "behind"
 
 
+PICKPLACE_GUIDED_RULES = ("speed_limit",)  # the one rule the set-point model decides (see pickplace_dynamics)
+
+
+def pickplace_model_inputs(obs_history: np.ndarray, horizon: int) -> tuple[Any, Any]:
+    """Start state (1, 3) of :class:`~stlflow.envs.pickplace_dynamics.PickPlaceKinematics`: the newest
+    observation's servo set-point (the last commanded TCP target); no context."""
+    import torch
+
+    from stlflow.envs.pickplace_dynamics import PickPlaceKinematics
+
+    obs = np.asarray(obs_history, dtype=np.float32).reshape(-1, np.asarray(obs_history).shape[-1])[-1]
+    return PickPlaceKinematics.state_from_obs(torch.as_tensor(obs[None])), None
+
+
+def pickplace_guidance(params: Mapping[str, float] | None = None, rules: Sequence[str] = PICKPLACE_GUIDED_RULES,
+                       **options: Any) -> Any:
+    """:class:`stlflow.policy.guidance.STLGuidance` for PickPlace: the speed rule through the set-point model.
+
+    The arm's TCP follows its commanded set-point closely, so the speed of the planned targets is a differentiable
+    stand-in for the TCP speed (``stlflow.envs.pickplace_dynamics``). ``params``/``options`` as for
+    :func:`crossing_guidance`.
+    """
+    from stlflow.envs.pickplace import RULE_DEFAULTS, RULE_LIST
+    from stlflow.envs.pickplace_dynamics import DT, PickPlaceKinematics
+    from stlflow.policy.guidance import STLGuidance
+
+    unknown = [r for r in rules if r not in PICKPLACE_GUIDED_RULES]
+    if unknown:
+        raise ValueError(f"PickPlace guidance models only {list(PICKPLACE_GUIDED_RULES)}; got {unknown}")
+    text = " & ".join(RULE_LIST[r] for r in rules)
+    theta = {**RULE_DEFAULTS, **dict(params or {})}
+    # speeds here are tenths of a m/s: a sharper smooth max (gap <= log(15) / 200 = 0.014 m/s), a 1 cm/s margin and
+    # steps of at most 0.01 normalised units (~3 mm of TCP target) instead of Crossing's metre-scale defaults
+    opts = {"smooth": 200.0, "margin": 0.01, "max_step": 0.01, "scale": 0.01, **options}
+    return STLGuidance(text, PickPlaceKinematics(), pickplace_model_inputs, DT, params=theta, **opts)
+
+
 def pickplace_mode(obs: np.ndarray) -> str:
     """Behaviour mode of a PickPlace trajectory ``obs`` (T, 22): the zone the cube ends in (``left``/``right``), else
     ``"none"`` (the zones are the task's modes, as in conf/stl/pickplace.yaml)."""
@@ -200,7 +237,7 @@ TASKS: dict[str, TaskWiring] = {
     ENV: TaskWiring(ENV, ENV_ID, "speed", "speed", slice(0, 2), crossing_mode, crossing_guidance,
                     (0.9, 1.1, 1.3, 1.5)),
     "pickplace": TaskWiring("pickplace", "stlflow/PickPlace-v0", "ee_speed", "speed_limit", slice(0, 3),
-                            pickplace_mode, None, (0.2, 0.3, 0.4, 0.5), 0.02),  # demos 0.17-0.37; aug. to 0.51
+                            pickplace_mode, pickplace_guidance, (0.2, 0.3, 0.4, 0.5), 0.02),  # demos 0.17-0.37
 }
 
 

@@ -242,3 +242,51 @@ def test_rti_with_particle_selection(crossing_obs):
     assert plain.last_nfe == sel.last_nfe and g.selections == 10
     with pytest.raises(ValueError, match="particles"):
         speed_guidance(0.6, particles=0)
+
+
+def test_pickplace_guidance_slows_planned_targets_and_selection_keeps_a_slow_plan():
+    """PickPlace guidance (the speed rule through the set-point model) on a small random policy at a real reset:
+    the gradient lowers the planned top speed and raises robustness; selection alone returns one of the particles,
+    a satisfying one whenever there is one."""
+    import gymnasium as gym
+
+    import stlflow.envs  # noqa: F401
+    from stlflow.envs.pickplace import OBS_DIM, WORKSPACE_HIGH, WORKSPACE_LOW
+    from stlflow.pipeline import pickplace_guidance
+
+    env = gym.make("stlflow/PickPlace-v0")
+    obs, _ = env.reset(seed=3)
+    env.close()
+    history = np.stack([obs, obs])
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    # actions spread over a 6 cm box around the set-point: chunks step up to ~0.5 m/s between targets
+    centre = obs[18:21]
+    acts = np.concatenate([centre + rng.uniform(-0.03, 0.03, (500, 3)), rng.choice([-1.0, 1.0], (500, 1))], 1)
+    assert (acts[:, :3] > WORKSPACE_LOW).all() and (acts[:, :3] < WORKSPACE_HIGH).all()
+    norm = Normalizer.fit({"obs": rng.normal(size=(500, OBS_DIM)), "action": acts})
+    policy = Policy(OBS_DIM, 4, n_obs_steps=2, horizon=16, n_action_steps=8, head={"kind": "flow"},
+                    net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16}, normalizer=norm,
+                    discrete_action_mask=np.array([False, False, False, True])).eval()
+    g = pickplace_guidance({"v_max": 0.3}, t_max=1.0, scale=0.5, max_step=0.2)
+    b = 16
+    cond = policy.condition(np.repeat(history[None], b, 0))
+    plain = policy.sample_normalized(cond, generator=torch.Generator().manual_seed(0))
+    guided = policy.sample_normalized(cond, generator=torch.Generator().manual_seed(0),
+                                      guidance_fn=g.bind(policy, history))
+    rho_plain, rho_guided = g.robustness(policy, plain, history), g.robustness(policy, guided, history)
+    assert (rho_plain < 0).float().mean() > 0.5  # too fast without guidance
+    assert rho_guided.mean() > rho_plain.mean() + 0.1  # at least 0.1 m/s slower at the top, on average
+    assert (rho_guided >= rho_plain - 1e-6).all()
+    torch.testing.assert_close(guided[..., 3], plain[..., 3], rtol=0.0, atol=0.2)  # the gripper is barely moved
+
+    sel = pickplace_guidance({"v_max": 0.45}, scale=0.0, particles=16)
+    fn = sel.bind(policy, history)
+    cond1 = policy.condition(history[None])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    particles = policy.sample_normalized(cond1.expand(16, -1), generator=g1)
+    kept = policy.sample_normalized(cond1, generator=g2, guidance_fn=fn)
+    assert any(torch.equal(kept[0], p) for p in particles)
+    rho = sel.robustness(policy, particles, history)
+    if bool((rho >= sel.margin).any()):
+        assert float(sel.robustness(policy, kept, history)[0]) >= sel.margin

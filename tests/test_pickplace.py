@@ -375,3 +375,43 @@ def test_unknown_render_mode_and_camera_are_rejected():
         PickPlaceEnv(render_mode="human")
     with pytest.raises(ValueError, match="camera"):
         PickPlaceEnv(camera="side")
+
+
+def test_setpoint_model_tracks_mujoco_speeds():
+    """The guidance's set-point model (stlflow.envs.pickplace_dynamics): its set-points are the env's; the TCP's
+    realised top speed is the commanded one within 5% (+1 cm/s) on scripted episodes, and on jittery target streams
+    (a planner's chunks) the servo smooths the jitter, so the model over-estimates by a bounded amount: bounding the
+    model's speed bounds the arm's."""
+    import torch
+
+    from stlflow.envs.pickplace_dynamics import DT, PickPlaceKinematics
+
+    env = make()
+    assert env.unwrapped.dt == pytest.approx(DT)
+    model = PickPlaceKinematics()
+
+    def compare(obs, actions, smooth=False):
+        states = model.rollout(torch.as_tensor(obs[:1, OBS_INDEX["ee_target"]], dtype=torch.float64),
+                               torch.as_tensor(actions[None], dtype=torch.float64))
+        np.testing.assert_allclose(states[0, :, :3].numpy(), obs[1:, OBS_INDEX["ee_target"]], atol=1e-6)
+        cmd = model.signals(states)["ee_speed"][0].numpy()
+        real = pickplace_signals(obs[1:])["ee_speed"]
+        if smooth:
+            assert 0.7 * cmd.max() <= real.max() <= 1.05 * cmd.max() + 0.01, (real.max(), cmd.max())
+        else:
+            assert real.max() == pytest.approx(cmd.max(), rel=0.05, abs=0.01), (real.max(), cmd.max())
+
+    for seed in (0, 1, 2):
+        obs, actions, _, _ = run_expert(env, seed)
+        compare(obs, actions)
+    rng = np.random.default_rng(0)
+    for seed in (3, 4):
+        obs0, _ = env.reset(seed=seed)
+        steps = np.cumsum(rng.normal(0.0, 0.02, size=(40, 3)) + np.array([0.01, 0.0, 0.0]), axis=0)
+        targets = obs0[OBS_INDEX["ee_target"]] + steps
+        actions = np.concatenate([targets, -np.ones((40, 1))], axis=1).astype(np.float32)
+        observations = [obs0]
+        for a in actions:
+            observations.append(env.step(a)[0])
+        compare(np.array(observations), actions, smooth=True)
+    env.close()
