@@ -80,6 +80,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--guidance-particles", type=int, default=1,
                     help="chunks sampled per policy call, one kept: uniformly among those that satisfy the rules "
                          "(exact robustness >= margin), else the most robust (1 = no selection)")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale on θ for the θ-conditioned policies (policy.guidance_scale; "
+                         "default: the checkpoint's, 1 = plain conditional)")
     ap.add_argument("--rows", default="all", help="comma-separated row keys to run (default all)")
     ap.add_argument("--reuse-data", action="store_true",
                     help="reuse the demonstrations and augmented store already in --out (skip collect/augment)")
@@ -210,6 +213,10 @@ def main() -> int:
             policies[key] = Policy.load(ckpt) if (ckpt / "policy.yaml").exists() else P.stage_train(
                 [demos], out / "data" / "unused.zarr", ckpt, names, args.train_steps, args.batch_size,
                 seed=args.seed, task=args.env)
+    if args.cfg_scale is not None:
+        for key in ("theta", "aug"):
+            if key in policies:
+                policies[key].guidance_scale = float(args.cfg_scale)
     thetas = [{**dataset_theta, "v_max": float(v)} for v in sweep]
     gopts = {"t_max": args.guidance_t_max, "particles": args.guidance_particles}
     if args.guidance_scale is not None:

@@ -153,6 +153,24 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     assert main(["env=pickplace", "controller=expert", "k=2", "episodes=1", f"out={out}"]) == 2  # expert takes no k
 
 
+def test_eval_cli_turns_on_stl_guidance_with_one_flag(tmp_path):
+    """`guidance.enabled=true` guides every plan toward the rules at `params` (the report says with what), a guided
+    run differs from the unguided one on the same seeds."""
+    from stlflow.verbs.eval import main
+
+    ckpt = tmp_path / "ckpt"
+    tiny_pickplace_policy().save(ckpt)
+    common = [f"ckpt={ckpt}", "env=pickplace", "episodes=2", "max_steps=8", "progress=false", "+params.v_max=0.05"]
+    assert main([*common, f"out={tmp_path / 'plain'}"]) == 0
+    assert main([*common, f"out={tmp_path / 'guided'}", "guidance.enabled=true", "guidance.particles=4",
+                 "guidance.t_max=1.0", "cfg_scale=1.0"]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())[0]
+    guided = json.loads((tmp_path / "guided" / "report.json").read_text())[0]
+    assert "guidance" not in plain and "STLGuidance" in guided["guidance"] and "particles=4" in guided["guidance"]
+    speeds = [[ep["rule_robustness"]["speed_limit"] for ep in r["episodes"]] for r in (plain, guided)]
+    assert speeds[0] != speeds[1]  # the guidance changed the plans (its effect: test_guidance.py, the benchmark)
+
+
 def test_rti_start_level_comes_from_the_task_config():
     """`stlflow eval controller=rti` warm-starts at the task's measured level unless control.t_start overrides it."""
     from omegaconf import OmegaConf
