@@ -22,9 +22,10 @@ Columns: STL satisfaction of all rules at the requested θ, collision rate, succ
 distance (m) of closed-loop xy trajectories from the same start state (time-indexed: differences in pace count),
 the same between routes (each path resampled evenly along its arc length: pace does not count) and distinct
 behaviour modes reached per start state (``--div-starts`` x ``--div-samples`` episodes at the dataset θ); the valid
-columns count only the samples that satisfy the rules without colliding, as the STL-diffusion paper does: distinct
-modes among them and the xy area their paths cover on a fixed grid (Crossing 0.1 m, PickPlace 0.02 m cells), per
-start state (crashes in varied directions raise the first three columns, not these);
+columns count only the samples that satisfy the rules without colliding, as the STL-diffusion paper does: their
+mean pairwise distance (0 where fewer than two), distinct modes among them and the xy area their paths cover on a
+fixed grid (Crossing 0.1 m, PickPlace 0.02 m cells), per start state (crashes in varied directions raise the first
+three columns, not these);
 controllability = Spearman correlation of the realised max speed with the requested v_max over a sweep, and the
 fraction of episodes whose max speed is within the request (+ ``--meet-tol``); time = per-tick latency p50/p99 (ms)
 and the guidance's share. Episode i of a row requests v_max = sweep[i mod len(sweep)] (other θ: the
@@ -240,14 +241,14 @@ def main() -> int:
         print(f"  {json.dumps({k: v for k, v in m.items() if not isinstance(v, dict)})}", flush=True)
 
     head = ("| row | STL sat. @θ | collision | success | diversity (m) | route div. (m) | modes/start | "
-            "valid modes/start | valid area (m²) | "
+            "valid div. (m) | valid modes/start | valid area (m²) | "
             "Spearman(v_max) | meets v_max | p50 ms | p99 ms | guidance ms/tick | episodes |")
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for r in results.values():
         lines.append(
             f"| {r['label']} | {r['stl_satisfaction']:.1%} | {r['collision']:.1%} | {r['success']:.1%} | "
             f"{r['diversity_m']:.3f} | {r['path_diversity_m']:.3f} | {r['modes_per_start']:.2f} | "
-            f"{r['valid_modes_per_start']:.2f} | {r['valid_area_m2']:.3f} | "
+            f"{r['valid_diversity_m']:.3f} | {r['valid_modes_per_start']:.2f} | {r['valid_area_m2']:.3f} | "
             f"{r['spearman_vmax']:.3f} | "
             f"{r['meets_vmax']:.1%} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | "
             f"{r['guidance_ms_per_tick']:.2f} | {r['episodes']} |")

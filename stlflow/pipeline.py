@@ -395,9 +395,10 @@ def sample_metrics(records: Sequence[Mapping[str, Any]], cell: float = 0.1) -> d
     too, so a policy that crashes in varied ways scores as diverse.
 
     Over the *valid* samples only (rules satisfied, no collision; :func:`is_valid`), as the STL-diffusion paper
-    measures diversity: distinct modes reached (``valid_modes_per_start``), the xy area their paths cover on a
-    ``cell`` grid (``valid_area_m2``, the paper's "valid area" on a fixed grid) and the fraction of valid samples
-    (``valid_fraction``). A start state with no valid sample scores 0 on both.
+    measures diversity: their mean pairwise distance (time-indexed, ``valid_diversity_m``), distinct modes reached
+    (``valid_modes_per_start``), the xy area their paths cover on a ``cell`` grid (``valid_area_m2``, the paper's
+    "valid area" on a fixed grid) and the fraction of valid samples (``valid_fraction``). A start state with fewer
+    than two valid samples has no valid diversity (0), one with none also no valid modes or area.
     """
     by_seed: dict[int, list[Mapping[str, Any]]] = {}
     for r in records:
@@ -408,12 +409,13 @@ def sample_metrics(records: Sequence[Mapping[str, Any]], cell: float = 0.1) -> d
     valid = [[r for r in rs if is_valid(r)] for rs in by_seed.values()]
     v_modes = [len({r["mode"] for r in rs} - {"none"}) for rs in valid]
     v_area = [covered_area([r["xy"] for r in rs], cell) for rs in valid]
+    v_div = [diversity([r["xy"] for r in rs]) for rs in valid]  # 0 for fewer than two
 
     def mean(v: list[float]) -> float:
         return float(np.mean(v)) if v else float("nan")
 
     return {"diversity_m": mean(div), "path_diversity_m": mean(route), "modes_per_start": mean(modes),
-            "valid_modes_per_start": mean(v_modes), "valid_area_m2": mean(v_area),
+            "valid_diversity_m": mean(v_div), "valid_modes_per_start": mean(v_modes), "valid_area_m2": mean(v_area),
             "valid_fraction": mean([is_valid(r) for r in records])}
 
 

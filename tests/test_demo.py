@@ -140,13 +140,15 @@ def test_valid_diversity_counts_only_rule_satisfying_collision_free_samples():
     crashes = [rec(0, 3.0, "front", rho=-1.0), rec(1, -3.0, "behind", collision=True)]
     base, noisy = sample_metrics(good), sample_metrics(good + crashes)
     assert noisy["diversity_m"] > base["diversity_m"] and noisy["modes_per_start"] > base["modes_per_start"]
-    for k in ("valid_modes_per_start", "valid_area_m2"):
+    for k in ("valid_diversity_m", "valid_modes_per_start", "valid_area_m2"):
         assert noisy[k] == pytest.approx(base[k])
     assert base["valid_modes_per_start"] == pytest.approx(1.5)  # start 0: left + right; start 1: left
     assert base["valid_area_m2"] == pytest.approx((2 * 21 + 21) * 0.01 / 2)  # 21 squares per distinct row
+    assert base["valid_diversity_m"] == pytest.approx((0.5 + 0.0) / 2)  # start 0: 0.5 m apart; start 1: identical
     assert noisy["valid_fraction"] == pytest.approx(4 / 6)
     none_valid = sample_metrics([rec(0, 0.0, "left", rho=-0.1)])
     assert none_valid["valid_modes_per_start"] == 0 and none_valid["valid_area_m2"] == 0
+    assert none_valid["valid_diversity_m"] == 0
 
 
 def test_expert_modes_are_recognised():
