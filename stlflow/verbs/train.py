@@ -8,7 +8,8 @@ settings. The final EMA policy is written to out/ (``Policy.load(out)``); traini
 (keep-last-K) and metrics to out/checkpoints, out/metrics.csv and out/val.csv. resume=true continues from
 out/checkpoints/latest. train.teacher=DIR (with policy=meanflow) distils the one-step policy from a trained
 flow policy DIR: the teacher's velocity replaces the noisy per-sample target (same data and window as the
-teacher's; the student takes the teacher's normaliser). With policy.cond_params=[v_max,...] the policy is
+teacher's; the student takes the teacher's normaliser); train.distil=trajectory instead regresses the student on
+the teacher's own sampling paths (flow-map distillation, no JVP). With policy.cond_params=[v_max,...] the policy is
 conditioned on the episodes' calibrated STL parameters (attribute stl_params, from `stlflow calibrate`).
 Closed-loop evaluation on the env's task runs every train.eval_every steps and at the end (eval_episodes
 episodes; 0 turns it off).
