@@ -563,8 +563,8 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
 def results_table(rows: Sequence[EvalRow]) -> str:
     """Markdown table of the evaluated rows."""
     head = ("| requested θ | guidance | success | STL sat. | collision | max speed (m/s) | meets v_max | "
-            "diversity (m) | modes/start | p50 ms | p99 ms | guidance ms/tick |")
-    out = [head, "|" + "---|" * 12]
+            "diversity (m) | modes/start | valid modes/start | p50 ms | p99 ms | guidance ms/tick |")
+    out = [head, "|" + "---|" * 13]
     for r in rows:
         m = r.metrics
         g = "-" if math.isnan(r.guidance_ms_per_tick) else f"{r.guidance_ms_per_tick:.2f}"
@@ -572,12 +572,14 @@ def results_table(rows: Sequence[EvalRow]) -> str:
             f"| v_max={r.theta.get('v_max', float('nan')):.2f} | {'on' if r.guided else 'off'} | "
             f"{m['success_rate']:.0%} | {m['stl_satisfaction_rate']:.0%} | {m['collision_rate']:.0%} | "
             f"{m['max_speed_mean']:.2f} | {m['meets_v_max']:.0%} | {m['diversity_m']:.2f} | "
-            f"{m['modes_per_start']:.1f} | {m['latency_p50_ms']:.1f} | {m['latency_p99_ms']:.1f} | {g} |")
+            f"{m['modes_per_start']:.1f} | {m['valid_modes_per_start']:.1f} | {m['latency_p50_ms']:.1f} | "
+            f"{m['latency_p99_ms']:.1f} | {g} |")
     if rows:
         n_starts = len({s["seed"] for s in rows[0].samples})
         out.append(f"\nsuccess, STL sat. (all rules at the requested θ), collision, latency: "
                    f"{int(rows[0].metrics['episodes'])} episodes per row; max speed, meets v_max (max speed <= v_max), "
-                   f"diversity (mean pairwise distance of xy paths), modes: {n_starts} start states x "
+                   f"diversity (mean pairwise distance of xy paths), modes (valid: among the samples that keep the "
+                   f"rules without colliding): {n_starts} start states x "
                    f"{len(rows[0].samples) // max(n_starts, 1)} samples. guidance ms/tick: in this process.")
     return "\n".join(out) + "\n"
 
@@ -627,12 +629,13 @@ def write_demo_outputs(out: Path, rows: Sequence[EvalRow], summary: Mapping[str,
     fig.savefig(paths["trajectories"], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
     labels = [r.label for r in rows]
     x = np.arange(len(rows))
-    for ax, key, name in zip(axes, ("stl_satisfaction_rate", "diversity_m", "modes_per_start"),
+    for ax, key, name in zip(axes, ("stl_satisfaction_rate", "diversity_m", "modes_per_start",
+                                    "valid_modes_per_start"),
                              ("STL satisfaction at requested θ", "diversity: mean pairwise distance (m)",
-                              "distinct modes per start state")):
+                              "distinct modes per start state", "modes among rule-keeping samples")):
         ax.bar(x, [r.metrics[key] for r in rows], color=[colour[r.theta.get("v_max", 0.0)] for r in rows],
                hatch=None, edgecolor=["k" if r.guided else "none" for r in rows])
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)

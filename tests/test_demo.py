@@ -43,8 +43,11 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert 0.0 <= m["stl_satisfaction_rate"] <= 1.0 and m["episodes"] == 1
         assert len(r["samples"]) == 2 and m["latency_p50_ms"] > 0
         assert (r["guidance_ms_per_tick"] > 0) == r["guided"] or np.isnan(r["guidance_ms_per_tick"])
+        assert 0 <= m["valid_modes_per_start"] <= m["modes_per_start"]
     for name in ("results.md", "trajectories.png", "satisfaction_diversity.png", "latency_hist.png"):
         assert (out / name).stat().st_size > 500, name
+    table = (out / "results.md").read_text()
+    assert "valid modes/start" in table and table.count("| v_max=") == 6
     videos = list((out / "videos").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
     import imageio.v2 as imageio
