@@ -62,7 +62,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--from", dest="from_dir", default=None, help="reuse data and policy of an `stlflow demo` folder")
     ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per row")
     ap.add_argument("--sweep", type=float, nargs="+", default=None,
-                    help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.2 0.25 0.3 0.35")
+                    help="requested v_max (m/s); default Crossing 0.9 1.1 1.3 1.5, PickPlace 0.2 0.3 0.4 0.5")
     ap.add_argument("--div-starts", type=int, default=20, help="start states for the diversity columns")
     ap.add_argument("--div-samples", type=int, default=8, help="episodes per start state for diversity")
     ap.add_argument("--eval-seed", type=int, default=5000)
