@@ -338,15 +338,18 @@ class FlowHead(Head):
         ts = np.linspace(1.0, 0.0, self._steps(steps) + 1)
         x, states, vels = eps.to(cond), [], []
         for t, t_next in zip(ts[:-1], ts[1:]):
-            h = float(t - t_next)
-            v0 = v = self._velocity(x, float(t), cond, None, 1.0, None)
-            if self.solver == "midpoint":
-                v = self._velocity(x - 0.5 * h * v, float(t) - 0.5 * h, cond, None, 1.0, None)
             states.append(x)
+            x, v0 = self._step(x, float(t), float(t - t_next), cond, None, 1.0, None)
             vels.append(v0)
-            x = x - h * v
         states.append(x)
         return torch.stack(states), torch.stack(vels), torch.as_tensor(ts, dtype=eps.dtype, device=x.device)
+
+    def _step(self, x, t: float, h: float, cond, uncond, scale, guidance_fn) -> tuple[Tensor, Tensor]:
+        """One solver step from time t to t - h: (next state, the velocity at (x, t))."""
+        v0 = v = self._velocity(x, t, cond, uncond, scale, guidance_fn)
+        if self.solver == "midpoint":
+            v = self._velocity(x - 0.5 * h * v, t - 0.5 * h, cond, uncond, scale, guidance_fn)
+        return x - h * v, v0
 
     @torch.no_grad()
     def sample(self, cond, x_init=None, t_start=1.0, steps=None, generator=None, guidance_fn=None, uncond=None,
@@ -356,11 +359,7 @@ class FlowHead(Head):
             return x
         ts = np.linspace(t_start, 0.0, self._steps(steps) + 1)
         for t, t_next in zip(ts[:-1], ts[1:]):
-            h = float(t - t_next)
-            v = self._velocity(x, float(t), cond, uncond, guidance_scale, guidance_fn)
-            if self.solver == "midpoint":
-                v = self._velocity(x - 0.5 * h * v, float(t) - 0.5 * h, cond, uncond, guidance_scale, guidance_fn)
-            x = x - h * v
+            x, _ = self._step(x, float(t), float(t - t_next), cond, uncond, guidance_scale, guidance_fn)
         return x
 
 

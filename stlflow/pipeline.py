@@ -123,14 +123,24 @@ def crossing_guidance(params: Mapping[str, float] | None = None, rules: Sequence
     """
     from stlflow.envs.crossing import DT, RULE_DEFAULTS, RULE_LIST
     from stlflow.envs.crossing_dynamics import CrossingDynamics
+
+    return _task_guidance("Crossing", RULE_LIST, RULE_DEFAULTS, tuple(RULE_LIST), rules, CrossingDynamics(),
+                          crossing_model_inputs, DT, params, options)
+
+
+def _task_guidance(task: str, rule_list: Mapping[str, str], defaults: Mapping[str, float], modelled: Sequence[str],
+                   rules: Sequence[str], dynamics: Any, model_inputs: Callable, dt: float,
+                   params: Mapping[str, float] | None, options: Mapping[str, Any]) -> Any:
+    """STLGuidance on the conjunction of the named ``rules`` (each one the task's model decides, ``modelled``),
+    at θ = the task's rule defaults overridden by ``params``."""
     from stlflow.policy.guidance import STLGuidance
 
-    unknown = [r for r in rules if r not in RULE_LIST]
+    unknown = [r for r in rules if r not in modelled]
     if unknown:
-        raise ValueError(f"unknown Crossing rule(s) {unknown}; rules: {sorted(RULE_LIST)}")
-    text = " & ".join(RULE_LIST[r] for r in rules)
-    theta = {**RULE_DEFAULTS, **dict(params or {})}
-    return STLGuidance(text, CrossingDynamics(), crossing_model_inputs, DT, params=theta, **options)
+        raise ValueError(f"{task} guidance models only the rules {list(modelled)}; got {unknown}")
+    text = " & ".join(rule_list[r] for r in rules)
+    theta = {**defaults, **dict(params or {})}
+    return STLGuidance(text, dynamics, model_inputs, dt, params=theta, **options)
 
 
 def crossing_mode(obs: np.ndarray, side: float = 0.6, stop_speed: float = 0.15, near: float = 0.5) -> str:
@@ -187,17 +197,12 @@ def pickplace_guidance(params: Mapping[str, float] | None = None, rules: Sequenc
     """
     from stlflow.envs.pickplace import RULE_DEFAULTS, RULE_LIST
     from stlflow.envs.pickplace_dynamics import DT, PickPlaceKinematics
-    from stlflow.policy.guidance import STLGuidance
 
-    unknown = [r for r in rules if r not in PICKPLACE_GUIDED_RULES]
-    if unknown:
-        raise ValueError(f"PickPlace guidance models only {list(PICKPLACE_GUIDED_RULES)}; got {unknown}")
-    text = " & ".join(RULE_LIST[r] for r in rules)
-    theta = {**RULE_DEFAULTS, **dict(params or {})}
     # speeds here are tenths of a m/s: a sharper smooth max (gap <= log(15) / 200 = 0.014 m/s), a 1 cm/s margin and
     # steps of at most 0.01 normalised units (~3 mm of TCP target) instead of Crossing's metre-scale defaults
     opts = {"smooth": 200.0, "margin": 0.01, "max_step": 0.01, "scale": 0.01, **options}
-    return STLGuidance(text, PickPlaceKinematics(), pickplace_model_inputs, DT, params=theta, **opts)
+    return _task_guidance("PickPlace", RULE_LIST, RULE_DEFAULTS, PICKPLACE_GUIDED_RULES, rules, PickPlaceKinematics(),
+                          pickplace_model_inputs, DT, params, opts)
 
 
 def pickplace_mode(obs: np.ndarray) -> str:

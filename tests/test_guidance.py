@@ -280,6 +280,9 @@ def test_pickplace_guidance_slows_planned_targets_and_selection_keeps_a_slow_pla
     assert (rho_guided >= rho_plain - 1e-6).all()
     torch.testing.assert_close(guided[..., 3], plain[..., 3], rtol=0.0, atol=0.2)  # the gripper is barely moved
 
+    with pytest.raises(ValueError, match="models only the rules"):  # the set-point model decides no clearance
+        pickplace_guidance({"v_max": 0.3}, rules=("clearance",))
+
     sel = pickplace_guidance({"v_max": 0.45}, scale=0.0, particles=16)
     fn = sel.bind(policy, history)
     cond1 = policy.condition(history[None])
