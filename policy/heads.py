@@ -379,6 +379,9 @@ class MeanFlowHead(Head):
         adaptive_p: MeanFlow's adaptive loss weight w = 1 / (|Δ|² + c)^p per sample (0 = plain MSE).
         fm_times: time of the r = t (flow matching) rows: ``"max"`` of the two draws (MeanFlow's recipe), or a
             ``"single"`` draw, which visits t near 0 (near the data) as often as a flow head does.
+        jvp: how du/dt is computed: ``"auto"`` uses the network's hand-written ``forward_jvp`` where it has one
+            (the residual MLP; ~3x cheaper than forward-mode AD on CPU) and ``torch.func.jvp`` otherwise;
+            ``"func"`` always uses ``torch.func.jvp``. Both compute the same derivative.
 
     Distillation (``loss(..., velocity=teacher)``): the identity holds for the *marginal* velocity field, of which
     the per-sample ``ε - x0`` is a noisy unbiased stand-in. Given a trained flow policy's velocity ``v_T(z_t, t)``,
@@ -403,9 +406,13 @@ class MeanFlowHead(Head):
         logit_std: float = 1.0,
         adaptive_p: float = 0.0,
         fm_times: str = "max",
+        jvp: str = "auto",
         default_steps: int = 1,
     ):
         super().__init__(net, horizon, action_dim, default_steps)
+        if jvp not in ("auto", "func"):
+            raise ValueError(f"jvp must be 'auto' or 'func', got {jvp!r}")
+        self.jvp = jvp
         if fm_times not in ("max", "single"):
             raise ValueError(f"fm_times must be 'max' or 'single', got {fm_times!r}")
         self.fm_times = fm_times
@@ -422,7 +429,14 @@ class MeanFlowHead(Head):
         return self.net(z, torch.stack([t, t - r], dim=-1), cond)
 
     def u_and_total_derivative(self, z: Tensor, v: Tensor, r: Tensor, t: Tensor, cond: Tensor):
-        """(u, du/dt) with du/dt = v·∂u/∂z + ∂u/∂t along the path, by forward-mode AD (``torch.func.jvp``)."""
+        """(u, du/dt) with du/dt = v·∂u/∂z + ∂u/∂t along the path: a Jacobian-vector product, tangents (v, 0, 1).
+
+        Networks with a hand-written ``forward_jvp`` (the residual MLP: ~3x cheaper on CPU) use it; any other
+        network goes through forward-mode AD (``torch.func.jvp``). Both give the same pair (tests/test_nets.py).
+        """
+        if self.jvp == "auto" and hasattr(self.net, "forward_jvp"):
+            times = torch.stack([t, t - r], dim=-1)
+            return self.net.forward_jvp(z, times, cond, v, torch.ones_like(times))  # d(t, t - r)/dt = (1, 1)
         return torch.func.jvp(
             lambda z_, r_, t_: self.u(z_, r_, t_, cond), (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t))
         )

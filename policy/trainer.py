@@ -123,6 +123,22 @@ class EMA:
             be.copy_(b)
 
 
+def _adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) where the parameters' device supports it.
+
+    On CPU the default per-tensor loop costs ~3x the fused step for the 1.2M-parameter MLP (3.9 against 1.3 ms,
+    ``benchmarks/train_throughput.py`` prints the step rates); the update is the same AdamW.
+    """
+    params = list(params)
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if params and params[0].device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, ValueError):  # a dtype or device without a fused kernel
+            pass
+    return torch.optim.AdamW(params, **kw)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -213,8 +229,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.policy, device_ids=ids)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                     weight_decay=cfg.weight_decay)
+        self.opt = _adamw(self.policy.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_lambda(s, max(1, cfg.warmup_steps), cfg.steps))
         self.sampler = torch.utils.data.distributed.DistributedSampler(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stlflow.policy.heads import DDPMHead, FlowHead, MeanFlowHead, build_head, squared_cosine_alphas_cumprod
-from stlflow.policy.nets import ResidualMLP
+from stlflow.policy.nets import ResidualMLP, UNet1D
 
 torch.set_num_threads(1)
 
@@ -141,10 +141,15 @@ def test_squared_cosine_schedule():
     np.testing.assert_allclose(ab[:90], [f(k + 1) / f(0) for k in range(90)], rtol=1e-10)
 
 
-def test_meanflow_total_derivative_matches_finite_differences():
+@pytest.mark.parametrize("net_name,jvp", [("mlp", "auto"), ("mlp", "func"), ("unet", "auto")])
+def test_meanflow_total_derivative_matches_finite_differences(net_name, jvp):
+    """du/dt by the MLP's hand-written JVP, and by torch.func.jvp (forced, and for a net without forward_jvp)."""
     torch.manual_seed(0)
-    net = ResidualMLP(DA, TP, 3, n_times=2, width=32, n_blocks=2, time_scale=10.0).double()
-    head = MeanFlowHead(net, TP, DA)
+    if net_name == "mlp":
+        net = ResidualMLP(DA, TP, 3, n_times=2, width=32, n_blocks=2, time_scale=10.0).double()
+    else:
+        net = UNet1D(DA, TP, 3, n_times=2, down_dims=(8, 16), time_embed_dim=8, n_groups=4, time_scale=10.0).double()
+    head = MeanFlowHead(net, TP, DA, jvp=jvp)
     b = 4
     z = torch.randn(b, TP, DA, dtype=torch.float64)
     v = torch.randn(b, TP, DA, dtype=torch.float64)

@@ -86,3 +86,29 @@ def test_sinusoidal_embedding_is_bounded_and_distinguishes_times(t, dim):
 def test_unknown_net_name():
     with pytest.raises(ValueError, match="unknown network 'transformer'"):
         build_net({"name": "transformer"}, 2, 8, 3, 1)
+
+
+@pytest.mark.parametrize("n_times", [1, 2])
+def test_mlp_hand_written_jvp_equals_forward_mode_ad(n_times):
+    """ResidualMLP.forward_jvp (MeanFlow's du/dt on CPU) = torch.func.jvp with tangents (dx, dtimes, 0)."""
+    torch.manual_seed(0)
+    net = ResidualMLP(3, 8, 5, n_times=n_times, width=32, n_blocks=2, time_embed_dim=16, time_scale=10.0).double()
+    with torch.no_grad():  # LayerNorm affine away from its (1, 0) init, so the rule's gain term is exercised
+        for m in net.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.5)
+                m.bias.normal_(0.0, 0.5)
+    x, dx = torch.randn(6, 8, 3, dtype=torch.float64), torch.randn(6, 8, 3, dtype=torch.float64)
+    times, dtimes = torch.rand(6, n_times, dtype=torch.float64), torch.randn(6, n_times, dtype=torch.float64)
+    cond = torch.randn(6, 5, dtype=torch.float64)
+    y, dy = net.forward_jvp(x, times, cond, dx, dtimes)
+    y_ref, dy_ref = torch.func.jvp(lambda a, b: net(a, b, cond), (x, times), (dx, dtimes))
+    assert torch.equal(y, net(x, times, cond))  # the primal is the forward pass itself
+    torch.testing.assert_close(dy, dy_ref, rtol=1e-10, atol=1e-12)
+    assert dy.abs().max() > 1e-2 and not dy.requires_grad
+    # the primal carries the same gradients as forward (the loss backpropagates through it)
+    params = list(net.parameters())
+    g = torch.autograd.grad((y * dx).sum(), params)
+    g_ref = torch.autograd.grad((net(x, times, cond) * dx).sum(), params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
