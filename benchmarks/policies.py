@@ -102,7 +102,8 @@ def latency_table(nets: list[str], calls: int) -> None:
 
 def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
                    batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None,
-                   teacher: str | None = None, distil: str = "velocity", threads: int = 1, lr: float = 3e-4) -> dict:
+                   teacher: str | None = None, distil: str = "velocity", threads: int = 1, lr: float | None = None,
+                   seed: int = 0) -> dict:
     from stlflow.datasets import EpisodeStore, split_episodes
     from stlflow.policy.data import ChunkData
     from stlflow.policy.trainer import TrainConfig, Trainer
@@ -115,9 +116,9 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
     train = ChunkData(store, episodes=tr_idx, pad_after=pad_after, **win)
     val = ChunkData(store, episodes=va_idx, pad_after=pad_after, **win)
     do, da, mask = store.key_shape("obs")[-1], store.key_shape("action")[-1], task_dims(env_id)[2]
-    torch.manual_seed(0)
     # a distilled student shares its teacher's normalised space (Policy.set_teacher checks it)
     norm = Policy.load(teacher).normalizer if teacher else train.fit_normalizer()
+    torch.manual_seed(seed)  # the network's initialisation (the training seed below fixes batches and noise)
     policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask, normalizer=norm, **win)
     if steps is None:
         # throughput probe: 30 timed steps (after 5) on a copy, to size the run to the time budget (a probe taken
@@ -131,7 +132,7 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
         probe.fit(until=35)
         s_per_step = (time.perf_counter() - t1) / 30
         steps = max(100, int(0.95 * minutes * 60 / s_per_step))
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=min(500, steps // 10),
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, warmup_steps=min(500, steps // 10),
                       val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False, teacher=teacher,
                       distil=distil, threads=threads)
     out = out_root / f"{task}_{head}_{net}"
@@ -142,7 +143,7 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
     torch.set_num_threads(1)  # evaluation and latency on one thread, whatever training used
     row = {"task": task, "head": head, "net": net, "params_M": policy.num_parameters() / 1e6, "steps": steps,
            "train_min": t_train / 60, "samples_per_s": steps * batch / t_train, "val_loss": last.get("val_loss"),
-           "teacher": teacher or ""}
+           "teacher": teacher or "", "lr": trainer.cfg.lr}
     try:
         from stlflow.control.evaluate import evaluate_policy
     except ImportError as err:
@@ -169,7 +170,11 @@ def main() -> None:
                     help="optimiser steps per head instead of sizing them to --minutes (the table reports the "
                          "minutes they took; the issue's budget is 20)")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (warm-up, then cosine to 0)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate (warm-up, then cosine to 0); default: the head's own (3e-4 DDPM and "
+                         "flow, 1e-3 MeanFlow)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed: initialisation, batches and noise (the "
+                                                        "evaluation seeds stay 1000..)")
     ap.add_argument("--train-threads", type=int, default=1,
                     help="torch threads for training (2 = both cores of the 2-core CPU; evaluation stays on one)")
     ap.add_argument("--episodes", type=int, default=100)
@@ -215,7 +220,7 @@ def main() -> None:
                   f"{f', distilled from {teacher}' if teacher else ''} ...", flush=True)
             row = train_and_eval(task, path, head, args.net, args.minutes, args.episodes, args.workers, args.batch,
                                  out_root, steps=steps, pad_after=args.pad_after, teacher=teacher,
-                                 distil=args.distil, threads=args.train_threads, lr=args.lr)
+                                 distil=args.distil, threads=args.train_threads, lr=args.lr, seed=args.seed)
             if teacher and args.teacher == "flow":
                 row["teacher_min"] = trained["flow"]["train_min"]
                 row["total_min"] = row["train_min"] + row["teacher_min"]
@@ -226,8 +231,9 @@ def main() -> None:
     extra = f", overrides {' '.join(args.overrides)}" if args.overrides else ""
     extra += f", pad_after {args.pad_after}" if args.pad_after is not None else ""
     extra += f", {args.train_threads} training threads" if args.train_threads != 1 else ""
+    extra += f", training seed {args.seed}" if args.seed else ""
     print(f"\n## quality: {budget} of training per head, {args.episodes} closed-loop episodes (seeds 1000..){extra}")
-    keys = ["task", "head", "net", "params_M", "steps", "train_min", "samples_per_s", "val_loss", "success",
+    keys = ["task", "head", "net", "params_M", "lr", "steps", "train_min", "samples_per_s", "val_loss", "success",
             "nfe_per_action", "p50_ms", "p99_ms"]
     if any(r.get("teacher") for r in rows):
         keys += ["teacher", "teacher_min", "total_min"]

@@ -87,7 +87,7 @@ def kernels(args) -> None:
           f"{ms['auto']:.2f} ms ({ms['func'] / ms['auto']:.1f}x); the forward alone {fwd:.2f} ms")
     for p in net.parameters():
         p.grad = torch.randn_like(p)
-    cfg = TrainConfig()
+    cfg = TrainConfig(lr=3e-4)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     opt_ms = {name: _per_call_ms(torch.optim.AdamW(net.parameters(), **kw, **extra).step, sec)
               for name, extra in (("per-tensor", {}), ("fused", {"fused": True}))}

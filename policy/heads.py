@@ -74,6 +74,8 @@ class Head(nn.Module):
 
     kind: str = ""
     n_times: int = 1
+    # Peak learning rate the trainer uses when its ``lr`` is left unset (``train.lr=null``), per head.
+    default_lr: float = 3e-4
     # Scale of the network's sinusoidal time embedding the head is trained with (``nets.py`` time_scale).
     time_scale: float = 1000.0
 
@@ -392,6 +394,8 @@ class MeanFlowHead(Head):
 
     kind = "meanflow"
     n_times = 2
+    # On PickPlace (MLP, 200 demos, ~27k steps in 20 min) 1e-3 gave 97% one-step success against 65% at 3e-4.
+    default_lr = 1e-3
     # du/dt flows through the time embedding: high frequencies (scale 1000) make the JVP target explode.
     time_scale = 10.0
 
@@ -400,11 +404,11 @@ class MeanFlowHead(Head):
         net: nn.Module,
         horizon: int,
         action_dim: int,
-        ratio_r_neq_t: float = 0.5,
+        ratio_r_neq_t: float = 0.25,
         time_sampling: str = "logit_normal",
         logit_mean: float = -0.4,
         logit_std: float = 1.0,
-        adaptive_p: float = 0.0,
+        adaptive_p: float = 1.0,
         fm_times: str = "max",
         jvp: str = "auto",
         default_steps: int = 1,

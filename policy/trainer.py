@@ -31,7 +31,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class TrainConfig:
 
     steps: int = 20000  # optimiser steps
     batch_size: int = 256  # global batch (divided across DDP ranks)
-    lr: float = 3e-4
+    lr: float | None = None  # peak learning rate; None: the head's ``default_lr`` (3e-4 DDPM / flow, 1e-3 MeanFlow)
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
     warmup_steps: int = 500
@@ -220,6 +220,8 @@ class Trainer:
             )
         self.train_data, self.val_data, self.eval_fn = train_data, val_data, eval_fn
         self.policy = policy.to(self.device)
+        if cfg.lr is None:  # the head's own default (Head.default_lr); the resolved value is what is saved
+            cfg = self.cfg = replace(cfg, lr=float(getattr(self.policy.head, "default_lr", 3e-4)))
         self.ema = EMA(self.policy, cfg)
         if cfg.teacher:
             teacher = Policy.load(cfg.teacher, map_location=self.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from stlflow.datasets import EpisodeStore
 from stlflow.policy import Policy
 from stlflow.policy.data import ChunkData, episode_params
-from stlflow.policy.trainer import TrainConfig, Trainer, ema_decay, lr_lambda
+from stlflow.policy.trainer import TrainConfig, Trainer, _adamw, ema_decay, lr_lambda
 
 torch.set_num_threads(1)
 
@@ -115,7 +116,9 @@ def test_distilling_from_the_exact_marginal_velocity_gives_the_plain_meanflow_lo
     data = ChunkData({"obs": np.zeros((40, 3)), "action": np.random.default_rng(0).normal(size=(40, 2))}, 8, 2, 4,
                      episode_ends=np.array([40]))
     norm = data.fit_normalizer()
-    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow", "ratio_r_neq_t": 0.5}, net=NET, normalizer=norm)
+    # plain MSE (adaptive_p = 0): with the adaptive weight every row's loss is ~1, which would hide a wrong teacher
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow", "ratio_r_neq_t": 0.5, "adaptive_p": 0.0}, net=NET,
+                     normalizer=norm)
     teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm)
     batch = data.batch([7] * 64)
     teacher.head.net = _ExactVelocity(student.normalize_action(batch["action"][:1]))
@@ -141,7 +144,8 @@ def test_flow_map_distillation_regresses_on_the_teachers_own_paths(solver):
     data = ChunkData({"obs": np.zeros((40, 3)), "action": np.random.default_rng(0).normal(size=(40, 2))}, 8, 2, 4,
                      episode_ends=np.array([40]))
     norm = data.fit_normalizer()
-    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    # plain MSE, so that the loss of an offset student is the closed form below
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow", "adaptive_p": 0.0}, net=NET, normalizer=norm)
     teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow", "solver": solver}, net=NET, normalizer=norm)
     a = torch.randn(1, 8, 2)
     teacher.head.net = _ExactVelocity(a)
@@ -200,7 +204,9 @@ def test_a_meanflow_policy_distilled_from_a_flow_checkpoint_keeps_both_modes(tmp
     teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm)
     Trainer(teacher, data, _cfg(steps=500, batch_size=64, warmup_steps=20), tmp_path / "teacher").fit()
     torch.manual_seed(1)
-    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
+    # the distillation recipe (ratio 0.5, plain MSE), not the from-scratch default (0.25, adaptive weight p = 1)
+    student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow", "ratio_r_neq_t": 0.5, "adaptive_p": 0.0}, net=NET,
+                     normalizer=norm)
     trainer = Trainer(student, data, _cfg(steps=500, batch_size=64, warmup_steps=20,
                                           teacher=str(tmp_path / "teacher"), distil=distil), tmp_path / "student")
     trainer.fit()
@@ -370,3 +376,34 @@ def test_cli_train_pickplace_with_a_scaled_gripper_channel(tmp_path, monkeypatch
     env = gym.make("stlflow/PickPlace-v0")
     obs, _ = env.reset(seed=0)
     assert ctrl.act(obs)[3] in (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("kind,lr", [("flow", 3e-4), ("ddpm", 3e-4), ("meanflow", 1e-3)])
+def test_unset_learning_rate_is_the_heads_own_and_is_what_the_run_records(tmp_path, kind, lr):
+    data = _bimodal_data()
+    policy = Policy(3, 2, 2, 8, 4, head={"kind": kind}, net=NET, normalizer=data.fit_normalizer())
+    trainer = Trainer(policy, data, _cfg(lr=None, steps=12, warmup_steps=2, batch_size=16), tmp_path)
+    assert trainer.cfg.lr == lr and trainer.opt.param_groups[0]["initial_lr"] == lr
+    trainer.fit()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(rows[2]["lr"]) == pytest.approx(lr * lr_lambda(2, 2, 12))  # the schedule runs from that peak
+    assert Trainer(policy, data, _cfg(lr=5e-4, steps=12), tmp_path / "set").cfg.lr == 5e-4  # a set lr wins
+
+
+def test_fused_adamw_makes_the_same_updates_as_the_per_tensor_loop():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Mish(), torch.nn.Linear(32, 3))
+    twin, start = copy.deepcopy(net), copy.deepcopy(net)
+    cfg = _cfg(lr=1e-2)
+    fused = _adamw(net.parameters(), cfg)
+    loop = torch.optim.AdamW(twin.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    assert fused.defaults.get("fused") is True and not loop.defaults.get("fused")
+    for _ in range(20):
+        x = torch.randn(64, 6)
+        for model, opt in ((net, fused), (twin, loop)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    apart = max(float((a - b).abs().max()) for a, b in zip(net.parameters(), twin.parameters()))
+    moved = min(float((a - b).abs().max()) for a, b in zip(net.parameters(), start.parameters()))
+    assert apart < 1e-5 and moved > 1e-2  # both trained, to the same weights
