@@ -110,12 +110,12 @@ def main(argv: list[str]) -> int:
         cfg_dropout=float(pc.get("cfg_dropout", 0.1)), guidance_scale=float(pc.get("guidance_scale", 1.0)),
         discrete_scale=float(pc.get("discrete_scale", 1.0)), **win,
     )
+    trainer = Trainer(policy, train_data, train_cfg, cfg.out, val_data=val_data,
+                      eval_fn=_eval_fn(cfg) if rank == 0 else None, resume=bool(cfg.resume))
     if rank == 0:
         print(f"stlflow train: {store.n_episodes} episodes ({len(train_idx)} train, {len(val_idx)} val), "
               f"{len(train_data)} windows; {pc['head']['kind']} head on {pc['net']['name']} "
-              f"({policy.num_parameters() / 1e6:.2f}M parameters) -> {cfg.out}")
-    trainer = Trainer(policy, train_data, train_cfg, cfg.out, val_data=val_data,
-                      eval_fn=_eval_fn(cfg) if rank == 0 else None, resume=bool(cfg.resume))
+              f"({policy.num_parameters() / 1e6:.2f}M parameters), lr {trainer.cfg.lr:g} -> {cfg.out}")
     last = trainer.fit()
     if rank == 0:
         shown = {k: round(v, 5) for k, v in last.items() if isinstance(v, float)}
