@@ -394,7 +394,8 @@ class MeanFlowHead(Head):
 
     kind = "meanflow"
     n_times = 2
-    # On PickPlace (MLP, 200 demos, ~27k steps in 20 min) 1e-3 gave 97% one-step success against 65% at 3e-4.
+    # On PickPlace (MLP, 200 demos, 16k-27k steps within 20 min) 1e-3 gave 95-100% one-step success; 3e-4 stalled
+    # at 59-66% (README, benchmarks/policies.py).
     default_lr = 1e-3
     # du/dt flows through the time embedding: high frequencies (scale 1000) make the JVP target explode.
     time_scale = 10.0

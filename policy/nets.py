@@ -217,7 +217,7 @@ class UNet1D(nn.Module):
 
 
 # Forward-mode derivatives by hand, for MeanFlow's JVP (``MeanFlowHead.u_and_total_derivative``). On CPU,
-# ``torch.func.jvp`` through this MLP costs about 7x a forward pass (its layer_norm rule alone ~80x the op's
+# ``torch.func.jvp`` through this MLP costs 5-7x a forward pass (its layer_norm rule alone ~80x the op's
 # forward, its linear rule ~5x), which made the JVP over a quarter of the batch most of a MeanFlow training
 # step. Each helper returns (y, dy): y is computed by the module itself (autograd tracks it as in forward), dy
 # from detached values without autograd (MeanFlow's target is stop-gradient). tests/test_nets.py checks every

@@ -126,8 +126,8 @@ class EMA:
 def _adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters) where the parameters' device supports it.
 
-    On CPU the default per-tensor loop costs ~3x the fused step for the 1.2M-parameter MLP (3.9 against 1.3 ms,
-    ``benchmarks/train_throughput.py`` prints the step rates); the update is the same AdamW.
+    On CPU the default per-tensor loop costs ~3x the fused step for the 1.2M-parameter MLP (6.2 against 2.1 ms in
+    ``benchmarks/train_throughput.py --kernels``); the update is the same AdamW (tests/test_trainer.py).
     """
     params = list(params)
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
