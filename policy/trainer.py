@@ -221,7 +221,7 @@ class Trainer:
         self.train_data, self.val_data, self.eval_fn = train_data, val_data, eval_fn
         self.policy = policy.to(self.device)
         if cfg.lr is None:  # the head's own default (Head.default_lr); the resolved value is what is saved
-            cfg = self.cfg = replace(cfg, lr=float(getattr(self.policy.head, "default_lr", 3e-4)))
+            cfg = self.cfg = replace(cfg, lr=float(self.policy.head.default_lr))
         self.ema = EMA(self.policy, cfg)
         if cfg.teacher:
             teacher = Policy.load(cfg.teacher, map_location=self.device)
