@@ -382,7 +382,7 @@ class MeanFlowHead(Head):
         fm_times: time of the r = t (flow matching) rows: ``"max"`` of the two draws (MeanFlow's recipe), or a
             ``"single"`` draw, which visits t near 0 (near the data) as often as a flow head does.
         jvp: how du/dt is computed: ``"auto"`` uses the network's hand-written ``forward_jvp`` where it has one
-            (the residual MLP; 2.4-3x cheaper than forward-mode AD on CPU) and ``torch.func.jvp`` otherwise;
+            (the residual MLP; 2.4-3.2x cheaper than forward-mode AD on CPU) and ``torch.func.jvp`` otherwise;
             ``"func"`` always uses ``torch.func.jvp``. Both compute the same derivative.
 
     Distillation (``loss(..., velocity=teacher)``): the identity holds for the *marginal* velocity field, of which
@@ -436,7 +436,7 @@ class MeanFlowHead(Head):
     def u_and_total_derivative(self, z: Tensor, v: Tensor, r: Tensor, t: Tensor, cond: Tensor):
         """(u, du/dt) with du/dt = v·∂u/∂z + ∂u/∂t along the path: a Jacobian-vector product, tangents (v, 0, 1).
 
-        Networks with a hand-written ``forward_jvp`` (the residual MLP: 2.4-3x cheaper on CPU) use it; any other
+        Networks with a hand-written ``forward_jvp`` (the residual MLP: 2.4-3.2x cheaper on CPU) use it; any other
         network goes through forward-mode AD (``torch.func.jvp``). Both give the same pair (tests/test_nets.py).
         """
         if self.jvp == "auto" and hasattr(self.net, "forward_jvp"):

@@ -288,7 +288,7 @@ class ResidualMLP(nn.Module):
                     ) -> tuple[Tensor, Tensor]:
         """``(forward(x, times, cond), d/ds forward(x + s dx, times + s dtimes, cond) at s = 0)``.
 
-        The same pair as ``torch.func.jvp`` with tangents (dx, dtimes, 0), at 1/3-1/2.4 of its cost on CPU.
+        The same pair as ``torch.func.jvp`` with tangents (dx, dtimes, 0), at 1/3.2-1/2.4 of its cost on CPU.
         The first output carries autograd exactly as :meth:`forward` does; the second is not differentiable.
         """
         te, dte = self.time_encoder.forward_jvp(times, dtimes)
