@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .semantics import STLInputError, _as_tensor, robustness
+from .inputs import STLInputError, as_tensor
+from .semantics import robustness
 from .syntax import (
     Abs,
     BinaryTemporal,
@@ -202,7 +203,7 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
     if missing:
         raise STLInputError(f"parameter(s) {missing} are neither calibrated nor given in `fixed`")
     margins = {n: float(margin.get(n, 0.0)) if isinstance(margin, Mapping) else float(margin) for n in names}
-    sig = {k: _as_tensor(v, f"signal {k!r}").detach().to(torch.float64) for k, v in signals.items()}
+    sig = {k: as_tensor(v, f"signal {k!r}").detach().to(torch.float64) for k, v in signals.items()}
     T = max(x.shape[-1] for x in sig.values())
     B = max((x.shape[0] for x in sig.values() if x.ndim == 2), default=1)
     direction = {n: parameter_direction(spec, n) for n in names}

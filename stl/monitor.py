@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .semantics import _check_options, _window, horizon, robustness_trace
+from .inputs import check_options, interval_steps
+from .semantics import horizon, robustness_trace
 from .syntax import (
     Abs,
     And,
@@ -351,7 +352,7 @@ def _build(node: Formula, dt: float, params: Mapping[str, float], inclusive: boo
         return _Nary(kids, "max")
     if isinstance(node, Implies):
         return _Nary(kids, "max", negate_first=True)
-    a, b = _window(node.interval, dt, params, node)  # type: ignore[attr-defined]
+    a, b = interval_steps(node.interval, dt, params, node)  # type: ignore[attr-defined]
     if isinstance(node, Temporal):
         kind = "min" if node.op in ("G", "H") else "max"
         if node.op in ("G", "F"):
@@ -369,7 +370,7 @@ def _pad_horizon(node: Formula, dt: float, params: Mapping[str, float]) -> int:
         return 0
     child = max(_pad_horizon(c, dt, params) for c in node.children())
     if isinstance(node, Temporal | BinaryTemporal) and node.op in ("G", "F", "U"):
-        a, b = _window(node.interval, dt, params, node)
+        a, b = interval_steps(node.interval, dt, params, node)
         return child + (a if b is None else b)
     return child
 
@@ -431,7 +432,7 @@ class Monitor:
 
     def __init__(self, formula: Formula, dt: float, params: Mapping[str, Any] | None = None, *,
                  until: str = "strict", end: str = "truncate"):
-        _check_options(until, end)
+        check_options(until, end)
         try:
             params = {k: float(v) for k, v in (params or {}).items()}
         except (TypeError, ValueError):

@@ -409,7 +409,7 @@ def test_first_violation():
 @SETTINGS
 @given(st.integers(1, 30), st.integers(1, 12), st.sampled_from(["min", "max"]), st.booleans())
 def test_sliding_window_gradient_goes_to_the_window_extremum(n, w, kind, with_nan):
-    from stlflow.stl.semantics import _exact_sliding
+    from stlflow.stl.kernels import sliding_extremum as _exact_sliding
 
     gen = torch.Generator().manual_seed(n * 100 + w)
     x = torch.randn(3, n, dtype=torch.float64, generator=gen)
