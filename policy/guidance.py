@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["STLGuidance"]
+from stlflow.policy.head_base import GuidanceFn
 
-GuidanceFn = Callable[[Tensor, float], Tensor]
+__all__ = ["STLGuidance"]
 
 
 class STLGuidance:

@@ -254,3 +254,12 @@ def test_head_rejects_a_net_with_the_wrong_number_of_times():
         MeanFlowHead(ResidualMLP(DA, TP, 1, n_times=1), TP, DA)
     with pytest.raises(ValueError, match="unknown head kind"):
         build_head({"kind": "gan"}, ResidualMLP(DA, TP, 1), TP, DA)
+
+
+def test_every_head_is_reachable_from_the_heads_module():
+    from stlflow.policy import head_base, meanflow
+    from stlflow.policy.heads import HEADS, Head
+
+    assert HEADS == {"ddpm": DDPMHead, "flow": FlowHead, "meanflow": meanflow.MeanFlowHead}
+    assert MeanFlowHead is meanflow.MeanFlowHead and Head is head_base.Head
+    assert all(issubclass(h, Head) for h in HEADS.values())
