@@ -5,14 +5,21 @@
 >>> sorted(spec.params), sorted(spec.signals)
 (['T', 'eps', 'v_max'], ['dist_goal', 'speed'])
 
-The semantics are stated in :mod:`stlflow.stl.semantics`; the grammar in :mod:`stlflow.stl.syntax`.
+Modules, from the bottom up (each imports only the ones before it):
+:mod:`~stlflow.stl.syntax` (the formula tree), :mod:`~stlflow.stl.parser` (text -> tree, the grammar),
+:mod:`~stlflow.stl.inputs` (checking signals, parameters, ``dt``), :mod:`~stlflow.stl.kernels` (sliding-window
+kernels), :mod:`~stlflow.stl.semantics` (robustness; the semantics and conventions are stated there),
+:mod:`~stlflow.stl.monitor` (online monitor), :mod:`~stlflow.stl.calibrate`
+(parameter fitting), :mod:`~stlflow.stl.formula` (the evaluation methods of every formula node).
 Depends only on torch and numpy.
 """
 
 from .calibrate import Calibration, calibrate
+from .formula import Formula
+from .inputs import STLInputError
 from .monitor import Monitor, MonitorOutput
-from .semantics import STLInputError, first_violation, horizon, robustness, robustness_trace, smooth_error_bound
-from .syntax import Formula, STLSyntaxError, parse
+from .parser import STLSyntaxError, parse
+from .semantics import first_violation, horizon, robustness, robustness_trace, smooth_error_bound
 
 __all__ = [
     "parse", "STLSyntaxError", "STLInputError", "Formula", "robustness", "robustness_trace", "horizon",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .inputs import STLInputError, as_tensor
-from .semantics import robustness
+from .semantics import robustness, robustness_trace
 from .syntax import (
     Abs,
     BinaryTemporal,
@@ -371,6 +371,6 @@ def _root_candidates(spec: Formula, name: str, sig: dict, dt: float, values: dic
             p = {n: v for n, v in values.items() if n in node.params}
             p[name] = 0.0
             with torch.no_grad():
-                r0 = node.robustness_trace(sig, dt, p, **options).expand(B, -1).cpu().numpy()
+                r0 = robustness_trace(node, sig, dt, p, **options).expand(B, -1).cpu().numpy()
             out.append(-r0 / k)
     return np.concatenate(out, 1) if out else np.zeros((B, 0))
