@@ -1,6 +1,7 @@
-"""stlflow.datasets: episode storage, sequence sampling, normalisers and importers (see DESIGN.md).
+"""stlflow.datasets: episode storage, sequence sampling, normalisers, importers and STL augmentation.
 
-- :class:`EpisodeStore` -- zarr v3 episodes with atomic append (``store.py``)
+- :class:`EpisodeStore` -- zarr v3 episodes with atomic append (``store.py``; on-disk layout and atomic files in
+  ``store_io.py``, consistency checks in ``store_check.py``, filter/merge copies in ``store_merge.py``)
 - :class:`SequenceSampler`, :class:`SequenceDataset`, :func:`split_episodes` -- Diffusion Policy windows
 - :class:`Normalizer` -- per-key min-max / Gaussian normalisation (numpy or torch)
 - importers for D4RL HDF5, Minari folders and Diffusion Policy zarr stores (``importers.py``)

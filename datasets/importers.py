@@ -39,7 +39,9 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from stlflow.datasets.store import EpisodeStore, EpisodeStoreError, _replace_dir, _to_jsonable
+from stlflow.datasets.store import EpisodeStore, EpisodeStoreError
+from stlflow.datasets.store_io import replace_dir as _replace_dir
+from stlflow.datasets.store_io import to_jsonable as _to_jsonable
 
 D4RL_KEYS = {
     "observations": "obs",

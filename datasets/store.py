@@ -1,19 +1,9 @@
 """EpisodeStore: episodes of time-indexed arrays in a zarr v3 directory, appended atomically.
 
-Layout (compatible with Diffusion Policy's ``ReplayBuffer`` once committed)::
-
-    store.zarr/
-      stlflow.json            commit record: the only source of truth (see below)
-      zarr.json               zarr root group
-      data/<key>              (T_total, *shape) arrays, episodes concatenated along time (axis 0)
-      meta/episode_ends       (n_episodes,) int64, exclusive end index of each episode in ``data``
-      meta/episode_attrs      (n_episodes,) UTF-8 strings, one JSON object per episode
-
-``stlflow.json`` holds the schema version, ``dt`` (seconds per step), the store attributes, each key's
-per-step shape and dtype, and the committed ``n_episodes`` and ``n_steps``. Readers trust only it:
-``data/*``, ``meta/episode_ends`` and ``meta/episode_attrs`` may be longer than the committed state
-(a writer killed mid-append); everything past the committed length is ignored, and the next writer
-(``open(path, "a")``) truncates it.
+The layout on disk, the commit record and the atomic file writes live in :mod:`stlflow.datasets.store_io`.
+Readers trust only the commit record (``stlflow.json``): ``data/*``, ``meta/episode_ends`` and
+``meta/episode_attrs`` may be longer than the committed state (a writer killed mid-append); everything past
+the committed length is ignored, and the next writer (``open(path, "a")``) truncates it.
 
 Atomic append. ``add_episode`` validates everything first (nothing is written for bad input), then
 writes the new steps past the committed end, then commits with one ``os.replace`` of ``stlflow.json``.
@@ -24,165 +14,46 @@ every previously committed episode bit-identical. This protects against process 
 also needs the data on disk before the commit, which ``durable=True`` buys with an ``fsync`` per file.
 One writer at a time; readers in other processes may open the store while it is being appended to.
 
-Defaults: chunks along time of about ``CHUNK_BYTES`` (256 KiB) uncompressed per key (the per-step
-dimensions are never split), compressed with Blosc/zstd level 3 with byte shuffle. Small chunks keep
-an append cheap (the partial tail chunk is rewritten) and still read at hundreds of MB/s.
-
 Diffusion Policy's zarr v2 stores (``data/<key>``, ``meta/episode_ends``, optionally ``.zarr.zip``)
 open read-only: ``dt`` is ``None`` and every episode's attributes are empty.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore
 
-SCHEMA_VERSION = 1
-FORMAT_NAME = "stlflow.EpisodeStore"
-COMMIT_FILE = "stlflow.json"
-CHUNK_BYTES = 256 * 1024
-"""Target uncompressed bytes per chunk of a data key (along time)."""
-ATTRS_CHUNK = 1024
-"""Episodes per chunk of ``meta/episode_ends`` and ``meta/episode_attrs``."""
-_TMP_SUFFIX = ".stlflow-tmp"
+from stlflow.datasets.store_check import committed_view, truncate_to_committed, validate_episode
+from stlflow.datasets.store_io import (
+    CHUNK_BYTES,
+    COMMIT_FILE,
+    AtomicLocalStore,
+    EpisodeStoreError,
+    check_key_name,
+    check_numeric_dtype,
+    create_data_array,
+    grow_and_write,
+    init_layout,
+    new_record,
+    open_foreign,
+    read_commit_record,
+    replace_dir,
+    temporary_sibling,
+    to_jsonable,
+    write_commit_record,
+)
+from stlflow.datasets.store_merge import check_mergeable, copy_into_new_store
 
-
-class EpisodeStoreError(ValueError):
-    """Bad input to, or a bad on-disk state of, an :class:`EpisodeStore`. The message names the key or path."""
-
-
-def _default_compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is always either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the folder ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    trash = dst.parent / f".{dst.name}.replaced-{uuid.uuid4().hex}{_TMP_SUFFIX}"
-    os.rename(dst, trash)
-    os.rename(src, dst)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-class _AtomicLocalStore(LocalStore):
-    """A zarr ``LocalStore`` whose every write is write-to-temporary + rename (optionally fsynced).
-
-    Recent zarr releases already write this way; we do not rely on it, because a partially written
-    chunk would corrupt committed steps that share the chunk with the appended ones.
-    """
-
-    durable: bool = False
-
-    async def set(self, key: str, value: Any) -> None:
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        await asyncio.to_thread(_atomic_write_bytes, self.root / key, value.to_bytes(), self.durable)
-
-    def set_sync(self, key: str, value: Any) -> None:
-        self._check_writable()
-        _atomic_write_bytes(self.root / key, value.to_bytes(), self.durable)
-
-
-def _grow_and_write(writes: list[tuple[zarr.Array, tuple[int, ...], int, np.ndarray]]) -> None:
-    """For each ``(array, new_shape, start, values)``: resize, then write ``values`` at ``start`` along axis 0.
-
-    The arrays are independent, so their writes run concurrently on zarr's event loop (one round trip
-    instead of two per array); falls back to sequential calls if zarr's loop helper is unavailable.
-    """
-    try:
-        from zarr.core.sync import sync
-    except ImportError:  # pragma: no cover - zarr moved its private helper
-        for arr, shape, start, values in writes:
-            arr.resize(shape)
-            arr[start : start + len(values)] = values
-        return
-
-    async def one(arr: zarr.Array, shape: tuple[int, ...], start: int, values: np.ndarray) -> None:
-        await arr.async_array.resize(shape)
-        await arr.async_array.setitem(slice(start, start + len(values)), values)
-
-    async def all_writes() -> None:
-        await asyncio.gather(*(one(*w) for w in writes))
-
-    sync(all_writes())
-
-
-def _to_jsonable(value: Any, where: str) -> Any:
-    """Convert numpy scalars/arrays (recursively) to JSON types; raise naming ``where`` otherwise."""
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise EpisodeStoreError(f"{where}: attribute keys must be strings, got {k!r}")
-            out[k] = _to_jsonable(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, np.ndarray):
-        return _to_jsonable(value.tolist(), where)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return value  # json writes NaN/Infinity; Python's json reads them back
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise EpisodeStoreError(f"{where}: value {value!r} of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _check_key_name(key: Any) -> None:
-    if not isinstance(key, str) or not key or "/" in key or key.startswith(".") or key != key.strip():
-        raise EpisodeStoreError(
-            f"bad key name {key!r}: keys are non-empty strings without '/', leading '.' or surrounding spaces"
-        )
-
-
-def _check_numeric_dtype(key: str, dtype: np.dtype) -> None:
-    if dtype.kind not in "biuf":
-        raise EpisodeStoreError(
-            f"key {key!r}: dtype {dtype} is not supported (use bool, integer or floating point arrays)"
-        )
+__all__ = ["CHUNK_BYTES", "COMMIT_FILE", "EpisodeStore", "EpisodeStoreError"]
 
 
 class EpisodeStore:
@@ -232,12 +103,12 @@ class EpisodeStore:
         path = Path(path)
         if dt is not None and (not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0):
             raise EpisodeStoreError(f"dt must be a positive number of seconds or None, got {dt!r}")
-        store_attrs = _to_jsonable(dict(attrs or {}), "store attrs")
+        store_attrs = to_jsonable(dict(attrs or {}), "store attrs")
         keys: dict[str, dict] = {}
         for key, (shape, dtype) in (schema or {}).items():
-            _check_key_name(key)
+            check_key_name(key)
             dtype = np.dtype(dtype)
-            _check_numeric_dtype(key, dtype)
+            check_numeric_dtype(key, dtype)
             keys[key] = {"shape": [int(s) for s in shape], "dtype": dtype.str, "chunk_steps": 0}
         if path.exists():
             if not overwrite:
@@ -246,30 +117,10 @@ class EpisodeStore:
                 raise EpisodeStoreError(f"refusing to overwrite {path}: it is not an EpisodeStore (no {COMMIT_FILE})")
         # Build in a sibling temporary directory and rename: a killed create leaves no half store.
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+        tmp = temporary_sibling(path)
         try:
-            zstore = _AtomicLocalStore(tmp)
-            zstore.durable = bool(durable)
-            root = zarr.open_group(store=zstore, mode="w", zarr_format=3)
-            root.create_group("data")
-            meta = root.create_group("meta")
-            meta.create_array("episode_ends", shape=(0,), dtype="int64", chunks=(ATTRS_CHUNK,), fill_value=0)
-            meta.create_array("episode_attrs", shape=(0,), dtype=str, chunks=(ATTRS_CHUNK,))
-            record = {
-                "format": FORMAT_NAME,
-                "schema_version": SCHEMA_VERSION,
-                "dt": None if dt is None else float(dt),
-                "attrs": store_attrs,
-                "chunk_bytes": int(chunk_bytes),
-                "durable": bool(durable),
-                "keys": keys,
-                "n_episodes": 0,
-                "n_steps": 0,
-            }
-            for key, spec in keys.items():
-                spec["chunk_steps"] = cls._create_data_array(root, key, spec, chunk_bytes)
-            _atomic_write_bytes(tmp / COMMIT_FILE, json.dumps(record, indent=1).encode(), durable)
-            _replace_dir(tmp, path)
+            init_layout(tmp, new_record(dt, store_attrs, keys, chunk_bytes, durable))
+            replace_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -286,20 +137,9 @@ class EpisodeStore:
             raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if not path.exists():
             raise FileNotFoundError(f"no EpisodeStore at {path}: the path does not exist")
-        commit = path / COMMIT_FILE
-        if path.is_dir() and commit.is_file():
-            try:
-                record = json.loads(commit.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise EpisodeStoreError(f"{commit} is not valid JSON: {err}") from err
-            if record.get("format") != FORMAT_NAME:
-                raise EpisodeStoreError(f"{commit}: format is {record.get('format')!r}, expected {FORMAT_NAME!r}")
-            if record.get("schema_version", 0) > SCHEMA_VERSION:
-                raise EpisodeStoreError(
-                    f"{path}: schema version {record['schema_version']} is newer than this stlflow supports "
-                    f"({SCHEMA_VERSION}); upgrade stlflow"
-                )
-            zstore = _AtomicLocalStore(path, read_only=(mode == "r"))
+        if path.is_dir() and (path / COMMIT_FILE).is_file():
+            record = read_commit_record(path)
+            zstore = AtomicLocalStore(path, read_only=(mode == "r"))
             zstore.durable = bool(record.get("durable", False))
             try:
                 root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
@@ -315,101 +155,18 @@ class EpisodeStore:
                 f"{path} is not an stlflow EpisodeStore (no {COMMIT_FILE}); foreign stores open read-only: "
                 f"convert it with `stlflow data import dp {path} OUT`"
             )
-        try:
-            if path.is_file() and path.suffix == ".zip":
-                zstore = zarr.storage.ZipStore(path, mode="r")
-            else:
-                zstore = LocalStore(path, read_only=True)
-            root = zarr.open_group(store=zstore, mode="r")
-            data, meta = root["data"], root["meta"]
-            ends = np.asarray(meta["episode_ends"][:], dtype=np.int64)
-        except Exception as err:
-            raise EpisodeStoreError(
-                f"{path} is not an EpisodeStore: no {COMMIT_FILE}, and not a Diffusion Policy zarr store "
-                f"(data/<key> arrays and meta/episode_ends) either ({type(err).__name__}: {err})"
-            ) from err
-        keys = {}
-        for key, arr in data.arrays():
-            keys[key] = {"shape": list(arr.shape[1:]), "dtype": np.dtype(arr.dtype).str, "chunk_steps": arr.chunks[0]}
-        record = {
-            "format": FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
-            "dt": None,
-            "attrs": _to_jsonable(dict(root.attrs), "store attrs"),
-            "keys": dict(sorted(keys.items())),
-            "n_episodes": int(len(ends)),
-            "n_steps": int(ends[-1]) if len(ends) else 0,
-        }
+        root, record = open_foreign(path)
         return cls(path, root, record, "r", "diffusion_policy")
 
-    @staticmethod
-    def _create_data_array(root: zarr.Group, key: str, spec: dict, chunk_bytes: int) -> int:
-        shape = tuple(spec["shape"])
-        dtype = np.dtype(spec["dtype"])
-        step_bytes = max(1, dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
-        chunk_steps = int(max(1, chunk_bytes // step_bytes))
-        name = f"data/{key}"
-        if name in root:  # stray array from a killed first append: never committed
-            del root[name]
-        root.create_array(
-            name,
-            shape=(0, *shape),
-            dtype=dtype,
-            chunks=(chunk_steps, *shape) if shape else (chunk_steps,),
-            compressors=[_default_compressor()],
-            fill_value=0,
-        )
-        return chunk_steps
-
     def _load_committed(self) -> None:
-        n_ep, n_steps = int(self._record["n_episodes"]), int(self._record["n_steps"])
-        meta = self._root["meta"]
-        ends_arr = meta["episode_ends"]
-        self._meta = {"episode_ends": ends_arr}
-        if self._source_format == "stlflow":
-            self._meta["episode_attrs"] = meta["episode_attrs"]
-        if ends_arr.shape[0] < n_ep:
-            raise EpisodeStoreError(
-                f"{self._path}: meta/episode_ends holds {ends_arr.shape[0]} entries but {n_ep} episodes are committed"
-            )
-        self._episode_ends = np.asarray(ends_arr[:n_ep], dtype=np.int64)
-        if n_ep and int(self._episode_ends[-1]) != n_steps:
-            raise EpisodeStoreError(
-                f"{self._path}: meta/episode_ends ends at {self._episode_ends[-1]} but {n_steps} steps are committed"
-            )
-        if np.any(np.diff(np.concatenate([[0], self._episode_ends])) <= 0):
-            raise EpisodeStoreError(f"{self._path}: meta/episode_ends is not strictly increasing")
-        self._arrays = {}
-        for key in self._record["keys"]:
-            try:
-                arr = self._root["data"][key]
-            except KeyError as err:
-                raise EpisodeStoreError(f"{self._path}: committed key {key!r} has no array data/{key}") from err
-            if arr.shape[0] < n_steps:
-                raise EpisodeStoreError(
-                    f"{self._path}: data/{key} holds {arr.shape[0]} steps but {n_steps} are committed"
-                )
-            self._arrays[key] = arr
+        self._meta, self._episode_ends, self._arrays = committed_view(
+            self._root, self._record, self._path, with_attrs=self._source_format == "stlflow"
+        )
         self._attrs_cache = None
 
     def _repair(self) -> None:
         """Drop everything past the committed state (left by a writer that died mid-append)."""
-        n_ep, n_steps = self.n_episodes, self.n_steps
-        for arr in self._arrays.values():
-            if arr.shape[0] != n_steps:
-                arr.resize((n_steps, *arr.shape[1:]))
-        data = self._root["data"]
-        for name in list(data.array_keys()):
-            if name not in self._record["keys"]:
-                del data[name]
-        for arr in self._meta.values():
-            if arr.shape[0] != n_ep:
-                arr.resize((n_ep,))
-        for tmp in self._path.rglob(f"*{_TMP_SUFFIX}"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+        truncate_to_committed(self._root, self._record, self._arrays, self._meta, self._path)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -558,50 +315,6 @@ class EpisodeStore:
         if self._mode != "a":
             raise EpisodeStoreError(f"{self._path} is open read-only; use EpisodeStore.open(path, mode='a')")
 
-    def _validate_episode(self, episode: Mapping[str, Any], keys: dict[str, dict], where: str) -> dict:
-        if not isinstance(episode, Mapping) or not episode:
-            raise EpisodeStoreError(f"{where}: expected a non-empty dict of arrays, got {type(episode).__name__}")
-        arrays: dict[str, np.ndarray] = {}
-        for key, value in episode.items():
-            _check_key_name(key)
-            arr = np.asarray(value)
-            if arr.ndim == 0:
-                raise EpisodeStoreError(f"{where}: key {key!r} is a scalar; arrays need a leading time axis (T, ...)")
-            arrays[key] = arr
-        if keys:
-            missing = sorted(set(keys) - set(arrays))
-            extra = sorted(set(arrays) - set(keys))
-            if missing or extra:
-                raise EpisodeStoreError(
-                    f"{where}: keys do not match the store's keys {sorted(keys)}"
-                    + (f"; missing {missing}" if missing else "")
-                    + (f"; unexpected {extra}" if extra else "")
-                )
-        lengths = {k: a.shape[0] for k, a in arrays.items()}
-        T = max(lengths.values())
-        if T == 0:
-            raise EpisodeStoreError(f"{where}: episode has 0 steps")
-        ragged = {k: n for k, n in lengths.items() if n != T}
-        if ragged:
-            raise EpisodeStoreError(f"{where}: ragged lengths: key(s) {ragged} have fewer steps than the others ({T})")
-        out = {}
-        for key, arr in arrays.items():
-            _check_numeric_dtype(key, arr.dtype)
-            if key in keys:
-                want_shape = tuple(keys[key]["shape"])
-                want_dtype = np.dtype(keys[key]["dtype"])
-                if arr.shape[1:] != want_shape:
-                    raise EpisodeStoreError(
-                        f"{where}: key {key!r} has per-step shape {arr.shape[1:]}, the store holds {want_shape}"
-                    )
-                if not np.can_cast(arr.dtype, want_dtype, casting="same_kind"):
-                    raise EpisodeStoreError(
-                        f"{where}: key {key!r} has dtype {arr.dtype}, which does not cast to the store's {want_dtype}"
-                    )
-                arr = arr.astype(want_dtype, copy=False)
-            out[key] = np.ascontiguousarray(arr)
-        return out
-
     def add_episode(self, episode: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> int:
         """Append one episode atomically and return its index.
 
@@ -630,15 +343,15 @@ class EpisodeStore:
         checked = []
         for j, ep in enumerate(episodes):
             where = f"episode {self.n_episodes + j}"
-            arrays = self._validate_episode(ep, {**keys, **new_keys}, where)
+            arrays = validate_episode(ep, {**keys, **new_keys}, where)
             if not keys and not new_keys:
                 new_keys = {
                     k: {"shape": list(a.shape[1:]), "dtype": a.dtype.str, "chunk_steps": 0} for k, a in arrays.items()
                 }
-                arrays = self._validate_episode(arrays, new_keys, where)
+                arrays = validate_episode(arrays, new_keys, where)
             checked.append(arrays)
         attrs_json = [
-            json.dumps(_to_jsonable(dict(a or {}), f"episode {self.n_episodes + j} attrs"))
+            json.dumps(to_jsonable(dict(a or {}), f"episode {self.n_episodes + j} attrs"))
             for j, a in enumerate(attrs_list)
         ]
         # 2. write past the committed end
@@ -650,7 +363,7 @@ class EpisodeStore:
         try:
             arrays_by_key = dict(self._arrays)
             for key, spec in new_keys.items():
-                spec["chunk_steps"] = self._create_data_array(
+                spec["chunk_steps"] = create_data_array(
                     self._root, key, spec, record.get("chunk_bytes", CHUNK_BYTES)
                 )
                 arrays_by_key[key] = self._root["data"][key]
@@ -662,7 +375,7 @@ class EpisodeStore:
             e1 = e0 + len(checked)
             writes.append((self._meta["episode_ends"], (e1,), e0, new_ends))
             writes.append((self._meta["episode_attrs"], (e1,), e0, np.array(attrs_json, dtype=object)))
-            _grow_and_write(writes)
+            grow_and_write(writes)
             # 3. commit
             record["n_episodes"] = e0 + len(checked)
             record["n_steps"] = int(n1)
@@ -682,9 +395,7 @@ class EpisodeStore:
         return list(range(e0, e0 + len(checked)))
 
     def _write_record(self, record: dict) -> None:
-        _atomic_write_bytes(
-            self._path / COMMIT_FILE, json.dumps(record, indent=1).encode(), record.get("durable", False)
-        )
+        write_commit_record(self._path, record)
 
     def set_episode_attrs(self, i: int, attrs: Mapping[str, Any], replace: bool = False) -> None:
         """Merge ``attrs`` into episode ``i``'s attributes (or replace them when ``replace``); atomic."""
@@ -692,7 +403,7 @@ class EpisodeStore:
         self._episode_range(i)
         i = int(i) % self.n_episodes
         new = {} if replace else self.episode_attrs(i)
-        new.update(_to_jsonable(dict(attrs), f"episode {i} attrs"))
+        new.update(to_jsonable(dict(attrs), f"episode {i} attrs"))
         text = json.dumps(new)
         self._meta["episode_attrs"][i] = text
         self._all_episode_attrs()[i] = json.loads(text)
@@ -703,7 +414,7 @@ class EpisodeStore:
         record = json.loads(json.dumps(self._record))
         if replace:
             record["attrs"] = {}
-        record["attrs"].update(_to_jsonable(dict(attrs), "store attrs"))
+        record["attrs"].update(to_jsonable(dict(attrs), "store attrs"))
         self._write_record(record)
         self._record = record
 
@@ -716,17 +427,14 @@ class EpisodeStore:
     ) -> EpisodeStore:
         """Copy a subset of episodes (indices, or a predicate on each episode's attrs) into a new store."""
         if callable(episodes):
-            all_attrs = self._all_episode_attrs()
-            indices = [i for i in range(self.n_episodes) if episodes(json.loads(json.dumps(all_attrs[i])))]
+            indices = [i for i, a in enumerate(self.all_episode_attrs()) if episodes(a)]
         else:
             indices = [int(i) for i in episodes]
             for i in indices:
                 self._episode_range(i)
         attrs = self.attrs
         attrs.setdefault("filtered_from", str(self._path))
-        out = EpisodeStore.create(out_path, dt=self.dt, attrs=attrs, overwrite=overwrite, schema=self._schema())
-        _copy_episodes(self, indices, out)
-        return out
+        return copy_into_new_store(EpisodeStore, out_path, [(self, indices)], attrs, overwrite)
 
     @classmethod
     def merge(
@@ -734,25 +442,10 @@ class EpisodeStore:
     ) -> EpisodeStore:
         """Concatenate the episodes of ``stores`` (same keys, shapes, dtypes and dt) into a new store."""
         opened = [s if isinstance(s, EpisodeStore) else cls.open(s) for s in stores]
-        if not opened:
-            raise EpisodeStoreError("merge needs at least one store")
-        first = opened[0]
-        for s in opened[1:]:
-            if s._schema() != first._schema():
-                raise EpisodeStoreError(
-                    f"cannot merge {s.path}: its keys {s._schema()} differ from {first.path}'s {first._schema()}"
-                )
-            if s.dt != first.dt:
-                raise EpisodeStoreError(f"cannot merge {s.path}: dt {s.dt} differs from {first.path}'s dt {first.dt}")
-        attrs = first.attrs
+        check_mergeable(opened)
+        attrs = opened[0].attrs
         attrs["merged_from"] = [str(s.path) for s in opened]
-        out = cls.create(out_path, dt=first.dt, attrs=attrs, overwrite=overwrite, schema=first._schema())
-        for s in opened:
-            _copy_episodes(s, range(s.n_episodes), out)
-        return out
-
-    def _schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (tuple(v["shape"]), np.dtype(v["dtype"]).str) for k, v in self._record["keys"].items()}
+        return copy_into_new_store(cls, out_path, [(s, range(s.n_episodes)) for s in opened], attrs, overwrite)
 
     def nbytes_on_disk(self) -> int:
         """Total size in bytes of the files under the store's path."""
@@ -760,17 +453,3 @@ class EpisodeStore:
             return self._path.stat().st_size
         return sum(p.stat().st_size for p in self._path.rglob("*") if p.is_file())
 
-
-def _copy_episodes(src: EpisodeStore, indices: Iterable[int], dst: EpisodeStore, batch_steps: int = 1 << 18) -> None:
-    """Append ``src``'s episodes ``indices`` to ``dst`` in batches of about ``batch_steps`` steps."""
-    batch, batch_attrs, steps = [], [], 0
-    indices = list(indices)
-    for i, ep in zip(indices, src.iter_episodes(indices)):
-        batch.append(ep)
-        batch_attrs.append(src.episode_attrs(i))
-        steps += len(next(iter(ep.values())))
-        if steps >= batch_steps:
-            dst.add_episodes(batch, batch_attrs)
-            batch, batch_attrs, steps = [], [], 0
-    if batch:
-        dst.add_episodes(batch, batch_attrs)

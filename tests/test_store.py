@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-import stlflow.datasets.store as store_mod
+import stlflow.datasets.store_io as store_mod
 from stlflow.datasets import EpisodeStore, EpisodeStoreError
 from stlflow.datasets.store import CHUNK_BYTES, COMMIT_FILE
 

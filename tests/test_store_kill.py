@@ -47,7 +47,7 @@ LAUNCHER_SRC = (
     EPISODE_SRC
     + r"""
 import json, os, signal, sys, time, traceback
-import stlflow.datasets.store as store_mod
+import stlflow.datasets.store_io as store_mod
 from stlflow.datasets.store import EpisodeStore
 
 
