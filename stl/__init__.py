@@ -9,7 +9,7 @@ Modules, from the bottom up (each imports only the ones before it):
 :mod:`~stlflow.stl.syntax` (the formula tree), :mod:`~stlflow.stl.parser` (text -> tree, the grammar),
 :mod:`~stlflow.stl.inputs` (checking signals, parameters, ``dt``), :mod:`~stlflow.stl.kernels` (sliding-window
 kernels), :mod:`~stlflow.stl.semantics` (robustness; the semantics and conventions are stated there),
-:mod:`~stlflow.stl.monitor` (online monitor), :mod:`~stlflow.stl.calibrate`
+:mod:`~stlflow.stl.online` and :mod:`~stlflow.stl.monitor` (online monitor), :mod:`~stlflow.stl.calibrate`
 (parameter fitting), :mod:`~stlflow.stl.formula` (the evaluation methods of every formula node).
 Depends only on torch and numpy.
 """

@@ -69,7 +69,10 @@ from .syntax import (
     Temporal,
 )
 
-__all__ = ["robustness", "robustness_trace", "horizon", "smooth_error_bound", "first_violation", "STLInputError"]
+__all__ = [
+    "robustness", "robustness_trace", "robustness_bounds", "horizon", "smooth_error_bound", "first_violation",
+    "STLInputError",
+]
 
 INF = math.inf
 
@@ -167,8 +170,7 @@ def _per_group(groups: list, signals: Mapping[str, Any], evaluate: Callable) -> 
 
 
 def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
-                     smooth: float | None = None, *, until: str = "strict", end: str = "truncate",
-                     _known: int | None = None, _side: str | None = None, _memo: dict | None = None) -> torch.Tensor:
+                     smooth: float | None = None, *, until: str = "strict", end: str = "truncate") -> torch.Tensor:
     """Robustness of ``formula`` at every sample.
 
     Args:
@@ -183,14 +185,35 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
 
     Returns: (B, T) tensor with the signals' dtype and device; B = 1 for (T,) inputs.
     """
+    return _trace(formula, signals, dt, params, smooth, until, end)
+
+
+def robustness_bounds(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
+                      *, known: int, until: str = "strict", end: str = "truncate"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds of the exact robustness trace when only the first ``known`` samples are known.
+
+    The samples from ``known`` on are placeholders (any values): every sub-formula's value there is widened to
+    −inf for the lower and +inf for the upper bound, so, as every operator is monotone in its operands, the
+    bounds hold for any values of the unknown samples. Arguments as :func:`robustness_trace` (exact only, one
+    value per interval parameter). Returns two (B, T) tensors, lower then upper (the online monitor's bounds).
+    """
+    lo, hi = (_trace(formula, signals, dt, params, None, until, end, known=known, side=side) for side in ("lo", "hi"))
+    return lo, hi
+
+
+def _trace(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None,
+           smooth: float | None, until: str, end: str, known: int | None = None, side: str | None = None,
+           memo: dict | None = None) -> torch.Tensor:
+    """:func:`robustness_trace`; with ``side`` one bound of :func:`robustness_bounds`; ``memo`` collects the trace
+    of every node (:func:`first_violation`)."""
     signals, params = check_inputs(signals, params, smooth, until, end)
-    groups = interval_groups(formula, params) if _side is None else None
+    groups = interval_groups(formula, params) if side is None else None
     if groups is not None:
-        return _per_group(groups, signals, lambda sig, p: robustness_trace(formula, sig, dt, p, smooth, until=until,
-                                                                            end=end))
+        return _per_group(groups, signals, lambda sig, p: _trace(formula, sig, dt, p, smooth, until, end))
     xs, real, B, T, _, _ = prepare_batch(formula, signals, params, dt)
-    ev = _Evaluator(xs, real, B, T, dt, smooth, until, end, known=_known, memo=_memo)
-    return ev(formula, _side)
+    ev = _Evaluator(xs, real, B, T, dt, smooth, until, end, known=known, memo=memo)
+    return ev(formula, side)
 
 
 # --------------------------------------------------------------------------- point mode: robustness at sample 0
@@ -349,7 +372,7 @@ def first_violation(formula: Formula, signals: Mapping[str, Any], dt: float, par
     """
     memo: dict = {}
     with torch.no_grad():
-        robustness_trace(formula, signals, dt, params, until=until, end=end, _memo=memo)
+        _trace(formula, signals, dt, params, None, until, end, memo=memo)
     traces = {k: v[batch].cpu().numpy() for k, v in memo.items()}
     n = len(traces[formula])
     params = params or {}
