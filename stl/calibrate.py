@@ -10,12 +10,12 @@ threshold that enters predicates linearly with one sign, and in interval bounds:
 and on the left of ``->``); a parameter used with both polarities, or non-linearly, is reported as not monotone.
 Real thresholds are found by bisection to a relative tolerance, then snapped onto the nearest per-sample root
 of the predicates that contain the parameter, so the result is the data value itself (``max(speed)`` for
-``G(speed <= {v_max})``) (the exact ρ is a min/max of
-those affine predicate values, so its root is one of them). Interval bounds are scanned over
-every multiple of ``dt``. All demos are evaluated together in one batch. Several parameters are calibrated one
-after the other in the order given, each with the earlier ones at their calibrated values and the later ones
-at their loosest, so every satisfiable demo satisfies the final specification in ``"tightest"`` mode.
-Satisfaction means ρ(0) ≥ 0.
+``G(speed <= {v_max})``): the exact ρ is a min/max of those affine predicate values, so its root is one of them.
+Interval bounds are scanned over every multiple of ``dt``. All demos are evaluated together in one batch.
+Several parameters are calibrated one after the other in the order given, each with the earlier ones at their
+calibrated values and the later ones at their loosest, so every satisfiable demo satisfies the final
+specification in ``"tightest"`` mode. Satisfaction means ρ(0) ≥ 0, with the semantics (interval bounds, end of
+signal) stated in :mod:`stlflow.stl.semantics`.
 """
 
 from __future__ import annotations
@@ -186,9 +186,9 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
         margin: loosening added to the tightest value (units of the parameter; seconds for interval bounds).
         fixed: values of the parameters not calibrated (floats or (B,) arrays).
         tol: relative tolerance of the threshold bisection before snapping onto a data value.
-        options: ``until``/``end`` of :func:`stlflow.stl.semantics_trace`.
+        options: ``until``/``end`` of :func:`stlflow.stl.semantics.robustness_trace`.
     """
-    if mode == "quantile":  # the name DESIGN.md used first
+    if mode == "quantile":  # an earlier name of "dataset", still accepted
         mode = "dataset"
     if mode not in ("tightest", "dataset"):
         raise ValueError(f"mode={mode!r}: expected 'tightest' or 'dataset' (alias 'quantile')")
