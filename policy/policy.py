@@ -249,117 +249,29 @@ class Policy(nn.Module):
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All training randomness for ``batch`` samples (head noise/times and the θ-dropout mask)."""
         dev = generator.device if generator is not None else self.device
-        distil = self.__dict__.get("_distil")
-        if distil is not None and distil["mode"] == "trajectory":
-            return self._draw_trajectory_noise(batch, generator, dev, distil)
         noise = self.head.draw_noise(batch, generator=generator, device=dev)
         if self.param_names:
             noise["cfg_keep"] = (torch.rand((batch,), generator=generator, device=dev) >= self.cfg_dropout).float()
         return noise
 
-    def _draw_trajectory_noise(self, batch: int, generator: torch.Generator | None, dev: Any,
-                               distil: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Flow-map distillation draws: n = batch // pairs teacher paths (their noise ``traj_eps`` (n, Tp, Da)) and
-        ``pairs`` grid pairs (i, j) per path (``traj_i``/``traj_j`` (n, pairs), time t = times[i] >= r = times[j]);
-        pair 0 is always (t, r) = (1, 0), the one-step jump. Everything is per path, so DDP's rank slicing keeps
-        paths, pairs and θ dropout together."""
-        k, pairs = int(distil["steps"]), int(distil["pairs"])
-        n = max(1, batch // pairs)
-        eps = torch.randn((n, self.horizon, self.action_dim), generator=generator, device=dev)
-        i = torch.floor(torch.rand((n, pairs), generator=generator, device=dev) * k).long().clamp_(0, k - 1)
-        span = (k - i + 1).float()  # j uniform in {i, ..., k}; j = i is an r = t row (instantaneous velocity)
-        j = (i + torch.floor(torch.rand((n, pairs), generator=generator, device=dev) * span).long()).clamp_(max=k)
-        i[:, 0], j[:, 0] = 0, k
-        noise = {"traj_eps": eps, "traj_i": i, "traj_j": j}
-        if self.param_names:
-            noise["cfg_keep"] = (torch.rand((n,), generator=generator, device=dev) >= self.cfg_dropout).float()
-        return noise
+    def batch_inputs(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(obs (B,To',Do), action (B,Tp,Da), θ (B,P) or None)`` of a training batch, on this policy's device.
 
-    def compute_loss(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Training loss of a batch ``{"obs": (B,To,Do), "action": (B,Tp,Da), ["params": (B,P)]}`` (physical)."""
+        θ is the batch's ``"params"`` for a conditioned policy (required then) and None otherwise.
+        """
         obs, act = batch["obs"].to(self.device), batch["action"].to(self.device)
-        b = act.shape[0]
-        noise = dict(noise) if noise is not None else self.draw_noise(b)
-        keep = noise.pop("cfg_keep", None)
         params = batch.get("params") if self.param_names else None
         if self.param_names and params is None:
             raise KeyError(f"batch lacks 'params' for the θ conditioning on {self.param_names}")
+        return obs, act, params
+
+    def compute_loss(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Training loss of a batch ``{"obs": (B,To,Do), "action": (B,Tp,Da), ["params": (B,P)]}`` (physical)."""
+        obs, act, params = self.batch_inputs(batch)
+        noise = dict(noise) if noise is not None else self.draw_noise(act.shape[0])
+        keep = noise.pop("cfg_keep", None)
         cond = self.condition(obs[:, : self.n_obs_steps], params, keep=keep)
-        teacher = self.__dict__.get("_teacher")
-        if teacher is None:
-            return self.head.loss(self.normalize_action(act), cond, noise)
-        if "traj_eps" in noise:
-            return self._flow_map_loss(teacher, obs, params, keep, noise)
-        t_cond = teacher.condition(obs[:, : teacher.n_obs_steps], params, keep=keep)
-
-        def velocity(z: Tensor, t: Tensor) -> Tensor:  # the teacher's marginal velocity at (z_t, t)
-            return teacher.head.net(z, t[:, None], t_cond)
-
-        return self.head.loss(self.normalize_action(act), cond, noise, velocity=velocity)
-
-    def _flow_map_loss(self, teacher: Policy, obs: Tensor, params: Any, keep: Tensor | None,
-                       noise: Mapping[str, Tensor]) -> Tensor:
-        """Flow-map distillation: the teacher's sampling paths from ``traj_eps`` for the first n windows of the
-        batch, and the student's average velocity regressed on (z_i - z_j) / (t_i - t_j) at the drawn grid pairs
-        (the teacher's velocity at z_i where i = j)."""
-        eps = noise["traj_eps"].to(obs)
-        n, pairs = eps.shape[0], noise["traj_i"].shape[1]
-        if obs.shape[0] < n:
-            raise ValueError(f"flow-map distillation needs {n} windows in the batch, got {obs.shape[0]}")
-        obs, params = obs[:n], (params[:n] if params is not None else None)
-        cond = self.condition(obs[:, : self.n_obs_steps], params, keep=keep)
-        t_cond = teacher.condition(obs[:, : teacher.n_obs_steps], params, keep=keep)
-        states, vels, times = teacher.head.trajectory(t_cond, eps, steps=int(self.__dict__["_distil"]["steps"]))
-        i, j = noise["traj_i"].to(obs.device), noise["traj_j"].to(obs.device)
-        rows = torch.arange(n, device=obs.device)[:, None].expand(n, pairs)
-        z_t, z_r = states[i, rows], states[j, rows]  # (n, pairs, Tp, Da)
-        t, r = times[i], times[j]
-        gap = (t - r)[..., None, None]
-        v_i = vels[i.clamp(max=vels.shape[0] - 1), rows]
-        target = torch.where(gap > 0, (z_t - z_r) / gap.clamp_min(1e-6), v_i)
-        return self.head.flow_map_loss(z_t.flatten(0, 1), r.flatten(), t.flatten(), target.flatten(0, 1),
-                                       cond.repeat_interleave(pairs, 0))
-
-    def set_teacher(self, teacher: Policy | None, mode: str = "velocity", pairs: int = 4,
-                    steps: int | None = None) -> None:
-        """Distil this MeanFlow policy from a trained flow policy.
-
-        ``mode="velocity"``: the teacher's velocity replaces ε - x0 in the MeanFlow loss (same data batches).
-        ``mode="trajectory"`` (flow-map distillation): each step runs the teacher's sampler (``steps`` solver steps,
-        default its own) from fresh noise for ``batch // pairs`` windows of the batch, and regresses the student's
-        average velocity on ``pairs`` grid pairs of each path, the first always the one-step jump (t, r) = (1, 0):
-        the student learns the teacher's noise-to-chunk map itself, without a JVP.
-
-        The teacher is held outside the module tree (not in ``state_dict``, not saved, not wrapped by DDP) and used
-        only by :meth:`compute_loss`. It must match this policy: same observation/action sizes, To, Tp, θ names,
-        discrete scaling and normaliser (the two flows must share one noise space); ``None`` removes it.
-        """
-        if teacher is None:
-            self.__dict__.pop("_teacher", None)
-            self.__dict__.pop("_distil", None)
-            return
-        if mode not in ("velocity", "trajectory"):
-            raise ValueError(f"distillation mode must be 'velocity' or 'trajectory', got {mode!r}")
-        if int(pairs) < 1 or (steps is not None and int(steps) < 1):
-            raise ValueError(f"need pairs >= 1 and steps >= 1, got pairs={pairs}, steps={steps}")
-        if self.head.kind != "meanflow":
-            raise ValueError(f"only a meanflow policy is distilled from a teacher; this one is {self.head.kind!r}")
-        if teacher.head.kind != "flow":
-            raise ValueError(f"the teacher must be a flow policy (velocity prediction), got {teacher.head.kind!r}")
-        mine, theirs = self.config(), teacher.config()
-        keys = ("obs_dim", "action_dim", "n_obs_steps", "horizon", "param_names", "discrete_scale")
-        diff = {k: (mine[k], theirs[k]) for k in keys if mine[k] != theirs[k]}
-        sd_a, sd_b = self.normalizer.state_dict(), teacher.normalizer.state_dict()
-        if sd_a.keys() != sd_b.keys() or any(not torch.allclose(sd_a[k].double(), sd_b[k].double(), atol=1e-6)
-                                             for k in sd_a):
-            diff["normalizer"] = ("this policy's", "the teacher's")
-        if diff:
-            raise ValueError(f"the teacher does not match this policy (this, teacher): {diff}; build the student "
-                             f"with the teacher's normalizer and window")
-        teacher = teacher.to(self.device).eval().requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration on purpose
-        k = int(steps) if steps is not None else int(teacher.head.default_steps)
-        object.__setattr__(self, "_distil", {"mode": mode, "pairs": int(pairs), "steps": k})
+        return self.head.loss(self.normalize_action(act), cond, noise)
 
     def forward(self, batch: Mapping[str, Tensor], noise: Mapping[str, Tensor] | None = None) -> Tensor:
         """Training loss (so that DistributedDataParallel can wrap the policy)."""

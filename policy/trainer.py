@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stlflow.policy.distill import Distiller
 from stlflow.policy.policy import Policy
 
 __all__ = ["TrainConfig", "Trainer", "EMA", "ema_decay", "lr_lambda"]
@@ -72,7 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     tensorboard: bool = True
-    teacher: str | None = None  # a flow policy checkpoint to distil a meanflow policy from (Policy.set_teacher)
+    teacher: str | None = None  # a flow policy checkpoint to distil a meanflow policy from (distill.Distiller)
     distil: str = "velocity"  # velocity (teacher velocity in the MeanFlow loss) | trajectory (flow-map regression)
     distil_pairs: int = 4  # trajectory: grid pairs per teacher path (batch_size // distil_pairs paths per step)
     distil_steps: int = 0  # trajectory: teacher solver steps per path (0: the teacher's default)
@@ -223,14 +224,18 @@ class Trainer:
         if cfg.lr is None:  # the head's own default (Head.default_lr); the resolved value is what is saved
             cfg = self.cfg = replace(cfg, lr=float(self.policy.head.default_lr))
         self.ema = EMA(self.policy, cfg)
+        # The training loss of the live and of the EMA policy: the policies themselves, or their distillers.
+        self.loss_fn: Policy | Distiller = self.policy
+        self.ema_loss_fn: Policy | Distiller = self.ema.model
         if cfg.teacher:
-            teacher = Policy.load(cfg.teacher, map_location=self.device)
-            for p in (self.policy, self.ema.model):  # one teacher object, outside both module trees
-                p.set_teacher(teacher, mode=cfg.distil, pairs=cfg.distil_pairs, steps=cfg.distil_steps or None)
-        self.model: nn.Module = self.policy
+            teacher = Policy.load(cfg.teacher, map_location=self.device)  # one teacher object for both
+            kw = dict(mode=cfg.distil, pairs=cfg.distil_pairs, steps=cfg.distil_steps or None)
+            self.loss_fn = Distiller(self.policy, teacher, **kw)
+            self.ema_loss_fn = Distiller(self.ema.model, teacher, **kw)
+        self.model: nn.Module = self.loss_fn
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.policy, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(self.loss_fn, device_ids=ids)
         self.opt = _adamw(self.policy.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_lambda(s, max(1, cfg.warmup_steps), cfg.steps))
@@ -255,7 +260,7 @@ class Trainer:
 
     def _noise(self, step: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        noise = self.policy.draw_noise(self.cfg.batch_size, generator=g)
+        noise = self.loss_fn.draw_noise(self.cfg.batch_size, generator=g)
         return {k: v[self.rank :: self.world].to(self.device) for k, v in noise.items()}
 
     # ------------------------------------------------------------------ logging
@@ -363,8 +368,8 @@ class Trainer:
             idx = np.arange(i * b, (i + 1) * b) % n
             g = torch.Generator().manual_seed(self.cfg.seed + 7919 * (i + 1))
             batch = {k: v.to(self.device) for k, v in self.val_data.batch(idx).items()}
-            noise = {k: v.to(self.device) for k, v in self.ema.model.draw_noise(len(idx), generator=g).items()}
-            losses.append(float(self.ema.model.compute_loss(batch, noise)))
+            noise = {k: v.to(self.device) for k, v in self.ema_loss_fn.draw_noise(len(idx), generator=g).items()}
+            losses.append(float(self.ema_loss_fn.compute_loss(batch, noise)))
         return float(np.mean(losses))
 
     def _validate_and_eval(self, do_eval: bool) -> dict[str, float]:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from stlflow.datasets import EpisodeStore
 from stlflow.policy import Policy
 from stlflow.policy.data import ChunkData, episode_params
+from stlflow.policy.distill import Distiller
 from stlflow.policy.trainer import TrainConfig, Trainer, _adamw, ema_decay, lr_lambda
 
 torch.set_num_threads(1)
@@ -125,14 +126,17 @@ def test_distilling_from_the_exact_marginal_velocity_gives_the_plain_meanflow_lo
     noise = student.draw_noise(64, generator=torch.Generator().manual_seed(3))
     assert 0 < int((noise["r"] < noise["t"]).sum()) < 64  # both kinds of rows are exercised
     plain = student.compute_loss(batch, noise)
-    student.set_teacher(teacher)
-    distilled = student.compute_loss(batch, noise)
+    distiller = Distiller(student, teacher)
+    torch.testing.assert_close(distiller.draw_noise(64, generator=torch.Generator().manual_seed(3)), noise)
+    distilled = distiller.compute_loss(batch, noise)
     torch.testing.assert_close(distilled, plain, rtol=1e-4, atol=1e-6)
     # a wrong teacher changes the loss (the check can fail)
     teacher.head.net = _ExactVelocity(student.normalize_action(batch["action"][:1]) + 0.5)
-    assert abs(float(student.compute_loss(batch, noise)) - float(plain)) > 1e-2
-    student.set_teacher(None)
+    assert abs(float(distiller.compute_loss(batch, noise)) - float(plain)) > 1e-2
+    # the student itself knows nothing of the teacher: its own loss is the plain one
     torch.testing.assert_close(student.compute_loss(batch, noise), plain)
+    assert list(distiller.parameters()) == list(student.parameters())  # the teacher is outside the module tree
+    assert distiller.state_dict().keys() == {f"student.{k}" for k in student.state_dict()}
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
@@ -149,28 +153,28 @@ def test_flow_map_distillation_regresses_on_the_teachers_own_paths(solver):
     teacher = Policy(3, 2, 2, 8, 4, head={"kind": "flow", "solver": solver}, net=NET, normalizer=norm)
     a = torch.randn(1, 8, 2)
     teacher.head.net = _ExactVelocity(a)
-    student.set_teacher(teacher, mode="trajectory", pairs=4, steps=5)
+    distiller = Distiller(student, teacher, mode="trajectory", pairs=4, steps=5)
     states, vels, times = teacher.head.trajectory(torch.zeros(3, 6), torch.randn(3, 8, 2), steps=5)
     assert states.shape == (6, 3, 8, 2) and vels.shape == (5, 3, 8, 2)
     torch.testing.assert_close(times, torch.linspace(1.0, 0.0, 6))
     torch.testing.assert_close(states[-1], a.expand(3, 8, 2))  # the path ends on the data point
     batch = data.batch(list(range(32)))
-    noise = student.draw_noise(32, generator=torch.Generator().manual_seed(3))
+    noise = distiller.draw_noise(32, generator=torch.Generator().manual_seed(3))
     assert noise["traj_eps"].shape == (8, 8, 2) and noise["traj_i"].shape == (8, 4)
     student.head.net = _ExactVelocity(a)  # u(z, r, t) = (z - a) / t: the exact average velocity on these paths
-    assert float(student.compute_loss(batch, noise)) < 1e-10
+    assert float(distiller.compute_loss(batch, noise)) < 1e-10
     student.head.net = _ExactVelocity(a + 0.3)
     t = torch.linspace(1.0, 0.0, 6)[noise["traj_i"]]
     expected = float((0.09 / t**2).mean())
-    assert float(student.compute_loss(batch, noise)) == pytest.approx(expected, rel=1e-4)
+    assert float(distiller.compute_loss(batch, noise)) == pytest.approx(expected, rel=1e-4)
 
 
 def test_flow_map_pairs_cover_the_grid_and_always_include_the_one_step_jump():
     norm = _bimodal_data().fit_normalizer()
     student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
-    student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm),
-                        mode="trajectory", pairs=5, steps=4)
-    noise = student.draw_noise(4000, generator=torch.Generator().manual_seed(0))
+    distiller = Distiller(student, Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm),
+                          mode="trajectory", pairs=5, steps=4)
+    noise = distiller.draw_noise(4000, generator=torch.Generator().manual_seed(0))
     i, j = noise["traj_i"], noise["traj_j"]
     assert i.shape == (800, 5)
     assert (i[:, 0] == 0).all() and (j[:, 0] == 4).all()  # (t, r) = (1, 0): the jump one-step sampling takes
@@ -178,22 +182,39 @@ def test_flow_map_pairs_cover_the_grid_and_always_include_the_one_step_jump():
     seen = {(int(x), int(y)) for x, y in zip(i[:, 1:].flatten(), j[:, 1:].flatten())}
     assert seen == {(x, y) for x in range(4) for y in range(x, 5)}  # every pair, r = t rows included
     with pytest.raises(ValueError, match="velocity' or 'trajectory"):
-        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm), mode="path")
+        Distiller(student, Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm), mode="path")
 
 
-def test_set_teacher_refuses_a_teacher_that_does_not_match():
+def test_flow_map_distillation_of_a_theta_conditioned_policy_keeps_dropout_per_path():
+    from stlflow.datasets import Normalizer
+
+    data = _bimodal_data()
+    norm = Normalizer.fit({"obs": np.zeros((2, 3)), "action": np.zeros((2, 2)), "params": np.array([[0.5], [1.5]])},
+                          modes="identity")
+    student, teacher = (Policy(3, 2, 2, 8, 4, head={"kind": kind}, net=NET, normalizer=norm, param_names=["v_max"])
+                        for kind in ("meanflow", "flow"))
+    distiller = Distiller(student, teacher, mode="trajectory", pairs=4, steps=3)
+    noise = distiller.draw_noise(32, generator=torch.Generator().manual_seed(0))
+    assert noise["cfg_keep"].shape == (8,)  # one θ-dropout draw per teacher path
+    batch = {**data.batch(list(range(32))), "params": torch.rand(32, 1) + 0.5}
+    loss = distiller.compute_loss(batch, noise)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters() if p.requires_grad)
+
+
+def test_distiller_refuses_a_teacher_that_does_not_match():
     data = _bimodal_data()
     norm = data.fit_normalizer()
     student = Policy(3, 2, 2, 8, 4, head={"kind": "meanflow"}, net=NET, normalizer=norm)
     with pytest.raises(ValueError, match="must be a flow policy"):
-        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "ddpm"}, net=NET, normalizer=norm))
+        Distiller(student, Policy(3, 2, 2, 8, 4, head={"kind": "ddpm"}, net=NET, normalizer=norm))
     with pytest.raises(ValueError, match="normalizer"):
-        student.set_teacher(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET))
+        Distiller(student, Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET))
     with pytest.raises(ValueError, match="horizon"):
-        student.set_teacher(Policy(3, 2, 2, 10, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
+        Distiller(student, Policy(3, 2, 2, 10, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
     with pytest.raises(ValueError, match="only a meanflow policy"):
-        Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm).set_teacher(
-            Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
+        Distiller(Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm),
+                  Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=norm))
 
 
 @pytest.mark.parametrize("distil", ["velocity", "trajectory"])
