@@ -1,4 +1,6 @@
-"""Policy controllers compared in closed loop (all: ``reset(seed=None)``, ``act(obs) -> action``, ``last_nfe``).
+"""Policy controllers compared in closed loop.
+
+All have ``reset(seed=None, obs=None)``, ``act(obs) -> action`` and ``last_nfe``.
 
 Symbols: To = ``policy.n_obs_steps``, Tp = ``policy.horizon``, Ta = actions executed per plan, k = solver steps.
 
@@ -14,20 +16,118 @@ onestep       cold one-step sampling (a one-step flow head), Ta = 1 default  nfe
 rti           :class:`stlflow.policy.rti.RTIController`, warm start, k       nfe(k) (+ cold ticks)
 ============  =============================================================  ==========================
 
+A controller is described by a typed :class:`ControllerSpec` (name and options, checked where it is made, so a
+wrong option fails in the caller's process, not in an evaluation worker) and built per episode with
+:meth:`ControllerSpec.build`.
+
 Every chunk controller executes ``chunk[To-1 : To-1+Ta]`` (the chunk starts at the oldest observation in the
 history, Diffusion Policy's convention), so ``Ta <= Tp - To + 1``.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from stlflow.policy.rti import ObservationHistory, RTIController, exec_offset_of
+from stlflow.policy.rti import DEFAULT_K, ObservationHistory, RTIController, exec_offset_of
 
 CONTROLLERS = ("receding", "full", "cold", "onestep", "rti")
+EXPERT = "expert"  # the task's scripted expert (no policy): the reference row of every table
+
+# the options each controller takes besides ``guidance`` (RTI's own options are read from its signature)
+_OPTIONS = {"receding": ("steps", "n_action_steps"), "full": ("steps", "n_action_steps"),
+            "cold": ("k", "n_action_steps"), "onestep": ("n_action_steps",), EXPERT: ()}
+_RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift")
+
+
+def rti_options() -> tuple[str, ...]:
+    """The keyword options of :class:`RTIController` a spec may set (``k``, ``t_start``, ``renoise``, ...)."""
+    names = inspect.signature(RTIController.__init__).parameters
+    return tuple(n for n in names if n not in _RTI_NOT_OPTIONS)
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """Which controller to run and its options, validated at construction.
+
+    Build one with :meth:`create` (``ControllerSpec.create("rti", k=2, t_start=0.3)``); ``options`` holds the
+    options as sorted (name, value) pairs; ``guidance`` is an optional STL guidance object for any policy
+    controller. ``k`` (solver steps per warm tick of ``rti`` and per plan of ``cold``) defaults to
+    :data:`stlflow.policy.rti.DEFAULT_K`.
+    """
+
+    name: str = "receding"
+    options: tuple[tuple[str, Any], ...] = ()
+    guidance: Any = None
+
+    def __post_init__(self) -> None:
+        if self.name not in (*CONTROLLERS, EXPERT):
+            raise ValueError(f"unknown controller {self.name!r}; choose one of {(*CONTROLLERS, EXPERT)}")
+        known = rti_options() if self.name == "rti" else _OPTIONS[self.name]
+        unknown = sorted(k for k, _ in self.options if k not in known)
+        if unknown:
+            raise ValueError(f"controller {self.name!r} takes no option(s) {unknown}; its options: {sorted(known)}")
+        if self.name == EXPERT and self.guidance is not None:
+            raise ValueError("the expert controller takes no guidance")
+        k = self.get("k")
+        if k is not None and int(k) < 1:
+            raise ValueError(f"k (solver steps per tick) must be >= 1, got {k}")
+
+    @classmethod
+    def create(cls, name: str = "receding", *, guidance: Any = None, **options: Any) -> ControllerSpec:
+        """A spec from keyword options; options set to None are left at the controller's default."""
+        return cls(name, tuple(sorted((k, v) for k, v in options.items() if v is not None)), guidance)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], guidance: Any = None) -> ControllerSpec:
+        """A spec from a config block ``{name: ..., option: value, ...}`` (e.g. ``conf/control/rti.yaml``)."""
+        opts = dict(options)
+        return cls.create(str(opts.pop("name", "receding")), guidance=guidance, **opts)
+
+    def get(self, option: str, default: Any = None) -> Any:
+        return dict(self.options).get(option, default)
+
+    @property
+    def k(self) -> int:
+        """Solver steps per tick (``rti``) or per plan (``cold``)."""
+        return int(self.get("k", DEFAULT_K))
+
+    def label(self) -> str:
+        """A short row label: name and options (``rti k=2``, ``receding n_action_steps=8``, ``+guidance``)."""
+        parts = [self.name] + [f"{k}={v}" for k, v in self.options]
+        return " ".join(parts + (["+guidance"] if self.guidance is not None else []))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able description (reports)."""
+        return {"name": self.name, **dict(self.options), "guidance": None if self.guidance is None
+                else repr(self.guidance)}
+
+    def build(self, policy: Any, *, seed: int = 0, stl_params: Mapping[str, float] | None = None,
+              expert: Any = None) -> Any:
+        """The controller for one episode: ``policy`` (a Policy), noise ``seed``, θ ``stl_params`` requested of
+        a conditioned policy; ``expert``: the env's scripted expert, returned as is for ``name == "expert"``."""
+        if self.name == EXPERT:
+            if expert is None:
+                raise ValueError("the expert controller needs the env's scripted expert")
+            return expert
+        if policy is None:
+            raise ValueError(f"controller {self.name!r} needs a policy or a checkpoint directory")
+        o, g = dict(self.options), self.guidance
+        if self.name == "rti":
+            if o.pop("n_action_steps", None) not in (None, 1):
+                raise ValueError("the rti controller executes one action per tick; n_action_steps must be 1")
+            o["k"] = self.k
+            return RTIController(policy, stl_params=stl_params, seed=seed, guidance=g, **o)
+        ta = o.get("n_action_steps")
+        if self.name == "receding":
+            return ChunkController(policy, ta or policy.n_action_steps, o.get("steps"), stl_params, seed, g)
+        steps = {"full": o.get("steps"), "cold": self.k, "onestep": 1}[self.name]
+        return ChunkController(policy, ta or 1, steps, stl_params, seed, g)
 
 
 class ChunkController:
@@ -37,14 +137,15 @@ class ChunkController:
         policy: a ``stlflow.policy.Policy``.
         n_action_steps: Ta, actions executed per plan (1 = replan every tick).
         steps: solver steps per plan (None: the head's default schedule, e.g. DDIM-16).
-        params: STL parameters for a conditioned policy.
+        stl_params: θ requested of a conditioned policy (its tensor is built once, here).
         seed: seed of the noise generator (``reset(seed=...)`` reseeds it).
         guidance: optional inference-time guidance (``stlflow.policy.guidance.STLGuidance``); None = off.
     """
 
-    def __init__(self, policy: Any, n_action_steps: int = 1, steps: int | None = None, params: Any = None,
-                 seed: int = 0, guidance: Any = None) -> None:
-        self.policy, self.steps, self.params = policy, steps, params
+    def __init__(self, policy: Any, n_action_steps: int = 1, steps: int | None = None,
+                 stl_params: Mapping[str, float] | None = None, seed: int = 0, guidance: Any = None) -> None:
+        self.policy, self.steps, self.stl_params = policy, steps, stl_params
+        self.theta = policy.theta_tensor(stl_params)
         self.guidance = guidance
         self.exec_offset = exec_offset_of(policy)
         max_ta = policy.horizon - self.exec_offset
@@ -57,7 +158,7 @@ class ChunkController:
         self._queue: list[np.ndarray] = []
         self.last_nfe = 0
 
-    def reset(self, seed: int | None = None) -> None:
+    def reset(self, seed: int | None = None, obs: Any = None) -> None:
         self._queue = []
         self.history.reset()
         if seed is not None:
@@ -69,8 +170,8 @@ class ChunkController:
         history = self.history.push(obs)
         self.last_nfe = 0
         if not self._queue:
-            cond = self.policy.condition(history, self.params)
-            gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
+            cond = self.policy.condition(history, self.theta)
+            gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.stl_params)
             chunk = self.policy.sample_normalized(cond, steps=self.steps, generator=self.generator, guidance_fn=gfn)
             self.last_nfe = self.policy.nfe(self.steps)
             actions = self.policy.unnormalize_action(chunk[0, self.exec_offset:self.exec_offset + self.n_action_steps])
@@ -82,37 +183,3 @@ class ChunkController:
 
     def __repr__(self) -> str:
         return f"ChunkController(Ta={self.n_action_steps}, steps={self.steps})"
-
-
-def make_controller(name: str, policy: Any, *, k: int | None = None, n_action_steps: int | None = None,
-                    steps: int | None = None, params: Any = None, seed: int = 0, guidance: Any = None,
-                    **rti_options: Any) -> Any:
-    """Build a controller by name (see the module table).
-
-    ``k``: solver steps of ``cold`` and ``rti`` (default 2); ``steps``: solver steps of a full plan (``receding``,
-    ``full``; None = the head's default); ``n_action_steps``: Ta (``receding`` default: the policy's own, 8 in
-    Diffusion Policy; others 1); ``rti_options``: keyword arguments of :class:`RTIController` (``t_start``,
-    ``renoise``, ``discrete_mode``, ``clip_factor``, ``obs_jump``, ``residual_max``, ``cold_steps``,
-    ``lookahead``, ``plan_at_reset``);
-    ``guidance``: optional STL guidance object for any controller (None = off).
-    """
-    if name not in CONTROLLERS:
-        raise ValueError(f"unknown controller {name!r}; choose one of {CONTROLLERS}")
-    if rti_options and name != "rti":
-        raise ValueError(f"options {sorted(rti_options)} only apply to controller 'rti', not {name!r}")
-    k = 2 if k is None else int(k)
-    if name == "rti":
-        if n_action_steps not in (None, 1):
-            raise ValueError("the rti controller executes one action per tick; n_action_steps must be 1")
-        return RTIController(policy, steps_per_tick=k, params=params, seed=seed, guidance=guidance, **rti_options)
-    if name == "receding":
-        ta = n_action_steps or policy.n_action_steps
-        return ChunkController(policy, n_action_steps=ta, steps=steps, params=params, seed=seed, guidance=guidance)
-    if name == "full":
-        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=steps, params=params, seed=seed,
-                               guidance=guidance)
-    if name == "cold":
-        return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=k, params=params, seed=seed,
-                               guidance=guidance)
-    return ChunkController(policy, n_action_steps=n_action_steps or 1, steps=1, params=params, seed=seed,
-                           guidance=guidance)

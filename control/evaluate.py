@@ -1,4 +1,5 @@
-"""Closed-loop evaluation: a controller on a task env in lock-step over N seeds, in parallel worker processes.
+"""Closed-loop evaluation: a controller on a task env in lock-step over N seeds, in parallel worker
+processes (:class:`~stlflow.control.jobs.EvalJob` -> :class:`Report`).
 
 Episode i runs with seed ``seed + i`` (env reset and the controller's noise), in a fresh env, so its result does
 not depend on the number of workers. Per episode the runner records success (the env's final
@@ -24,17 +25,17 @@ import json
 import math
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stlflow.control.collect import init_worker, make_env, resolve_env_id
-from stlflow.control.controllers import CONTROLLERS, make_controller
+from stlflow.control.controllers import EXPERT, ControllerSpec
+from stlflow.control.jobs import EvalJob, JobError
 from stlflow.control.loop import run_episode
-
-EXPERT = "expert"  # evaluate the task's scripted expert (no policy): the reference row of every table
+from stlflow.control.tasks import get_task
+from stlflow.control.workers import parallel_map
 
 _POLICY_CACHE: dict[str, Any] = {}
 _SPEC_CACHE: dict[str, Any] = {}
@@ -60,41 +61,47 @@ def rule_robustness(rules: str, rule_list: dict[str, str] | None, signals: dict[
 
 
 # ---------------------------------------------------------------------------------------------- one episode
-def _load_policy(ref: str) -> Any:
-    if ref not in _POLICY_CACHE:
+def load_policy(ref: Any) -> Any:
+    """A Policy as is, or the Policy of a checkpoint directory (loaded once per process, in eval mode)."""
+    if not isinstance(ref, (str, os.PathLike)):
+        return ref
+    if str(ref) not in _POLICY_CACHE:
         from stlflow.policy import Policy
 
         policy = Policy.load(ref, map_location="cpu")
         policy.eval()
-        _POLICY_CACHE[ref] = policy
-    return _POLICY_CACHE[ref]
+        _POLICY_CACHE[str(ref)] = policy
+    return _POLICY_CACHE[str(ref)]
 
 
-def evaluate_episode(policy: Any, env_id: str, seed: int, controller: str = "receding",
-                     controller_kw: dict[str, Any] | None = None, *, delay: int = 0, max_steps: int | None = None,
-                     stl_params: dict[str, float] | None = None, env_kwargs: dict[str, Any] | None = None,
-                     render: bool = False) -> dict[str, Any]:
-    """Run one episode and return its record (see the module docstring); ``frames`` is added when rendering."""
-    env = make_env(env_id, env_kwargs, render_mode="rgb_array" if render else None)
+def policy_theta(policy: Any, theta: dict[str, float]) -> dict[str, float] | None:
+    """The part of the resolved θ a conditioned policy is asked for (None: the policy is not conditioned)."""
+    names = list(getattr(policy, "param_names", []) or [])
+    if not names:
+        return None
+    missing = [n for n in names if n not in theta]
+    if missing:
+        raise JobError(f"the policy is conditioned on {names}; give values for {missing} in stl_params")
+    return {n: theta[n] for n in names}
+
+
+def evaluate_episode(job: EvalJob, seed: int, render: bool = False) -> dict[str, Any]:
+    """Run one episode of ``job`` with ``seed`` and return its record (see the module docstring); ``frames`` is
+    added when rendering."""
+    task = get_task(job.task)
+    spec = job.controller or ControllerSpec()
+    env = task.make_env(job.env_kwargs, render_mode="rgb_array" if render else None)
     try:
         u = env.unwrapped
-        params = {**{k: float(v) for k, v in u.rule_defaults.items()}, **dict(stl_params or {})}
-        if controller == EXPERT:
-            ctrl = u.make_expert(int(seed))
+        theta = task.resolve_theta(job.stl_params)
+        if spec.name == EXPERT:
+            ctrl = spec.build(None, expert=u.make_expert(int(seed)))
         else:
-            if isinstance(policy, (str, os.PathLike)):
-                policy = _load_policy(str(policy))
-            kw = dict(controller_kw or {})
-            names = list(getattr(policy, "param_names", []))
-            if names and kw.get("params") is None:  # a controllable policy is asked for the measured parameters
-                missing = [n for n in names if n not in params]
-                if missing:
-                    raise KeyError(f"the policy is conditioned on {names}; give values for {missing} in stl_params")
-                kw["params"] = {n: params[n] for n in names}
-            ctrl = make_controller(controller, policy, seed=int(seed), **kw)
-        result = run_episode(env, ctrl, int(seed), delay=delay, max_steps=max_steps, render=render)
+            policy = load_policy(job.policy)
+            ctrl = spec.build(policy, seed=int(seed), stl_params=policy_theta(policy, theta))
+        result = run_episode(env, ctrl, int(seed), delay=job.delay, max_steps=job.max_steps, render=render)
         signals = {k: np.asarray(v, dtype=np.float64) for k, v in u.signals(result.obs).items()}
-        rho, per_rule = rule_robustness(u.rules, dict(getattr(u, "rule_list", {}) or {}), signals, u.dt, params)
+        rho, per_rule = rule_robustness(u.rules, dict(getattr(u, "rule_list", {}) or {}), signals, u.dt, theta)
         record = {
             "seed": int(seed),
             "length": result.length,
@@ -121,18 +128,16 @@ def evaluate_episode(policy: Any, env_id: str, seed: int, controller: str = "rec
         env.close()
 
 
-def _episode_star(job: tuple) -> dict[str, Any]:
-    policy_ref, env_id, seed, controller, controller_kw, options = job
-    return evaluate_episode(policy_ref, env_id, seed, controller, controller_kw, **options)
+def _episode_of(args: tuple[EvalJob, int]) -> dict[str, Any]:
+    return evaluate_episode(*args)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _percentiles(values_ms: np.ndarray, prefix: str) -> dict[str, float]:
-    if values_ms.size == 0:
-        return {f"{prefix}_{q}_ms": float("nan") for q in ("p50", "p95", "p99", "max")}
-    p50, p95, p99 = np.percentile(values_ms, [50, 95, 99])
-    return {f"{prefix}_p50_ms": float(p50), f"{prefix}_p95_ms": float(p95), f"{prefix}_p99_ms": float(p99),
-            f"{prefix}_max_ms": float(values_ms.max())}
+def percentiles(latency_s: np.ndarray, prefix: str) -> dict[str, float]:
+    """``<prefix>_p50_ms`` / ``p95`` / ``p99`` / ``max`` of latencies in seconds (NaN when there are none)."""
+    from stlflow.policy.rti import latency_summary
+
+    return {f"{prefix}_{k}": v for k, v in latency_summary(latency_s).items() if k != "mean_ms"}
 
 
 def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -140,8 +145,8 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
     if not records:
         raise ValueError("no episodes to aggregate")
     n = len(records)
-    lat = np.concatenate([np.asarray(r["latency_s"], dtype=np.float64) for r in records]) * 1e3
-    warm = np.concatenate([np.asarray(r["latency_s"][1:], dtype=np.float64) for r in records]) * 1e3
+    lat = np.concatenate([np.asarray(r["latency_s"], dtype=np.float64) for r in records])
+    warm = np.concatenate([np.asarray(r["latency_s"][1:], dtype=np.float64) for r in records])
     nfe = np.concatenate([np.asarray(r["nfe"], dtype=np.float64) for r in records])
     metrics = {
         "episodes": float(n),
@@ -153,158 +158,137 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
     }
     for name in records[0]["rule_robustness"]:
         metrics[f"stl_{name}_rate"] = sum(r["rule_robustness"][name] >= 0 for r in records) / n
-    metrics.update(_percentiles(lat, "latency"))
-    metrics.update(_percentiles(warm, "latency_warm"))
+    metrics.update(percentiles(lat, "latency"))
+    metrics.update(percentiles(warm, "latency_warm"))
     if all("residual_mean" in r for r in records):
         metrics["residual_mean"] = float(np.nanmean([r["residual_mean"] for r in records]))
         metrics["cold_ticks_per_episode"] = float(np.mean([r["cold_ticks"] for r in records]))
     ran = nfe[nfe > 0]
     reset_nfe = float(sum(r.get("reset_nfe", 0) for r in records))
     metrics["nfe_per_action"] = float((nfe.sum() + reset_nfe) / nfe.size)
-    planned = np.asarray([r["reset_latency_s"] for r in records if r.get("reset_nfe", 0) > 0]) * 1e3
+    planned = np.asarray([r["reset_latency_s"] for r in records if r.get("reset_nfe", 0) > 0])
     if planned.size:
-        metrics.update(_percentiles(planned, "reset_plan"))
+        metrics.update(percentiles(planned, "reset_plan"))
     metrics["nfe_per_call"] = float(ran.mean()) if ran.size else 0.0
     metrics["nfe_per_tick_max"] = float(nfe.max())
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------- the runner
-def evaluate(
-    policy: Any,
-    env: str,
-    episodes: int,
-    *,
-    seed: int = 0,
-    workers: int = 1,
-    controller: str = "receding",
-    controller_kw: dict[str, Any] | None = None,
-    delay: int = 0,
-    max_steps: int | None = None,
-    stl_params: dict[str, float] | None = None,
-    env_kwargs: dict[str, Any] | None = None,
-    progress: bool = False,
-    keep_ticks: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a controller over ``episodes`` seeds and return a report.
+@dataclass
+class Report:
+    """What :func:`evaluate` measured: ``metrics`` (aggregate, see the module docstring), ``episodes`` (one record
+    each, without per-tick arrays), ``ticks`` (every tick's ``latency_ms`` and ``nfe`` when kept) and the job's
+    description (``env_id``, ``controller`` spec, ``delay``, ``seed``, ``stl_params``)."""
 
-    Args:
-        policy: a ``stlflow.policy.Policy``, a checkpoint directory, or None with ``controller="expert"``.
-        env: task name or gymnasium id.
-        episodes: number of episodes, seeds ``seed .. seed+episodes-1``.
-        workers: worker processes (1 = this process). An in-memory policy is saved to a temporary
-            checkpoint for the workers.
-        controller: one of :data:`stlflow.control.controllers.CONTROLLERS` or ``"expert"``.
-        controller_kw: keyword arguments of :func:`stlflow.control.controllers.make_controller`.
-        delay: injected observation-to-action delay in ticks.
-        max_steps: cap on episode length (None: the env's limit).
-        stl_params: STL parameters for the satisfaction metric (default: the env's ``rule_defaults``).
-        keep_ticks: keep every tick's latency (ms) and NFE in the report (for the histogram).
+    env_id: str
+    controller: dict[str, Any]
+    label: str
+    delay: int
+    seed: int
+    stl_params: dict[str, float]
+    metrics: dict[str, float]
+    episodes: list[dict[str, Any]]
+    ticks: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # set by callers (checkpoint path, guidance, ...)
 
-    Returns ``{"env_id", "controller", "controller_kw", "delay", "seed", "metrics", "episodes", "ticks"}``.
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("env_id", "controller", "label", "delay", "seed", "stl_params", "metrics",
+                                           "episodes", "ticks")}
+        return {**d, **self.extra}
+
+
+def evaluate(job: EvalJob) -> Report:
+    """Evaluate ``job.controller`` on ``job.task`` over ``job.episodes`` seeds (``job.seed ..``).
+
+    With several workers an in-memory policy is saved to a temporary checkpoint for them. Bad input (unknown
+    task, θ name, controller option; a policy missing) raises before any episode runs.
     """
-    from tqdm import tqdm
-
-    if controller not in (*CONTROLLERS, EXPERT):
-        raise ValueError(f"unknown controller {controller!r}; choose one of {(*CONTROLLERS, EXPERT)}")
-    if episodes < 1 or workers < 1:
-        raise ValueError(f"episodes and workers must be >= 1, got episodes={episodes}, workers={workers}")
-    if controller != EXPERT and policy is None:
-        raise ValueError(f"controller {controller!r} needs a policy or a checkpoint directory")
-    env_id = resolve_env_id(env)
-    options = {"delay": int(delay), "max_steps": max_steps, "stl_params": dict(stl_params or {}),
-               "env_kwargs": dict(env_kwargs or {})}
-    controller_kw = dict(controller_kw or {})
-    seeds = [int(seed) + i for i in range(int(episodes))]
-    bar = tqdm(total=len(seeds), desc=f"eval {controller}", unit="ep", disable=not progress)
-    records: list[dict[str, Any]] = []
+    spec = job.controller or ControllerSpec()
+    if job.episodes < 1 or job.workers < 1:
+        raise JobError(f"episodes and workers must be >= 1, got episodes={job.episodes}, workers={job.workers}")
+    if spec.name != EXPERT and job.policy is None:
+        raise JobError(f"controller {spec.name!r} needs a policy or a checkpoint directory")
+    task = get_task(job.task)
+    theta = task.resolve_theta(job.stl_params)  # unknown θ names fail here, in the caller's process
+    policy = None if spec.name == EXPERT else load_policy(job.policy)
+    if policy is not None:
+        policy_theta(policy, theta)
+    job = replace(job, controller=spec, task=task.name, policy=policy)
+    seeds = [int(job.seed) + i for i in range(int(job.episodes))]
     tmp: tempfile.TemporaryDirectory | None = None
     was_training = bool(getattr(policy, "training", False))
     try:
-        if workers == 1:
-            if hasattr(policy, "eval"):
-                policy.eval()
-            for s in seeds:
-                records.append(evaluate_episode(policy, env_id, s, controller, controller_kw, **options))
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            ref = policy
-            if controller != EXPERT and not isinstance(policy, (str, os.PathLike)):
-                tmp = tempfile.TemporaryDirectory(prefix="stlflow-eval-")
-                policy.save(tmp.name)
-                ref = tmp.name
-            ref = None if controller == EXPERT else str(ref)
-            jobs = [(ref, env_id, s, controller, controller_kw, options) for s in seeds]
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                     initializer=init_worker) as pool:
-                for record in pool.map(_episode_star, jobs):
-                    records.append(record)
-                    bar.update(1)
+        if job.workers > 1 and policy is not None and not isinstance(job.policy, (str, os.PathLike)):
+            tmp = tempfile.TemporaryDirectory(prefix="stlflow-eval-")
+            policy.save(tmp.name)
+            job = replace(job, policy=tmp.name)
+        elif policy is not None:
+            policy.eval()
+        records = list(parallel_map(_episode_of, [(job, s) for s in seeds], workers=job.workers,
+                                    desc=f"eval {spec.name}", unit="ep", progress=job.progress))
     finally:
-        bar.close()
         if tmp is not None:
             tmp.cleanup()
         if was_training:
             policy.train()
-    report = {
-        "env_id": env_id,
-        "controller": controller,
-        "controller_kw": controller_kw,
-        "delay": int(delay),
-        "seed": int(seed),
-        "stl_params": dict(stl_params or {}),
-        "metrics": aggregate(records),
-        "episodes": [{k: v for k, v in r.items() if k not in ("latency_s", "nfe")} for r in records],
-    }
-    if keep_ticks:
-        report["ticks"] = {"latency_ms": [x * 1e3 for r in records for x in r["latency_s"]],
-                           "nfe": [x for r in records for x in r["nfe"]]}
-    return report
+    ticks = {}
+    if job.keep_ticks:
+        ticks = {"latency_ms": [x * 1e3 for r in records for x in r["latency_s"]],
+                 "nfe": [x for r in records for x in r["nfe"]]}
+    return Report(env_id=task.env_id, controller=spec.as_dict(), label=spec.label() + (
+        f" delay={job.delay}" if job.delay else ""), delay=int(job.delay), seed=int(job.seed),
+        stl_params=dict(job.stl_params or {}), metrics=aggregate(records),
+        episodes=[{k: v for k, v in r.items() if k not in ("latency_s", "nfe")} for r in records], ticks=ticks)
 
 
-def evaluate_policy(policy: Any, env_id: str, episodes: int, seed: int = 0, workers: int = 1,
-                    controller: str = "receding", **kw: Any) -> dict[str, float]:
-    """The trainer's periodic-evaluation callback: aggregate metrics only (always has ``"success_rate"``).
+def evaluation_callback(task: str, episodes: int, seed: int = 0, workers: int = 1,
+                        controller: ControllerSpec | None = None, **job: Any):
+    """The trainer's periodic-evaluation callback ``fn(policy, step) -> metrics`` (always has ``success_rate``);
+    ``job``: further :class:`EvalJob` fields (``delay``, ``max_steps``, ``stl_params``, ``env_kwargs``)."""
 
-    ``kw``: ``controller_kw``, ``delay``, ``max_steps``, ``stl_params``, ``env_kwargs`` of :func:`evaluate`; any
-    other keyword goes into ``controller_kw`` (e.g. ``k=2``, ``steps=8``).
-    """
-    own = {k: kw.pop(k) for k in ("controller_kw", "delay", "max_steps", "stl_params", "env_kwargs") if k in kw}
-    own["controller_kw"] = {**dict(own.get("controller_kw") or {}), **kw}
-    report = evaluate(policy, env_id, episodes, seed=seed, workers=workers, controller=controller,
-                      keep_ticks=False, **own)
-    return report["metrics"]
+    def evaluate_policy(policy: Any, step: int = 0) -> dict[str, float]:
+        report = evaluate(EvalJob(task, policy, controller, int(episodes), seed=int(seed), workers=int(workers),
+                                  keep_ticks=False, **job))
+        return report.metrics
+
+    return evaluate_policy
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def run_label(report: dict[str, Any]) -> str:
-    """A short row label: controller and its main options (``rti k=2``, ``receding Ta=8``)."""
-    kw = report.get("controller_kw", {})
-    parts = [report["controller"]] + [f"{k}={v}" for k, v in sorted(kw.items()) if v is not None]
-    if report.get("delay"):
-        parts.append(f"delay={report['delay']}")
-    return " ".join(parts)
+def plot_latency_hist(ax: Any, series: list[tuple[str, Any]], xlabel: str = "per-tick latency of act() (ms)") -> None:
+    """Step histograms (log-log, shared log bins) of per-tick latencies in ms, one per (label, values)."""
+    arrays = [(label, np.asarray(v, dtype=np.float64)) for label, v in series]
+    positive = np.concatenate([x[x > 0] for _, x in arrays]) if arrays else np.array([])
+    if positive.size:
+        bins = np.logspace(math.log10(positive.min()), math.log10(positive.max() * 1.01), 40)
+        for label, x in arrays:
+            if x.size:
+                ax.hist(np.clip(x, positive.min(), None), bins=bins, histtype="step", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ticks")
 
 
-def markdown_table(reports: list[dict[str, Any]]) -> str:
+def markdown_table(reports: list[Report]) -> str:
     """The comparison table of several evaluation reports (one row each)."""
     head = ("| controller | success | STL sat. | collision | NFE/call | NFE/action | p50 ms | p99 ms | "
             "p99 warm ms | max ms | reset plan p99 ms | episodes |")
     rows = [head, "|" + "---|" * 12]
     for r in reports:
-        m = r["metrics"]
+        m = r.metrics
         plan = f"{m['reset_plan_p99_ms']:.2f}" if "reset_plan_p99_ms" in m else "-"
         rows.append(
-            f"| {run_label(r)} | {m['success_rate']:.1%} | {m['stl_satisfaction_rate']:.1%} | "
+            f"| {r.label} | {m['success_rate']:.1%} | {m['stl_satisfaction_rate']:.1%} | "
             f"{m['collision_rate']:.1%} | {m['nfe_per_call']:.1f} | {m['nfe_per_action']:.2f} | "
             f"{m['latency_p50_ms']:.2f} | {m['latency_p99_ms']:.2f} | {m['latency_warm_p99_ms']:.2f} | "
             f"{m['latency_max_ms']:.2f} | {plan} | {int(m['episodes'])} |")
     return "\n".join(rows) + "\n"
 
 
-def write_report(reports: list[dict[str, Any]], out_dir: str | Path, title: str = "closed-loop evaluation"
+def write_report(reports: list[Report], out_dir: str | Path, title: str = "closed-loop evaluation"
                  ) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the plots (``success_vs_nfe.png``, ``latency_hist.png``)."""
     import matplotlib
@@ -316,15 +300,15 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | Path, title: str 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md",
              "success_vs_nfe": out / "success_vs_nfe.png", "latency_hist": out / "latency_hist.png"}
-    paths["json"].write_text(json.dumps(reports, indent=1, default=json_default))
-    env_ids = sorted({r["env_id"] for r in reports})
+    paths["json"].write_text(json.dumps([r.as_dict() for r in reports], indent=1, default=json_default))
+    env_ids = sorted({r.env_id for r in reports})
     paths["markdown"].write_text(f"# {title}: {', '.join(env_ids)}\n\n{markdown_table(reports)}")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in reports:
-        m = r["metrics"]
+        m = r.metrics
         ax.scatter(max(m["nfe_per_action"], 1e-2), m["success_rate"], s=40)
-        ax.annotate(run_label(r), (max(m["nfe_per_action"], 1e-2), m["success_rate"]), fontsize=7,
+        ax.annotate(r.label, (max(m["nfe_per_action"], 1e-2), m["success_rate"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per tick (= per executed action)")
@@ -337,18 +321,7 @@ def write_report(reports: list[dict[str, Any]], out_dir: str | Path, title: str 
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    lats = [np.asarray(r.get("ticks", {}).get("latency_ms", []), dtype=np.float64) for r in reports]
-    positive = np.concatenate([x[x > 0] for x in lats]) if lats else np.array([])
-    if positive.size:
-        bins = np.logspace(math.log10(positive.min()), math.log10(positive.max() * 1.01), 50)
-        for r, x in zip(reports, lats):
-            if x.size:
-                ax.hist(np.clip(x, positive.min(), None), bins=bins, histtype="step", label=run_label(r))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    ax.set_xlabel("per-tick latency of act() (ms)")
-    ax.set_ylabel("ticks")
+    plot_latency_hist(ax, [(r.label, r.ticks.get("latency_ms", [])) for r in reports])
     ax.set_title("per-tick latency")
     fig.tight_layout()
     fig.savefig(paths["latency_hist"], dpi=120)
@@ -365,24 +338,19 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def write_videos(policy: Any, env: str, seeds: list[int], out_dir: str | Path, *, controller: str = "receding",
-                 controller_kw: dict[str, Any] | None = None, delay: int = 0, max_steps: int | None = None,
-                 env_kwargs: dict[str, Any] | None = None) -> list[Path]:
-    """Re-run ``seeds`` in this process with off-screen rendering and write one MP4 per episode (imageio)."""
+def write_videos(job: EvalJob, seeds: list[int], out_dir: str | Path) -> list[Path]:
+    """Re-run ``seeds`` of ``job`` in this process with off-screen rendering; one MP4 per episode (imageio)."""
     import imageio.v2 as imageio
 
-    env_id = resolve_env_id(env)
+    task = get_task(job.task)
+    spec = job.controller or ControllerSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    probe = make_env(env_id, env_kwargs)
-    dt = float(probe.unwrapped.dt)
-    probe.close()
     paths = []
     for s in seeds:
-        record = evaluate_episode(policy, env_id, s, controller, controller_kw, delay=delay, max_steps=max_steps,
-                                  env_kwargs=env_kwargs, render=True)
-        path = out / f"{env_id.split('/')[-1]}_{controller}_seed{s}_{'ok' if record['success'] else 'fail'}.mp4"
-        with imageio.get_writer(path, fps=max(1, round(1.0 / dt)), macro_block_size=1) as writer:
+        record = evaluate_episode(job, s, render=True)
+        path = out / f"{task.env_id.split('/')[-1]}_{spec.name}_seed{s}_{'ok' if record['success'] else 'fail'}.mp4"
+        with imageio.get_writer(path, fps=max(1, round(1.0 / task.info.dt)), macro_block_size=1) as writer:
             for frame in record["frames"]:
                 writer.append_data(np.asarray(frame))
         paths.append(path)

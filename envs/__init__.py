@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-from stlflow.envs.base import TASKS, Expert, make_expert
+from stlflow.envs.base import Expert, make_env, make_expert
 
-__all__ = ["TASKS", "Expert", "make_expert"]
+__all__ = ["Expert", "make_env", "make_expert"]
 
 _ENTRY_POINTS = {
     "stlflow/Crossing-v0": "stlflow.envs.crossing:CrossingEnv",

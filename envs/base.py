@@ -1,17 +1,10 @@
-"""What every stlflow task shares: the scripted-expert protocol and task names."""
+"""What every stlflow env shares: the scripted-expert protocol, ``make_env`` and off-screen rendering."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-# Short task names (used by Hydra's env group and the CLI) -> gymnasium ids.
-TASKS: dict[str, str] = {
-    "crossing": "stlflow/Crossing-v0",
-    "pickplace": "stlflow/PickPlace-v0",
-}
-
 
 @runtime_checkable
 class Expert(Protocol):
@@ -34,6 +27,23 @@ class Expert(Protocol):
     def reset(self) -> None: ...
 
     def act(self, obs: np.ndarray) -> np.ndarray: ...
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any] | None = None, render_mode: str | None = None) -> Any:
+    """``gym.make`` of a registered env id, with ``env_kwargs``; an unknown id is a ValueError listing the stlflow
+    ids."""
+    import gymnasium as gym
+
+    kwargs = dict(env_kwargs or {})
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as err:
+        from gymnasium.envs.registration import registry
+
+        ours = sorted(k for k in registry if k.startswith("stlflow/"))
+        raise ValueError(f"unknown env id {env_id!r}; stlflow env ids: {ours}") from err
 
 
 def make_expert(env: Any, seed: int) -> Expert:

@@ -10,6 +10,8 @@ verbs and so that nothing changes the working directory behind the user's back.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,3 +40,26 @@ def verb_config(verb: str, argv: list[str], doc: str) -> DictConfig | None:
     except Exception as err:  # hydra's own messages name the bad override; keep them, drop the traceback
         print(f"stlflow {verb}: bad configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def plain(node: Any) -> Any:
+    """A composed config node as plain Python (dicts, lists, scalars), interpolations resolved."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def run_job(verb: str, fn: Callable[[], int | None]) -> int:
+    """Run a verb's work: input errors (a bad job, a missing or existing file, a wrong value) become one line on
+    stderr naming the verb, and exit status 2; anything else keeps its traceback."""
+    from stlflow.control.jobs import JobError
+    from stlflow.control.workers import WorkerError
+
+    try:
+        return int(fn() or 0)
+    except (JobError, FileNotFoundError, FileExistsError, KeyError, ValueError, NotImplementedError) as err:
+        print(f"stlflow {verb}: {err}", file=sys.stderr)
+        return 2
+    except WorkerError as err:
+        if isinstance(err.__cause__, (JobError, ValueError, KeyError, FileNotFoundError)):
+            print(f"stlflow {verb}: {err.summary}", file=sys.stderr)
+            return 2
+        raise

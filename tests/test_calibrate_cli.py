@@ -19,9 +19,10 @@ def _stlflow() -> list[str]:
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
     from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
 
     path = tmp_path_factory.mktemp("cal") / "demos.zarr"
-    collect("crossing", 4, path, seed=10, progress=False)
+    collect(CollectJob("crossing", 4, path, seed=10, progress=False))
     return path
 
 

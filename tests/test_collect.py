@@ -8,13 +8,14 @@ import pytest
 
 import stlflow.envs  # noqa: F401
 from stlflow.control.collect import collect
+from stlflow.control.jobs import CollectJob
 from stlflow.datasets import EpisodeStore
 
 ENV = "pickplace"  # the faster task; Crossing goes through the same code
 
 
 def test_store_layout_and_signal_convention(tmp_path):
-    store = collect(ENV, 3, tmp_path / "d.zarr", seed=5, progress=False)
+    store = collect(CollectJob(ENV, 3, tmp_path / "d.zarr", seed=5, progress=False))
     env = gym.make("stlflow/PickPlace-v0")
     u = env.unwrapped
     assert store.n_episodes == 3
@@ -45,8 +46,8 @@ def test_store_layout_and_signal_convention(tmp_path):
 
 
 def test_same_store_for_any_worker_count(tmp_path):
-    one = collect(ENV, 6, tmp_path / "w1.zarr", seed=11, workers=1, progress=False)
-    two = collect(ENV, 6, tmp_path / "w2.zarr", seed=11, workers=2, progress=False)
+    one = collect(CollectJob(ENV, 6, tmp_path / "w1.zarr", seed=11, workers=1, progress=False))
+    two = collect(CollectJob(ENV, 6, tmp_path / "w2.zarr", seed=11, workers=2, progress=False))
     assert one.n_episodes == two.n_episodes == 6
     assert one.attrs == two.attrs
     for i in range(6):
@@ -72,4 +73,4 @@ def test_refuses_to_overwrite_and_cli(tmp_path, capsys):
     store = EpisodeStore.open(out)
     assert store.n_episodes == 1 and store.episode_attrs(0)["seed"] == 0
     with pytest.raises(ValueError, match="episodes"):
-        collect(ENV, 0, tmp_path / "x.zarr")
+        collect(CollectJob(ENV, 0, tmp_path / "x.zarr"))

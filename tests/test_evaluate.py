@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import stlflow.envs  # noqa: F401
-from stlflow.control.evaluate import aggregate, evaluate, evaluate_policy, write_report
+from stlflow.control.controllers import ControllerSpec
+from stlflow.control.evaluate import aggregate, evaluate, evaluation_callback, write_report
+from stlflow.control.jobs import EvalJob
 from stlflow.datasets import Normalizer
 from stlflow.policy import Policy
 from stlflow.stl import parse
@@ -32,7 +34,8 @@ def tiny_pickplace_policy(seed: int = 0) -> Policy:
 
 def test_expert_metrics_match_a_direct_computation():
     seeds = range(20, 24)
-    report = evaluate(None, "pickplace", len(seeds), seed=20, controller="expert", stl_params={"v_max": 0.3})
+    report = evaluate(EvalJob("pickplace", None, ControllerSpec.create("expert"), len(seeds), seed=20,
+                              stl_params={"v_max": 0.3}))
     env = gym.make(ENV_ID)
     u = env.unwrapped
     params = {**u.rule_defaults, "v_max": 0.3}
@@ -60,7 +63,7 @@ def test_expert_metrics_match_a_direct_computation():
         lengths.append(len(traj) - 1)
         for name, f in rules.items():
             per_rule[name].append(rho(f) >= 0)
-    m = report["metrics"]
+    m = report.metrics
     assert m["success_rate"] == np.mean(success)
     assert m["collision_rate"] == np.mean(collision)
     assert m["stl_satisfaction_rate"] == np.mean(sat)
@@ -68,8 +71,8 @@ def test_expert_metrics_match_a_direct_computation():
     for name in rules:
         assert m[f"stl_{name}_rate"] == np.mean(per_rule[name])
     assert m["nfe_per_action"] == 0.0 and m["episodes"] == 4.0
-    assert [e["seed"] for e in report["episodes"]] == list(seeds)
-    assert len(report["ticks"]["latency_ms"]) == sum(lengths)
+    assert [e["seed"] for e in report.episodes] == list(seeds)
+    assert len(report.ticks["latency_ms"]) == sum(lengths)
 
 
 def test_aggregate_latency_and_nfe_figures():
@@ -97,31 +100,34 @@ def test_aggregate_latency_and_nfe_figures():
 def test_worker_count_does_not_change_results_and_policy_mode_is_restored():
     policy = tiny_pickplace_policy()
     policy.train()
-    kw = {"controller": "rti", "controller_kw": {"k": 2}, "max_steps": 8, "seed": 3}
-    one = evaluate(policy, "pickplace", 3, workers=1, **kw)
+    kw = {"controller": ControllerSpec.create("rti", k=2), "max_steps": 8, "seed": 3, "episodes": 3}
+    one = evaluate(EvalJob("pickplace", policy, workers=1, **kw))
     assert policy.training  # the trainer's policy is handed back in training mode
-    two = evaluate(policy, "pickplace", 3, workers=2, **kw)
-    assert one["episodes"] == two["episodes"]
+    two = evaluate(EvalJob("pickplace", policy, workers=2, **kw))
+    assert one.episodes == two.episodes
     for key in ("success_rate", "stl_satisfaction_rate", "collision_rate", "nfe_per_action", "nfe_per_call"):
-        assert one["metrics"][key] == two["metrics"][key]
-    assert one["ticks"]["nfe"] == ([policy.nfe()] + [policy.nfe(2, 0.2)] * 7) * 3
-    metrics = evaluate_policy(policy, "stlflow/PickPlace-v0", 2, controller="cold", k=1, max_steps=5)
+        assert one.metrics[key] == two.metrics[key]
+    assert one.ticks["nfe"] == ([policy.nfe()] + [policy.nfe(2, 0.2)] * 7) * 3
+    callback = evaluation_callback("stlflow/PickPlace-v0", 2, controller=ControllerSpec.create("cold", k=1),
+                                   max_steps=5)
+    metrics = callback(policy, 0)
     assert "success_rate" in metrics and metrics["nfe_per_action"] == 1.0
 
 
 def test_a_plan_made_in_reset_is_reported_apart_from_the_ticks():
     policy = tiny_pickplace_policy()
-    kw = {"controller": "rti", "max_steps": 6, "seed": 5}
-    cold = evaluate(policy, "pickplace", 2, controller_kw={"k": 2, "t_start": 0.4}, **kw)
-    planned = evaluate(policy, "pickplace", 2, controller_kw={"k": 2, "t_start": 0.4, "plan_at_reset": True}, **kw)
+    kw = {"max_steps": 6, "seed": 5, "episodes": 2}
+    cold = evaluate(EvalJob("pickplace", policy, ControllerSpec.create("rti", k=2, t_start=0.4), **kw))
+    planned = evaluate(EvalJob("pickplace", policy, ControllerSpec.create("rti", k=2, t_start=0.4, plan_at_reset=True),
+                               **kw))
     warm = policy.nfe(2, 0.4)
-    assert cold["ticks"]["nfe"] == ([policy.nfe()] + [warm] * 5) * 2
-    assert planned["ticks"]["nfe"] == [warm] * 12  # the loop handed reset the first observation
-    assert [e["reset_nfe"] for e in planned["episodes"]] == [policy.nfe()] * 2
-    m = planned["metrics"]
+    assert cold.ticks["nfe"] == ([policy.nfe()] + [warm] * 5) * 2
+    assert planned.ticks["nfe"] == [warm] * 12  # the loop handed reset the first observation
+    assert [e["reset_nfe"] for e in planned.episodes] == [policy.nfe()] * 2
+    m = planned.metrics
     assert m["nfe_per_action"] == pytest.approx((2 * policy.nfe() + 12 * warm) / 12)
-    assert m["reset_plan_max_ms"] == pytest.approx(1e3 * max(e["reset_latency_s"] for e in planned["episodes"]))
-    assert "reset_plan_p99_ms" not in cold["metrics"]
+    assert m["reset_plan_max_ms"] == pytest.approx(1e3 * max(e["reset_latency_s"] for e in planned.episodes))
+    assert "reset_plan_p99_ms" not in cold.metrics
 
 
 def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
@@ -135,7 +141,7 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
                "progress=false", "delay=1", "videos=1"])
     assert rc == 0
     reports = json.loads((out / "report.json").read_text())
-    assert len(reports) == 1 and reports[0]["controller"] == "rti" and reports[0]["controller_kw"]["k"] == 3
+    assert len(reports) == 1 and reports[0]["controller"]["name"] == "rti" and reports[0]["controller"]["k"] == 3
     assert reports[0]["delay"] == 1
     assert reports[0]["ticks"]["nfe"][:2] == [policy.nfe(), policy.nfe(3, 0.2)]
     assert "| rti " in (out / "report.md").read_text() and "| rti " in capsys.readouterr().out
@@ -147,7 +153,8 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
 
     with imageio.get_reader(videos[0]) as reader:  # the reset frame and one per step
         assert reader.count_frames() == 7
-    paths = write_report(reports * 2, tmp_path / "two")
+    again = evaluate(EvalJob("pickplace", str(ckpt), ControllerSpec.create("rti", k=3), 1, max_steps=3))
+    paths = write_report([again, again], tmp_path / "two")
     assert (tmp_path / "two" / "report.md").read_text().count("| rti ") == 2 and paths["json"].exists()
     assert main(["env=pickplace", "controller=rti", "episodes=1", f"out={out}"]) == 2  # no checkpoint
     assert main(["env=pickplace", "controller=expert", "k=2", "episodes=1", f"out={out}"]) == 2  # expert takes no k
@@ -166,7 +173,8 @@ def test_eval_cli_turns_on_stl_guidance_with_one_flag(tmp_path):
                  "guidance.t_max=1.0", "cfg_scale=1.0"]) == 0
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())[0]
     guided = json.loads((tmp_path / "guided" / "report.json").read_text())[0]
-    assert "guidance" not in plain and "STLGuidance" in guided["guidance"] and "particles=4" in guided["guidance"]
+    assert plain["controller"]["guidance"] is None
+    assert "STLGuidance" in guided["controller"]["guidance"] and "particles=4" in guided["controller"]["guidance"]
     speeds = [[ep["rule_robustness"]["speed_limit"] for ep in r["episodes"]] for r in (plain, guided)]
     assert speeds[0] != speeds[1]  # the guidance changed the plans (its effect: test_guidance.py, the benchmark)
 
@@ -183,3 +191,15 @@ def test_rti_start_level_comes_from_the_task_config():
     assert t_start("env=crossing") == 0.2
     assert t_start("env=pickplace") == 0.4
     assert t_start("env=pickplace", "control.t_start=0.3") == 0.3
+
+
+def test_unknown_controller_options_and_theta_names_are_refused_in_the_callers_process():
+    """Bad options fail where the job is made, with the known names, before any worker starts."""
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['t_strat'\].*t_start"):
+        ControllerSpec.create("rti", t_strat=0.3)
+    with pytest.raises(ValueError, match="takes no option"):
+        ControllerSpec.create("receding", k=2)
+    with pytest.raises(ValueError, match="unknown controller"):
+        ControllerSpec.create("fastest")
+    with pytest.raises(ValueError, match=r"unknown θ name\(s\) \['vmax'\].*v_max"):
+        evaluate(EvalJob("pickplace", None, ControllerSpec.create("expert"), 1, workers=2, stl_params={"vmax": 0.3}))

@@ -42,9 +42,9 @@ def crossing_obs() -> np.ndarray:
 
 
 def speed_guidance(v_max: float, **kw) -> STLGuidance:
-    from stlflow.pipeline import crossing_guidance
+    from stlflow.control.tasks import get_task
 
-    return crossing_guidance({"v_max": v_max}, rules=("speed",), **kw)
+    return get_task("crossing").guidance({"v_max": v_max}, rules=("speed",), **kw)
 
 
 @pytest.mark.parametrize("kind", ["flow", "ddpm"])
@@ -92,7 +92,7 @@ def test_gradient_points_uphill(crossing_obs):
 
 def test_off_by_default_identical_actions(crossing_obs):
     """No guidance given and guidance=None give bit-identical RTI actions; a guided controller differs."""
-    from stlflow.control.controllers import make_controller
+    from stlflow.control.controllers import ControllerSpec
 
     policy = crossing_policy()
     obs = [crossing_obs[0] + 0.01 * i for i in range(6)]
@@ -101,14 +101,14 @@ def test_off_by_default_identical_actions(crossing_obs):
         ctrl.reset(seed=3)
         return np.stack([ctrl.act(o) for o in obs])
 
-    default = run(RTIController(policy, steps_per_tick=2, seed=3))
-    explicit = run(RTIController(policy, steps_per_tick=2, seed=3, guidance=None))
-    factory = run(make_controller("rti", policy, k=2, seed=3))
-    chunk = run(make_controller("cold", policy, k=2, seed=3))
-    chunk_none = run(make_controller("cold", policy, k=2, seed=3, guidance=None))
+    default = run(RTIController(policy, k=2, seed=3))
+    explicit = run(RTIController(policy, k=2, seed=3, guidance=None))
+    factory = run(ControllerSpec.create("rti", k=2).build(policy, seed=3))
+    chunk = run(ControllerSpec.create("cold", k=2).build(policy, seed=3))
+    chunk_none = run(ControllerSpec.create("cold", k=2, guidance=None).build(policy, seed=3))
     assert np.array_equal(default, explicit) and np.array_equal(default, factory)
     assert np.array_equal(chunk, chunk_none)
-    guided = run(RTIController(policy, steps_per_tick=2, seed=3, guidance=speed_guidance(0.3, scale=2.0)))
+    guided = run(RTIController(policy, k=2, seed=3, guidance=speed_guidance(0.3, scale=2.0)))
     assert not np.array_equal(default, guided)
 
 
@@ -127,8 +127,8 @@ def test_rti_with_guidance_obeys_requested_limit(crossing_obs):
     """Inside the RTI controller, every tick's chunk is steered toward a tight requested speed limit."""
     policy = crossing_policy()
     g = speed_guidance(0.5, scale=2.0, iters=3)
-    plain = RTIController(policy, steps_per_tick=2, seed=0)
-    guided = RTIController(policy, steps_per_tick=2, seed=0, guidance=g)
+    plain = RTIController(policy, k=2, seed=0)
+    guided = RTIController(policy, k=2, seed=0, guidance=g)
     rho = _tick_robustness({"plain": plain, "guided": guided}, g, policy, crossing_obs, ticks=12)
     assert np.mean(rho["guided"]) > np.mean(rho["plain"])  # robustness of the speed rule at v_max = 0.5
     assert sum(a > b for a, b in zip(rho["guided"], rho["plain"])) >= 9  # tick by tick, not only on average
@@ -154,8 +154,8 @@ def test_model_inputs_match_privileged_context():
     import gymnasium as gym
 
     import stlflow.envs  # noqa: F401
+    from stlflow.control.tasks import get_task
     from stlflow.envs.crossing_dynamics import CrossingDynamics
-    from stlflow.pipeline import crossing_model_inputs
 
     env = gym.make("stlflow/Crossing-v0")
     obs, _ = env.reset(seed=7)
@@ -164,7 +164,7 @@ def test_model_inputs_match_privileged_context():
         obs, *_ = env.step(np.array([0.3, 0.0], np.float32))
         if np.abs(obs[13:15]).sum() > 0.1:
             break
-    state0, ctx = crossing_model_inputs(np.stack([obs, obs]), 5)
+    state0, ctx = get_task("crossing").model_inputs(np.stack([obs, obs]), 5)
     ref = u.pedestrian_context(5)
     assert torch.allclose(state0, CrossingDynamics.state_from_obs(torch.as_tensor(obs[None])))
     assert torch.allclose(ctx.goal, ref.goal, atol=1e-4)
@@ -234,8 +234,8 @@ def test_particle_selection_is_uniform_among_the_satisfying(crossing_obs):
 def test_rti_with_particle_selection(crossing_obs):
     policy = crossing_policy()
     g = speed_guidance(0.6, scale=0.0, particles=8, margin=0.0)
-    plain = RTIController(policy, steps_per_tick=2, seed=0)
-    sel = RTIController(policy, steps_per_tick=2, seed=0, guidance=g)
+    plain = RTIController(policy, k=2, seed=0)
+    sel = RTIController(policy, k=2, seed=0, guidance=g)
     rho = _tick_robustness({"plain": plain, "sel": sel}, g, policy, crossing_obs, ticks=10)
     assert plain._chunk.shape == sel._chunk.shape == (1, 16, 2)  # selection keeps one chunk
     assert np.mean(rho["sel"]) > np.mean(rho["plain"])
@@ -251,8 +251,8 @@ def test_pickplace_guidance_slows_planned_targets_and_selection_keeps_a_slow_pla
     import gymnasium as gym
 
     import stlflow.envs  # noqa: F401
+    from stlflow.control.tasks import get_task
     from stlflow.envs.pickplace import OBS_DIM, WORKSPACE_HIGH, WORKSPACE_LOW
-    from stlflow.pipeline import pickplace_guidance
 
     env = gym.make("stlflow/PickPlace-v0")
     obs, _ = env.reset(seed=3)
@@ -268,7 +268,7 @@ def test_pickplace_guidance_slows_planned_targets_and_selection_keeps_a_slow_pla
     policy = Policy(OBS_DIM, 4, n_obs_steps=2, horizon=16, n_action_steps=8, head={"kind": "flow"},
                     net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16}, normalizer=norm,
                     discrete_action_mask=np.array([False, False, False, True])).eval()
-    g = pickplace_guidance({"v_max": 0.3}, t_max=1.0, scale=0.5, max_step=0.2)
+    g = get_task("pickplace").guidance({"v_max": 0.3}, t_max=1.0, scale=0.5, max_step=0.2)
     b = 16
     cond = policy.condition(np.repeat(history[None], b, 0))
     plain = policy.sample_normalized(cond, generator=torch.Generator().manual_seed(0))
@@ -281,9 +281,9 @@ def test_pickplace_guidance_slows_planned_targets_and_selection_keeps_a_slow_pla
     torch.testing.assert_close(guided[..., 3], plain[..., 3], rtol=0.0, atol=0.2)  # the gripper is barely moved
 
     with pytest.raises(ValueError, match="models only the rules"):  # the set-point model decides no clearance
-        pickplace_guidance({"v_max": 0.3}, rules=("clearance",))
+        get_task("pickplace").guidance({"v_max": 0.3}, rules=("clearance",))
 
-    sel = pickplace_guidance({"v_max": 0.45}, scale=0.0, particles=16)
+    sel = get_task("pickplace").guidance({"v_max": 0.45}, scale=0.0, particles=16)
     fn = sel.bind(policy, history)
     cond1 = policy.condition(history[None])
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stlflow.envs  # noqa: F401
-from stlflow.control.controllers import ChunkController, make_controller
+from stlflow.control.controllers import ChunkController, ControllerSpec
 from stlflow.control.loop import run_episode
 
 torch.set_num_threads(1)
@@ -105,12 +105,12 @@ def test_policy_controllers_in_the_loop(env):
                     net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16},
                     discrete_action_mask=env.unwrapped.discrete_action_mask, normalizer=norm).eval()
     full = policy.nfe()
-    rti = run_episode(env, make_controller("rti", policy, k=2, seed=0), seed=0, max_steps=9)
+    rti = run_episode(env, ControllerSpec.create("rti", k=2).build(policy, seed=0), seed=0, max_steps=9)
     assert rti.nfe.tolist() == [full] + [policy.nfe(2, 0.2)] * 8
     assert set(np.unique(rti.action[:, 3])) <= {-1.0, 1.0}
-    rec = run_episode(env, make_controller("receding", policy, seed=0), seed=0, max_steps=9)
+    rec = run_episode(env, ControllerSpec.create("receding").build(policy, seed=0), seed=0, max_steps=9)
     assert rec.nfe.tolist() == [full, 0, 0, 0, full, 0, 0, 0, full]  # Ta = policy.n_action_steps = 4
-    cold = run_episode(env, make_controller("cold", policy, k=3), seed=0, max_steps=3)
+    cold = run_episode(env, ControllerSpec.create("cold", k=3).build(policy), seed=0, max_steps=3)
     assert cold.nfe.tolist() == [3, 3, 3]
     # the receding controller executes chunk[To-1 : To-1+Ta] of each plan
     ctrl = ChunkController(policy, n_action_steps=4, seed=7)
@@ -123,4 +123,4 @@ def test_policy_controllers_in_the_loop(env):
     with pytest.raises(ValueError, match="n_action_steps"):
         ChunkController(policy, n_action_steps=8)
     with pytest.raises(ValueError, match="unknown controller"):
-        make_controller("fastest", policy)
+        ControllerSpec.create("fastest")

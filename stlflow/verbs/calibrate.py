@@ -14,76 +14,20 @@ calibration (non-monotone parameters, episodes that do not satisfy their own θ)
 
 from __future__ import annotations
 
-import sys
-
-from omegaconf import OmegaConf
-
-from stlflow.config import verb_config
-
-
-def _rule_set(store, env_id: str) -> tuple[dict[str, str], dict[str, float]]:
-    """The task's separate rules and their defaults: from the store's attributes, else from the env."""
-    attrs = store.attrs
-    rule_list, defaults = attrs.get("rule_list"), attrs.get("rule_defaults")
-    if isinstance(rule_list, list):
-        rule_list = None  # an older collector stored only names
-    if not rule_list or not defaults:
-        from stlflow.control.collect import make_env
-
-        env = make_env(env_id)
-        try:
-            u = env.unwrapped
-            rule_list = dict(getattr(u, "rule_list", None) or {"rules": u.rules})
-            defaults = dict(u.rule_defaults)
-        finally:
-            env.close()
-    return dict(rule_list), {k: float(v) for k, v in defaults.items()}
-
-
-def calibrate(cfg) -> int:
-    """Run the calibration described by a composed ``calibrate`` config; returns the exit status."""
-    from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment_calibrate import calibrate_store, summary_table
-
-    try:
-        store = EpisodeStore.open(cfg.data, mode="a")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"stlflow calibrate: cannot open data={cfg.data}: {err}", file=sys.stderr)
-        return 2
-    stored_env = store.attrs.get("env_id")
-    if stored_env and stored_env != cfg.env.id:
-        print(
-            f"stlflow calibrate: {cfg.data} holds {stored_env} episodes but env={cfg.env.name} ({cfg.env.id})",
-            file=sys.stderr,
-        )
-        return 2
-    rules, defaults = _rule_set(store, cfg.env.id)
-    params = list(cfg.params if cfg.params is not None else cfg.stl.calibrate_params)
-    margin = float(cfg.margin) if cfg.margin is not None else OmegaConf.to_container(cfg.stl.margin)
-    try:
-        cal = calibrate_store(store, rules, params, defaults, margin=margin, q=float(cfg.q))
-    except (KeyError, ValueError) as err:
-        print(f"stlflow calibrate: {err}", file=sys.stderr)
-        return 2
-    for i, theta in enumerate(cal.per_episode):
-        store.set_episode_attrs(i, {"stl_params": {**defaults, **theta}, "stl_rho_own": float(cal.rho[i])})
-    store.set_attrs(
-        {
-            "stl_params_dataset": {**defaults, **cal.dataset},
-            "stl_calibration": {"q": float(cfg.q), "margin": margin, "params": params, "notes": cal.notes},
-        }
-    )
-    n = len(cal.per_episode)
-    print(f"calibrated {params} on {n} episodes of {cfg.data} (q={cfg.q}; margin={margin})")
-    print(summary_table(cal))
-    print(f"each demo satisfies its own θ: {int(cal.satisfied.sum())}/{n}")
-    for note in cal.notes:
-        print(f"note: {note}")
-    return 0
+from stlflow.config import plain, run_job, verb_config
 
 
 def main(argv: list[str]) -> int:
     cfg = verb_config("calibrate", argv, __doc__)
     if cfg is None:
         return 0
-    return calibrate(cfg)
+    from stlflow.control.jobs import CalibrateJob
+    from stlflow.control.stl_data import calibrate
+
+    def run() -> int:
+        job = CalibrateJob(cfg.data, task=str(cfg.env.name), params=plain(cfg.params), margin=plain(cfg.margin),
+                           q=float(cfg.q), stl=plain(cfg.stl))
+        print(calibrate(job).text)
+        return 0
+
+    return run_job("calibrate", run)

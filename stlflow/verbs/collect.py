@@ -10,9 +10,7 @@ the env id, dt, the rules and their default parameters. The output is identical 
 
 from __future__ import annotations
 
-import sys
-
-from stlflow.config import verb_config
+from stlflow.config import plain, run_job, verb_config
 
 
 def main(argv: list[str]) -> int:
@@ -20,14 +18,16 @@ def main(argv: list[str]) -> int:
     if cfg is None:
         return 0
     from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
 
-    try:
-        store = collect(cfg.env.id, int(cfg.episodes), cfg.out, seed=int(cfg.seed), workers=int(cfg.workers),
-                        overwrite=bool(cfg.overwrite), env_kwargs=dict(cfg.env.get("kwargs") or {}),
-                        progress=bool(cfg.get("progress", True)))
-    except (FileExistsError, ValueError) as err:
-        print(f"stlflow collect: {err}", file=sys.stderr)
-        return 2
-    ok = sum(bool(store.episode_attrs(i).get("success")) for i in range(store.n_episodes))
-    print(f"wrote {store.n_episodes} episodes of {cfg.env.id} to {cfg.out} (expert success {ok}/{store.n_episodes})")
-    return 0
+    def run() -> int:
+        job = CollectJob(str(cfg.env.name), int(cfg.episodes), cfg.out, seed=int(cfg.seed), workers=int(cfg.workers),
+                         overwrite=bool(cfg.overwrite), env_kwargs=plain(cfg.env.get("kwargs") or {}),
+                         progress=bool(cfg.get("progress", True)))
+        store = collect(job)
+        ok = sum(bool(store.episode_attrs(i).get("success")) for i in range(store.n_episodes))
+        print(f"wrote {store.n_episodes} episodes of {store.attrs['env_id']} to {cfg.out} "
+              f"(expert success {ok}/{store.n_episodes})")
+        return 0
+
+    return run_job("collect", run)

@@ -15,11 +15,7 @@ videos=N, N MP4 files (imageio + ffmpeg, off-screen MuJoCo rendering).
 
 from __future__ import annotations
 
-import sys
-
-from omegaconf import OmegaConf
-
-from stlflow.config import verb_config
+from stlflow.config import plain, run_job, verb_config
 
 
 def main(argv: list[str]) -> int:
@@ -28,66 +24,48 @@ def main(argv: list[str]) -> int:
     cfg = verb_config("eval", [*argv, *(f"control={c}" for c in chosen[-1:])], __doc__)
     if cfg is None:
         return 0
+    return run_job("eval", lambda: evaluate_from_config(cfg))
+
+
+def evaluate_from_config(cfg) -> int:
     import torch
 
-    from stlflow.control.evaluate import EXPERT, evaluate, write_report, write_videos
+    from stlflow.control.controllers import EXPERT, ControllerSpec
+    from stlflow.control.evaluate import evaluate, write_report, write_videos
+    from stlflow.control.jobs import EvalJob, JobError
+    from stlflow.control.tasks import get_task
 
-    torch.set_num_threads(1)  # per-tick latency is measured on one thread (see DESIGN.md findings)
-    control = OmegaConf.to_container(cfg.control, resolve=True)
-    name = control.pop("name")
+    torch.set_num_threads(1)  # per-tick latency is measured on one thread
+    control = plain(cfg.control)
     if cfg.k is not None:
         if "k" not in control:
-            print(f"stlflow eval: controller {name!r} takes no k", file=sys.stderr)
-            return 2
+            raise JobError(f"controller {control['name']!r} takes no k")
         control["k"] = int(cfg.k)
-    if name != EXPERT and cfg.ckpt is None:
-        print("stlflow eval: ckpt=DIR is required (or controller=expert)", file=sys.stderr)
-        return 2
-    policy = None if name == EXPERT else str(cfg.ckpt)
-    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
-    try:
-        if cfg.cfg_scale is not None and policy is not None:
-            from stlflow.policy import Policy
+    if control["name"] != EXPERT and cfg.ckpt is None:
+        raise JobError("ckpt=DIR is required (or controller=expert)")
+    task = get_task(str(cfg.env.name))
+    params = plain(cfg.params) or {}
+    policy = None if control["name"] == EXPERT else str(cfg.ckpt)
+    if cfg.cfg_scale is not None and policy is not None:
+        from stlflow.policy import Policy
 
-            policy = Policy.load(policy)
-            policy.guidance_scale = float(cfg.cfg_scale)
-        if cfg.guidance.enabled:
-            control["guidance"] = _guidance(cfg, params)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"stlflow eval: {err}", file=sys.stderr)
-        return 2
-    try:
-        report = evaluate(policy, cfg.env.id, int(cfg.episodes), seed=int(cfg.seed), workers=int(cfg.workers),
-                          controller=name, controller_kw=control, delay=int(cfg.delay), max_steps=cfg.max_steps,
-                          stl_params=params, env_kwargs=dict(cfg.env.get("kwargs") or {}),
-                          progress=bool(cfg.progress))
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"stlflow eval: {err}", file=sys.stderr)
-        return 2
-    report["ckpt"] = None if cfg.ckpt is None else str(cfg.ckpt)
-    if "guidance" in control:
-        report["guidance"] = repr(control["guidance"])
+        policy = Policy.load(policy)
+        policy.guidance_scale = float(cfg.cfg_scale)
+    guidance = None
+    if cfg.guidance.enabled:
+        opts = {"t_max": float(cfg.guidance.t_max), "particles": int(cfg.guidance.particles)}
+        if cfg.guidance.scale is not None:
+            opts["scale"] = float(cfg.guidance.scale)
+        guidance = task.guidance(params, **opts)
+    job = EvalJob(task.name, policy, ControllerSpec.from_dict(control, guidance=guidance), int(cfg.episodes),
+                  seed=int(cfg.seed), workers=int(cfg.workers), delay=int(cfg.delay), max_steps=cfg.max_steps,
+                  stl_params=params, env_kwargs=plain(cfg.env.get("kwargs") or {}), progress=bool(cfg.progress))
+    report = evaluate(job)
+    report.extra["ckpt"] = None if cfg.ckpt is None else str(cfg.ckpt)
     paths = write_report([report], cfg.out, title=f"stlflow eval {cfg.ckpt or EXPERT}")
     if int(cfg.videos) > 0:
         seeds = [int(cfg.seed) + i for i in range(min(int(cfg.videos), int(cfg.episodes)))]
-        paths_v = write_videos(policy, cfg.env.id, seeds, cfg.out, controller=name, controller_kw=control,
-                               delay=int(cfg.delay), max_steps=cfg.max_steps,
-                               env_kwargs=dict(cfg.env.get("kwargs") or {}))
-        print("videos: " + ", ".join(str(p) for p in paths_v))
+        print("videos: " + ", ".join(str(p) for p in write_videos(job, seeds, cfg.out)))
     print(paths["markdown"].read_text())
     print(f"report: {paths['json']}  plots: {paths['success_vs_nfe']}, {paths['latency_hist']}")
     return 0
-
-
-def _guidance(cfg, params: dict):
-    """The task's STL guidance at the requested θ (unrequested rule parameters: the env's defaults)."""
-    from stlflow.pipeline import TASKS
-
-    task = str(cfg.env.name)
-    if task not in TASKS or TASKS[task].guidance is None:
-        raise ValueError(f"no STL guidance model for env {task!r}; tasks with one: "
-                         f"{sorted(k for k, w in TASKS.items() if w.guidance is not None)}")
-    opts = {"t_max": float(cfg.guidance.t_max), "particles": int(cfg.guidance.particles)}
-    if cfg.guidance.scale is not None:
-        opts["scale"] = float(cfg.guidance.scale)
-    return TASKS[task].guidance({k: float(v) for k, v in params.items()}, **opts)
