@@ -13,15 +13,14 @@ from a fresh observation has arrived yet; the env then executes the controller's
 padded with the first real action). The env's clock is frozen while the controller thinks (lock-step), so the
 measured per-tick latency is reported, not simulated; the delay option simulates it deterministically in ticks.
 
-A controller is anything with ``reset()`` (optionally ``reset(seed=..., obs=...)``: the episode seed and its first
-observation) and ``act(obs) -> action``; when it has ``last_nfe`` the loop records the network evaluations of each
+A controller is anything with ``reset(seed=None, obs=None)`` (the episode seed and its first observation) and
+``act(obs) -> action``; when it has ``last_nfe`` the loop records the network evaluations of each
 tick. Work a controller does in ``reset`` (e.g. RTI's ``plan_at_reset``) is outside the ticks' latency; the
 evaluation runner reports it separately.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ import numpy as np
 
 @runtime_checkable
 class Controller(Protocol):
-    """One observation in, one action out, per control tick."""
+    """One observation in, one action out, per control tick; ``reset`` starts an episode (``seed``: the episode
+    seed, for the controller's noise; ``obs``: the first observation, where a controller may plan)."""
 
-    def reset(self) -> None: ...
+    def reset(self, seed: int | None = None, obs: Any = None) -> None: ...
 
     def act(self, obs: np.ndarray) -> np.ndarray: ...
 
@@ -78,23 +78,6 @@ class EpisodeResult:
         return int(self.action.shape[0])
 
 
-def reset_controller(controller: Any, seed: int | None, obs: Any = None) -> None:
-    """Call ``controller.reset`` with the ``seed`` and the first ``obs`` as far as its signature takes them.
-
-    A controller that takes ``obs`` may plan its first chunk there (``RTIController(plan_at_reset=True)``), before
-    the loop's first tick.
-    """
-    reset = controller.reset
-    try:
-        names = inspect.signature(reset).parameters
-    except (TypeError, ValueError):
-        names = {}
-    kw = {"seed": seed} if "seed" in names and seed is not None else {}
-    if obs is not None and "obs" in names:
-        kw["obs"] = obs
-    reset(**kw)
-
-
 def run_episode(
     env: Any,
     controller: Any,
@@ -109,7 +92,7 @@ def run_episode(
 
     Args:
         env: a gymnasium env (wrapped or not) of an stlflow task.
-        controller: see :class:`Controller`; reset (with ``seed`` when it takes one) before the first tick.
+        controller: see :class:`Controller`; reset with ``seed`` and the first observation before the first tick.
         seed: the episode seed (env reset and controller).
         delay: injected observation-to-action delay in ticks (0..; see the module docstring).
         max_steps: stop after this many steps even if the env has not (None: the env's own time limit).
@@ -119,7 +102,7 @@ def run_episode(
     if delay < 0:
         raise ValueError(f"delay must be >= 0 ticks, got {delay}")
     obs, info = env.reset(seed=int(seed))
-    reset_controller(controller, int(seed), obs)
+    controller.reset(seed=int(seed), obs=obs)
     if hook is not None:
         hook.begin(int(seed), obs, info)
     limit = max_steps if max_steps is not None else getattr(env.unwrapped, "max_steps", None)

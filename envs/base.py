@@ -6,6 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+
 @runtime_checkable
 class Expert(Protocol):
     """A scripted expert bound to one env instance; it is also a controller (``reset``/``act``).
@@ -24,7 +25,7 @@ class Expert(Protocol):
     mode: str
     style: dict[str, Any]
 
-    def reset(self) -> None: ...
+    def reset(self, seed: int | None = None, obs: Any = None) -> None: ...
 
     def act(self, obs: np.ndarray) -> np.ndarray: ...
 

@@ -453,7 +453,9 @@ class CrossingExpert:
         self.style["k_lat"] = float(rng.uniform(1.0, 2.0))
         self._plan_episode = -1
 
-    def reset(self) -> None:
+    def reset(self, seed: int | None = None, obs: Any = None) -> None:
+        """Start a new episode (the expert's plan depends on its construction seed alone; ``seed``/``obs`` are
+        accepted for the controller contract)."""
         self._plan_episode = -1
 
     # ------------------------------------------------------------------ plan

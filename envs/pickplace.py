@@ -373,8 +373,9 @@ class PickPlaceExpert:
         }
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new episode (call after ``env.reset``)."""
+    def reset(self, seed: int | None = None, obs: Any = None) -> None:
+        """Start a new episode (call after ``env.reset``; ``seed``/``obs`` are accepted for the controller
+        contract, the expert's style depends on its construction seed alone)."""
         self.phase, self._target, self._start, self._wait = "level", None, None, 0
 
     def act(self, obs: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ class TickController:
         self.last_nfe = 0
         self.resets: list[int | None] = []
 
-    def reset(self, seed: int | None = None) -> None:
+    def reset(self, seed: int | None = None, obs=None) -> None:
         self.seen, self.t = [], 0
         self.resets.append(seed)
 

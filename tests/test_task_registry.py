@@ -91,7 +91,7 @@ class ReachExpert:
         self.gain = float(np.random.default_rng(seed).uniform(3.0, 5.0))
         self.mode, self.style = "direct", {"gain": self.gain}
 
-    def reset(self) -> None:
+    def reset(self, seed=None, obs=None) -> None:
         pass
 
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -170,7 +170,8 @@ def test_theta_resolution_refuses_unknown_names_and_fills_defaults():
 def test_only_the_registry_names_an_env_id():
     """Verbs, pipeline, benchmarks, configs and the control layer reach env ids through the registry."""
     root = Path(__file__).resolve().parents[1]
-    pattern = re.compile(r"stlflow/(%s)-v0" % "|".join(re.escape(t.env_id.split("/")[1][:-3]) for t in TASKS.values()))
+    names = "|".join(re.escape(t.env_id.split("/")[1][:-3]) for t in TASKS.values())
+    pattern = re.compile(rf"stlflow/({names})-v0")
     offenders = []
     for folder in ("stlflow", "control", "benchmarks", "conf"):
         for path in (root / folder).rglob("*"):

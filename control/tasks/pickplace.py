@@ -75,8 +75,8 @@ class PickPlaceTask(Task):
 
 class PickPlaceAugmentation:
     """Builds :class:`~stlflow.datasets.augment.DemoWindow` s for PickPlace: no differentiable model, so the
-    "rollout" steps MuJoCo itself from the demo's start state (``get_state``/``set_state``), one candidate after the other, for
-    the sampling-based optimiser (``optimiser=cem``) that perturbs the demo's end-effector targets.
+    "rollout" steps MuJoCo itself from the demo's start state (``get_state``/``set_state``), one candidate after
+    the other, for the sampling-based optimiser (``optimiser=cem``) that perturbs the demo's end-effector targets.
 
     Model "states" (B, H, 3 + S): the TCP position (m) then the env's STL signals in ``SIGNALS`` order.
 
