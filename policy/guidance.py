@@ -60,8 +60,8 @@ class STLGuidance:
         model_inputs: ``model_inputs(obs_history (To, Do) ndarray, H) -> (state0 (1, Ds) tensor, context)`` (must be
             picklable, e.g. a module-level function, when the guidance goes to worker processes).
         dt: seconds per control step (the unit of the rules' time bounds).
-        params: θ values for the rules' free parameters; the policy's requested θ (passed to :meth:`bind`) overrides
-            these name by name.
+        params: θ values for the rules' free parameters; the policy's requested θ (``stl_params`` of :meth:`bind`)
+            overrides these name by name.
         scale: gradient step on the normalised chunk per unit of hinge gradient.
         max_step: cap on each element of one correction (normalised action units).
         margin: hinge margin (signal units): samples with ρ_τ >= margin get no correction.
@@ -146,11 +146,12 @@ class STLGuidance:
         return int(policy.n_obs_steps - 1) if self.exec_offset is None else int(self.exec_offset)
 
     # ------------------------------------------------------------------ robustness of chunks
-    def robustness(self, policy: Any, x0: Tensor, obs_history: Any, params: Any = None,
+    def robustness(self, policy: Any, x0: Tensor, obs_history: Any, stl_params: Any = None,
                    smooth: float | None = None) -> Tensor:
         """Robustness (B,) of normalised chunks ``x0`` (B, Tp, Da) rolled out from ``obs_history`` (To, Do).
 
-        ``smooth`` None: exact robustness; otherwise the log-sum-exp temperature. Differentiable in ``x0``.
+        ``stl_params``: the requested θ, as in :meth:`bind`. ``smooth`` None: exact robustness; otherwise the
+        log-sum-exp temperature. Differentiable in ``x0``.
         """
         history = np.asarray(obs_history, dtype=np.float32)
         if history.ndim == 3:
@@ -158,7 +159,7 @@ class STLGuidance:
         off = self._offset(policy)
         horizon = x0.shape[1] - off
         state0, context = self.model_inputs(history, horizon)
-        return self._rho(policy, x0, state0, context, self._theta(params), off, smooth)
+        return self._rho(policy, x0, state0, context, self._theta(stl_params), off, smooth)
 
     def _rho(self, policy: Any, x0: Tensor, state0: Tensor, context: Any, theta: dict[str, float], off: int,
              smooth: float | None) -> Tensor:
@@ -169,12 +170,13 @@ class STLGuidance:
         return self.spec.robustness(sig, dt=self.dt, params=theta, smooth=smooth)
 
     # ------------------------------------------------------------------ the head's hook
-    def bind(self, policy: Any, obs_history: Any, params: Any = None) -> GuidanceFn:
+    def bind(self, policy: Any, obs_history: Any, stl_params: Any = None) -> GuidanceFn:
         """The ``guidance_fn(x0_hat, t) -> correction`` of one tick (the head adds the correction to x0_hat).
 
-        ``obs_history``: (To, Do) or (1, To, Do) physical observations of this tick; ``params``: the requested θ
-        ({name: value}; the policy's conditioning), which overrides the guidance's own ``params``. The returned
-        function also carries ``particles`` and ``select(x0 (N, Tp, Da), generator) -> (1, Tp, Da)``, which
+        ``obs_history``: (To, Do) or (1, To, Do) physical observations of this tick; ``stl_params``: the requested
+        θ ({name: value}; the rule values the policy is conditioned on), which overrides the guidance's own
+        ``params`` name by name (a θ that is not a mapping overrides nothing). The returned function also carries
+        ``particles`` and ``select(x0 (N, Tp, Da), generator) -> (1, Tp, Da)``, which
         :meth:`stlflow.policy.Policy.sample_normalized` uses for particle selection, and ``steers`` (False when
         ``scale`` is 0: the denoising steps are then left untouched).
         """
@@ -188,7 +190,7 @@ class STLGuidance:
         off = self._offset(policy)
         horizon = int(policy.horizon) - off
         state0, context = self.model_inputs(history, horizon)
-        theta = self._theta(params)
+        theta = self._theta(stl_params)
         # A DDPM head clips x0_hat after adding the correction; start from the clipped chunk so that the correction
         # is not lost to the clip when the prediction lies outside it.
         clip = getattr(policy.head, "clip_sample", None)

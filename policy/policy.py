@@ -132,6 +132,11 @@ class Policy(nn.Module):
         return next(self.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights, in which :meth:`condition` builds its inputs."""
+        return next(self.parameters()).dtype
+
+    @property
     def executed_slice(self) -> slice:
         """Chunk indices of the Ta actions to execute after the latest observation: [To-1, To-1+Ta)."""
         return slice(self.n_obs_steps - 1, self.n_obs_steps - 1 + self.n_action_steps)
@@ -159,7 +164,7 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ normalisation
     def _tensor(self, x: Any) -> Tensor:
-        return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32).to(self.device)
+        return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=self.dtype).to(self.device)
 
     def normalize_action(self, a: Tensor) -> Tensor:
         """Physical -> normalised actions, any leading dims ``(..., Da)`` (discrete channels / ``discrete_scale``)."""
@@ -191,29 +196,49 @@ class Policy(nn.Module):
         return a
 
     # ------------------------------------------------------------------ conditioning
-    def _params_matrix(self, params: Any, batch: int) -> Tensor | None:
-        if params is None:
+    def theta_tensor(self, stl_params: Any) -> Tensor | None:
+        """θ as the tensor :meth:`condition` takes: ``(1, P)`` float in this policy's dtype, on its device, columns
+        in ``param_names`` order; ``(N, P)`` when the values are given per row. Build it once and pass it to every
+        :meth:`condition` call that asks for the same θ (the controllers do, once per episode).
+
+        ``stl_params``: ``{name: value}`` naming exactly ``param_names`` (a value is a float or an (N,) array), or an
+        array / tensor (P,) or (N, P) already in that order; None gives None (unconditional). A missing or unknown
+        name, a wrong shape, or θ for a policy trained without θ is a ValueError.
+        """
+        if stl_params is None:
             return None
-        if isinstance(params, Mapping):
-            unknown = set(params) - set(self.param_names)
-            missing = [n for n in self.param_names if n not in params]
-            if unknown or missing:
-                raise KeyError(f"params must name exactly {self.param_names}; missing {missing}, unknown {unknown}")
-            cols = [self._tensor(params[n]).reshape(-1).expand(batch) if self._tensor(params[n]).numel() == 1
-                    else self._tensor(params[n]).reshape(batch) for n in self.param_names]
-            theta = torch.stack(cols, dim=-1)
-        else:
-            theta = self._tensor(params)
-            if theta.ndim == 1:
-                theta = theta.expand(batch, -1)
-        if theta.shape != (batch, len(self.param_names)):
-            raise ValueError(f"params must have shape ({batch}, {len(self.param_names)}), got {tuple(theta.shape)}")
+        if not self.param_names:
+            raise ValueError("θ given, but this policy was trained without θ (param_names is empty)")
+        if isinstance(stl_params, Mapping):
+            missing = [n for n in self.param_names if n not in stl_params]
+            unknown = sorted(str(n) for n in stl_params if n not in self.param_names)
+            if missing or unknown:
+                raise ValueError(f"θ must name exactly this policy's param_names {self.param_names}; "
+                                 f"missing {missing}, unknown {unknown}")
+            cols = [self._tensor(stl_params[n]).reshape(-1) for n in self.param_names]
+            rows = max(c.numel() for c in cols)
+            if any(c.numel() not in (1, rows) for c in cols):
+                sizes = {n: c.numel() for n, c in zip(self.param_names, cols)}
+                raise ValueError(f"θ values must be scalars or all of one length; got sizes {sizes}")
+            return torch.stack([c.expand(rows) for c in cols], dim=-1)
+        theta = self._tensor(stl_params)
+        theta = theta.reshape(1, -1) if theta.ndim == 1 else theta
+        if theta.ndim != 2 or theta.shape[1] != len(self.param_names):
+            raise ValueError(f"θ must have shape (P,) or (N, P) with P = {len(self.param_names)} "
+                             f"(param_names {self.param_names}), got {tuple(theta.shape)}")
         return theta
 
-    def condition(self, obs_history: Any, params: Any = None, keep: Tensor | None = None) -> Tensor:
+    def _is_theta_tensor(self, theta: Any) -> bool:
+        """Whether ``theta`` is already a :meth:`theta_tensor` result (used as it is, nothing rebuilt)."""
+        return (bool(self.param_names) and isinstance(theta, Tensor) and theta.ndim == 2
+                and theta.shape[1] == len(self.param_names) and theta.dtype == self.dtype
+                and theta.device == self.device)
+
+    def condition(self, obs_history: Any, theta: Any = None, keep: Tensor | None = None) -> Tensor:
         """Condition vector ``(B, Dc)`` from ``obs_history`` (B, To, Do) in physical units and θ.
 
-        ``params``: ``{name: float | (B,)}``, an array (B, P) or (P,), or None (unconditional).
+        ``theta``: a :meth:`theta_tensor` result (1 or B rows; used as it is), or anything :meth:`theta_tensor`
+        takes (``{name: float | (B,)}``, an array (B, P) or (P,)), or None (unconditional).
         ``keep``: optional (B,) 0/1 mask (training-time θ dropout).
         """
         obs = self._tensor(obs_history)
@@ -224,15 +249,16 @@ class Policy(nn.Module):
                 f"obs_history must have shape (B, To={self.n_obs_steps}, Do={self.obs_dim}), got {tuple(obs.shape)}"
             )
         parts = [self.normalizer.normalize("obs", obs).flatten(1)]
-        if params is not None and not self.param_names:
-            raise ValueError("params given, but this policy was trained without θ (param_names is empty)")
+        if theta is not None and not self._is_theta_tensor(theta):
+            theta = self.theta_tensor(theta)
         if self.param_names:
             b = obs.shape[0]
-            theta = self._params_matrix(params, b)
             if theta is None:
                 theta_n, k = obs.new_zeros(b, len(self.param_names)), obs.new_zeros(b)
             else:
-                theta_n = self.normalizer.normalize("params", theta)
+                if theta.shape[0] not in (1, b):
+                    raise ValueError(f"θ must have 1 or {b} rows (the batch), got {tuple(theta.shape)}")
+                theta_n = self.normalizer.normalize("params", theta.expand(b, -1))
                 k = obs.new_ones(b) if keep is None else keep.to(obs)
             parts += [theta_n * k[:, None], k[:, None]]
         return torch.cat(parts, dim=-1)
@@ -314,17 +340,18 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, obs_history: Any, params: Any = None, steps: int | None = None,
+        self, obs_history: Any, stl_params: Any = None, steps: int | None = None,
         generator: torch.Generator | None = None, guidance: Any = None,
     ) -> np.ndarray:
         """Action chunks ``(B, Tp, Da)`` in physical units, discrete channels thresholded.
 
-        ``obs_history``: (B, To, Do) or (To, Do), physical units. ``steps``: solver steps (head default if None).
-        ``guidance``: optional STL guidance (``stlflow.policy.guidance.STLGuidance``, one observation history);
-        None = off.
+        ``obs_history``: (B, To, Do) or (To, Do), physical units. ``stl_params``: θ, the rule values a conditioned
+        policy is asked for (anything :meth:`theta_tensor` takes; None = unconditional). ``steps``: solver steps
+        (head default if None). ``guidance``: optional STL guidance (``stlflow.policy.guidance.STLGuidance``, one
+        observation history); None = off.
         """
-        cond = self.condition(obs_history, params)
-        gfn = None if guidance is None else guidance.bind(self, obs_history, params)
+        cond = self.condition(obs_history, self.theta_tensor(stl_params))
+        gfn = None if guidance is None else guidance.bind(self, obs_history, stl_params)
         x = self.sample_normalized(cond, steps=steps, generator=generator, guidance_fn=gfn)
         return self.threshold_discrete(self.unnormalize_action(x).cpu().numpy())
 

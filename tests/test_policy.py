@@ -100,10 +100,47 @@ def test_theta_conditioning_forms_and_errors():
     unc = policy.condition(obs, None)
     assert torch.all(unc[:, -3:] == 0)
     torch.testing.assert_close(policy.unconditional(c_dict), unc)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match=r"param_names \['p0', 'p1'\]; missing \['p1'\], unknown \[\]"):
         policy.condition(obs, {"p0": 1.0})
     with pytest.raises(ValueError, match="trained without θ"):
         _policy().condition(obs, {"p0": 1.0})
+
+
+def test_theta_tensor_is_built_once_and_condition_uses_it_as_it_is():
+    policy = _policy(p=2)
+    theta = policy.theta_tensor({"p1": 0.6, "p0": 1.0})  # any key order: columns in param_names order
+    assert theta.shape == (1, 2) and theta.dtype == policy.dtype == torch.float32 and theta.device == policy.device
+    torch.testing.assert_close(theta, torch.tensor([[1.0, 0.6]]))
+    torch.testing.assert_close(policy.theta_tensor(torch.tensor([1.0, 0.6], dtype=torch.float64)), theta)
+    torch.testing.assert_close(policy.theta_tensor(np.array([[1.0, 0.6]])), theta)
+    assert policy.theta_tensor({"p0": 1.0, "p1": np.array([0.6, 0.7, 0.8])}).shape == (3, 2)
+    assert policy.theta_tensor(None) is None and _policy().theta_tensor(None) is None
+    obs = np.random.default_rng(0).normal(size=(3, 2, 3))
+    calls = []
+    build = policy.theta_tensor
+    policy.theta_tensor = lambda v: calls.append(v) or build(v)  # instance attribute: counts the builds
+    cond = policy.condition(obs, theta)
+    assert calls == []  # the prepared tensor is used as it is (expanded over the batch), nothing rebuilt
+    torch.testing.assert_close(cond, policy.condition(obs, {"p0": 1.0, "p1": 0.6}), rtol=0, atol=0)
+    assert len(calls) == 1  # a mapping is still accepted, and built on the spot
+    with pytest.raises(ValueError, match="1 or 3 rows"):
+        policy.condition(obs, torch.zeros(2, 2))
+
+
+def test_theta_tensor_errors_name_the_policys_param_names():
+    policy = _policy(p=2)
+    with pytest.raises(ValueError, match=r"param_names \['p0', 'p1'\]; missing \[\], unknown \['v_max'\]"):
+        policy.theta_tensor({"p0": 1.0, "p1": 0.5, "v_max": 0.3})
+    with pytest.raises(ValueError, match=r"param_names \['p0', 'p1'\]; missing \['p0'\], unknown \['q'\]"):
+        policy.theta_tensor({"q": 1.0, "p1": 0.5})
+    with pytest.raises(ValueError, match=r"shape \(P,\) or \(N, P\) with P = 2 \(param_names \['p0', 'p1'\]\)"):
+        policy.theta_tensor(np.zeros(3))
+    with pytest.raises(ValueError, match="scalars or all of one length"):
+        policy.theta_tensor({"p0": np.zeros(2), "p1": np.zeros(3)})
+    with pytest.raises(ValueError, match="trained without θ"):
+        _policy().theta_tensor({"p0": 1.0})
+    with pytest.raises(ValueError, match="unknown"):
+        policy.predict(np.zeros((2, 3)), stl_params={"p0": 1.0, "p1": 1.0, "p2": 1.0})
 
 
 def test_classifier_free_guidance_combines_predictions_and_doubles_nfe():
