@@ -1,8 +1,9 @@
 """Real-time-iteration (RTI) controller: a warm-started diffusion / flow policy that replans every tick.
 
 Symbols (Diffusion Policy's names): To = ``policy.n_obs_steps``, Tp = ``policy.horizon`` (chunk length),
-Da = ``policy.action_dim``, k = ``steps_per_tick``. Noise level t in [0, 1] (t = 1 pure noise, t = 0 clean),
-as in the policy contract for every head.
+Da = ``policy.action_dim``, k = solver steps per warm tick (``RTIController(k=...)``, default :data:`DEFAULT_K`),
+θ = ``stl_params``, the rule values a conditioned policy is asked for. Noise level t in [0, 1] (t = 1 pure noise,
+t = 0 clean), as in the policy contract for every head.
 
 What one tick does (one observation in, one action out, in physical units)::
 
@@ -13,6 +14,9 @@ What one tick does (one observation in, one action out, in physical units)::
                                    | noise_to(guess, t_start)   (renoise=True: re-noised to t_start first)
                             chunk_n = k solver steps from t_start down to 0, conditioned on the fresh history
     every tick:             execute chunk_n[To - 1 + lookahead]  (the chunk starts at the oldest observation)
+
+θ is turned into the policy's condition tensor once (``policy.theta_tensor``, at construction and whenever
+``stl_params`` is assigned), not on every tick.
 
 Timing (lock-step, one action executed per tick)::
 
@@ -48,11 +52,17 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
+__all__ = ["DEFAULT_K", "DISCRETE_MODES", "ObservationHistory", "RTIController", "exec_offset_of",
+           "latency_summary"]
+
+DEFAULT_K = 2  # solver steps per warm tick (k) when none is given
 DISCRETE_MODES = ("clip", "scale")
 
 
@@ -111,7 +121,7 @@ class RTIController:
 
     Args:
         policy: a ``stlflow.policy.Policy`` (or anything with the same names; see the policy contract).
-        steps_per_tick: k, solver steps on every warm tick (network evaluations ``policy.nfe(k, t_start)``).
+        k: solver steps on every warm tick (network evaluations ``policy.nfe(k, t_start)``).
         t_start: noise level the warm start is treated as (DDPM/DDIM: timestep round(t (K-1)); flow: time).
         renoise: re-noise the shifted clean chunk to ``t_start`` before integrating (False: RTI-DP's clean start).
         cold_steps: solver steps of a cold start (None: the head's default schedule).
@@ -120,11 +130,13 @@ class RTIController:
             measured from the channel's zero) in ``"clip"`` mode.
         obs_jump: cold start when max|obs_t - obs_{t-1}| exceeds this (physical units); None disables.
         residual_max: redo a warm tick cold when RMS(chunk - guess) exceeds this (normalised units); None disables.
-        params: STL parameters for a conditioned policy (dict name -> value), passed to ``policy.condition``.
+        stl_params: θ, the rule values a conditioned policy is asked for (``{name: value}`` naming exactly
+            ``policy.param_names``; None for an unconditioned policy). Turned into ``policy.theta_tensor`` once;
+            assign ``ctrl.stl_params`` to ask for other values (the mapping is kept read-only).
         seed: seed of the controller's noise generator (``reset(seed=...)`` reseeds it).
         shift: actions executed per tick (the chunk is shifted by this much between ticks).
         guidance: optional inference-time guidance (e.g. :class:`stlflow.policy.guidance.STLGuidance`): its
-            ``bind(policy, obs_history, params)`` gives the head's ``guidance_fn`` for the tick. None = off.
+            ``bind(policy, obs_history, stl_params)`` gives the head's ``guidance_fn`` for the tick. None = off.
         lookahead: execute the chunk's action planned ``lookahead`` ticks after the newest observation; set it to a
             known observation-to-action delay in ticks (the action then lands when it was planned for).
         plan_at_reset: when ``reset`` is given the first observation, run the cold denoise there (see the module
@@ -134,7 +146,7 @@ class RTIController:
     def __init__(
         self,
         policy: Any,
-        steps_per_tick: int = 2,
+        k: int = DEFAULT_K,
         t_start: float = 0.2,
         renoise: bool = True,
         cold_steps: int | None = None,
@@ -142,15 +154,15 @@ class RTIController:
         clip_factor: float = 1.0,
         obs_jump: float | None = None,
         residual_max: float | None = None,
-        params: Any = None,
+        stl_params: Mapping[str, float] | None = None,
         seed: int = 0,
         shift: int = 1,
         guidance: Any = None,
         lookahead: int = 0,
         plan_at_reset: bool = False,
     ) -> None:
-        if int(steps_per_tick) < 1:
-            raise ValueError(f"steps_per_tick must be >= 1, got {steps_per_tick}")
+        if int(k) < 1:
+            raise ValueError(f"k (solver steps per warm tick) must be >= 1, got {k}")
         if not 0.0 < float(t_start) <= 1.0:
             raise ValueError(f"t_start is a noise level in (0, 1], got {t_start}")
         if discrete_mode not in DISCRETE_MODES:
@@ -160,11 +172,12 @@ class RTIController:
         if not 1 <= int(shift) < policy.horizon:
             raise ValueError(f"shift must be in [1, horizon={policy.horizon}), got {shift}")
         self.policy = policy
-        self.steps_per_tick, self.t_start, self.renoise = int(steps_per_tick), float(t_start), bool(renoise)
+        self.k, self.t_start, self.renoise = int(k), float(t_start), bool(renoise)
         self.cold_steps = cold_steps
         self.discrete_mode, self.clip_factor = discrete_mode, float(clip_factor)
         self.obs_jump, self.residual_max = obs_jump, residual_max
-        self.params, self.seed, self.shift = params, int(seed), int(shift)
+        self.stl_params = stl_params  # builds self.theta (the property below)
+        self.seed, self.shift = int(seed), int(shift)
         self.guidance = guidance
         self.plan_at_reset = bool(plan_at_reset)
         self.exec_offset = exec_offset_of(policy) + int(lookahead)
@@ -190,6 +203,18 @@ class RTIController:
         self.log: dict[str, list] = {}
         self.clear_stats()
 
+    # ------------------------------------------------------------------ θ
+    @property
+    def stl_params(self) -> Mapping[str, float] | None:
+        """θ asked of the policy (read-only); assigning it rebuilds :attr:`theta`, the tensor every tick uses."""
+        return self._stl_params
+
+    @stl_params.setter
+    def stl_params(self, value: Mapping[str, float] | None) -> None:
+        theta = self.policy.theta_tensor(value)  # validates the names before anything is kept
+        self._stl_params = MappingProxyType(dict(value)) if isinstance(value, Mapping) else value
+        self.theta = theta
+
     # ------------------------------------------------------------------ episode bookkeeping
     @torch.no_grad()
     def reset(self, seed: int | None = None, obs: Any = None) -> None:
@@ -208,8 +233,8 @@ class RTIController:
             return
         t0 = time.perf_counter()
         history = self.history.push(obs)
-        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
-        self._chunk = self._cold_plan(self.policy.condition(history, self.params), gfn).detach()
+        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.stl_params)
+        self._chunk = self._cold_plan(self.policy.condition(history, self.theta), gfn).detach()
         self._unshifted = True
         self.last_reset_nfe = self.policy.nfe(self.cold_steps)
         self.last_reset_latency_s = time.perf_counter() - t0
@@ -258,17 +283,17 @@ class RTIController:
                 reason = "obs_jump"
                 self.fallbacks["obs_jump"] += 1
         history = self.history.push(frame)
-        cond = self.policy.condition(history, self.params)
-        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.params)
+        cond = self.policy.condition(history, self.theta)
+        gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.stl_params)
         nfe, residual = 0, float("nan")
         if not reason:
             guess = self.warm_start(self._chunk, shift=0 if self._unshifted else None)
             x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
                 else guess
             chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
-                                                  steps=self.steps_per_tick, generator=self.generator,
+                                                  steps=self.k, generator=self.generator,
                                                   guidance_fn=gfn)
-            nfe += self.policy.nfe(self.steps_per_tick, self.t_start)
+            nfe += self.policy.nfe(self.k, self.t_start)
             residual = float(torch.sqrt(torch.mean((chunk - guess) ** 2)))
             if self.residual_max is not None and residual > self.residual_max:
                 reason = "residual"
@@ -319,6 +344,6 @@ class RTIController:
         }
 
     def __repr__(self) -> str:
-        return (f"RTIController(k={self.steps_per_tick}, t_start={self.t_start}, renoise={self.renoise}, "
+        return (f"RTIController(k={self.k}, t_start={self.t_start}, renoise={self.renoise}, "
                 f"discrete_mode={self.discrete_mode!r}, obs_jump={self.obs_jump}, residual_max={self.residual_max}, "
                 f"plan_at_reset={self.plan_at_reset})")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from stlflow.datasets import Normalizer
 from stlflow.policy import Policy
-from stlflow.policy.rti import RTIController
+from stlflow.policy.rti import DEFAULT_K, RTIController
 
 torch.set_num_threads(1)
 DO, TO, TP = 5, 2, 8
@@ -70,7 +70,7 @@ class Spy:
 def test_first_tick_cold_later_ticks_exactly_k(kind, head, k):
     policy = tiny_policy(kind, **head)
     calls = NetCalls(policy)
-    ctrl = RTIController(policy, steps_per_tick=k, t_start=0.5)
+    ctrl = RTIController(policy, k=k, t_start=0.5)
     ctrl.reset(seed=0)
     per_tick = []
     for obs in observations(6):
@@ -87,14 +87,14 @@ def test_first_tick_cold_later_ticks_exactly_k(kind, head, k):
 
 def test_reset_forces_cold_and_nothing_leaks_across_episodes():
     policy = tiny_policy("flow")
-    a = RTIController(policy, steps_per_tick=2)
+    a = RTIController(policy, k=2)
     a.reset(seed=3)
     for obs in observations(5, seed=1):
         a.act(obs)
     a.reset(seed=4)
     first = a.act(observations(1, seed=2)[0])
     assert a.last_cold and a.last_nfe == policy.nfe()
-    fresh = RTIController(policy, steps_per_tick=2)
+    fresh = RTIController(policy, k=2)
     fresh.reset(seed=4)
     np.testing.assert_array_equal(first, fresh.act(observations(1, seed=2)[0]))
 
@@ -102,7 +102,7 @@ def test_reset_forces_cold_and_nothing_leaks_across_episodes():
 def test_plan_at_reset_moves_the_cold_plan_out_of_the_ticks():
     policy = tiny_policy("flow")
     calls, spy = NetCalls(policy), Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=2, t_start=0.3, renoise=False, plan_at_reset=True)
+    ctrl = RTIController(policy, k=2, t_start=0.3, renoise=False, plan_at_reset=True)
     obs = observations(4)
     ctrl.reset(seed=0, obs=obs[0])
     full, warm = policy.nfe(), policy.nfe(2, 0.3)
@@ -134,7 +134,7 @@ def test_plan_at_reset_needs_the_observation_and_the_option():
 def test_shift_semantics_in_the_loop():
     policy = tiny_policy("flow")
     spy = Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=2, t_start=0.3, renoise=False)
+    ctrl = RTIController(policy, k=2, t_start=0.3, renoise=False)
     ctrl.reset(seed=0)
     obs = observations(3)
     ctrl.act(obs[0])
@@ -166,7 +166,7 @@ _SHARED_POLICY = tiny_policy("flow")
 def test_renoise_option_renoises_the_shifted_chunk_to_t_start():
     policy = tiny_policy("flow")
     spy = Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=1, t_start=0.4, renoise=True)
+    ctrl = RTIController(policy, k=1, t_start=0.4, renoise=True)
     ctrl.reset(seed=0)
     for obs in observations(2):
         ctrl.act(obs)
@@ -181,7 +181,7 @@ def test_renoise_option_renoises_the_shifted_chunk_to_t_start():
 def test_discrete_channels_clip_mode(factor):
     policy = tiny_policy("flow", da=3, discrete=True)
     spy = Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=2, renoise=False, discrete_mode="clip", clip_factor=factor)
+    ctrl = RTIController(policy, k=2, renoise=False, discrete_mode="clip", clip_factor=factor)
     ctrl.reset(seed=1)
     actions = [ctrl.act(obs) for obs in observations(8)]
     assert all(a[-1] in (-1.0, 1.0) for a in actions)  # executed gripper thresholded to its discrete values
@@ -197,7 +197,7 @@ def test_discrete_channels_scale_mode_leaves_the_warm_start():
         RTIController(tiny_policy("flow", da=3, discrete=True), discrete_mode="scale")
     policy = tiny_policy("flow", da=3, discrete=True, discrete_scale=4.0)
     spy = Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=2, renoise=False, discrete_mode="scale")
+    ctrl = RTIController(policy, k=2, renoise=False, discrete_mode="scale")
     ctrl.reset(seed=1)
     actions = [ctrl.act(obs) for obs in observations(4)]
     assert all(a[-1] in (-1.0, 1.0) for a in actions)
@@ -207,7 +207,7 @@ def test_discrete_channels_scale_mode_leaves_the_warm_start():
 
 def test_fallback_to_cold_on_an_observation_jump():
     policy = tiny_policy("flow")
-    ctrl = RTIController(policy, steps_per_tick=1, obs_jump=1.0)
+    ctrl = RTIController(policy, k=1, obs_jump=1.0)
     ctrl.reset(seed=0)
     obs = observations(6, step=0.05)
     obs[4:] += 5.0  # the world jumps between ticks 3 and 4
@@ -223,8 +223,8 @@ def test_fallback_to_cold_on_an_observation_jump():
 
 def test_fallback_on_residual_growth_and_residuals_logged():
     policy = tiny_policy("flow")
-    never = RTIController(policy, steps_per_tick=2, residual_max=None)
-    always = RTIController(policy, steps_per_tick=2, residual_max=0.0)
+    never = RTIController(policy, k=2, residual_max=None)
+    always = RTIController(policy, k=2, residual_max=0.0)
     for ctrl in (never, always):
         ctrl.reset(seed=0)
         for o in observations(5):
@@ -236,7 +236,7 @@ def test_fallback_on_residual_growth_and_residuals_logged():
     assert always.log["nfe"][1:] == [policy.nfe(2, always.t_start) + policy.nfe()] * 4
     # a threshold between the smallest and the largest residual triggers on exactly the larger ones
     mid = float(np.median(res[1:]))
-    some = RTIController(policy, steps_per_tick=2, residual_max=mid)
+    some = RTIController(policy, k=2, residual_max=mid)
     some.reset(seed=0)
     for o in observations(2):
         some.act(o)
@@ -249,7 +249,7 @@ def test_same_seed_same_actions(renoise):
     obs = observations(6)
 
     def run(seed):
-        ctrl = RTIController(policy, steps_per_tick=2, renoise=renoise)
+        ctrl = RTIController(policy, k=2, renoise=renoise)
         ctrl.reset(seed=seed)
         return np.stack([ctrl.act(o) for o in obs])
 
@@ -259,7 +259,7 @@ def test_same_seed_same_actions(renoise):
 
 def test_stats_and_validation():
     policy = tiny_policy("flow")
-    ctrl = RTIController(policy, steps_per_tick=2)
+    ctrl = RTIController(policy, k=2)
     ctrl.reset(seed=0)
     for o in observations(10):
         ctrl.act(o)
@@ -267,8 +267,12 @@ def test_stats_and_validation():
     lat = s["latency"]
     assert s["ticks"] == 10 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert s["nfe_per_action"] == pytest.approx(np.mean(ctrl.log["nfe"]))
-    with pytest.raises(ValueError, match="steps_per_tick"):
-        RTIController(policy, steps_per_tick=0)
+    with pytest.raises(ValueError, match=r"k \(solver steps per warm tick\) must be >= 1"):
+        RTIController(policy, k=0)
+    with pytest.raises(TypeError, match="steps_per_tick"):  # one name for it: k
+        RTIController(policy, steps_per_tick=2)
+    with pytest.raises(TypeError, match="params"):  # θ is stl_params
+        RTIController(policy, params={"v_max": 1.0})
     with pytest.raises(ValueError, match="discrete_mode"):
         RTIController(policy, discrete_mode="round")
     with pytest.raises(ValueError, match="t_start"):
@@ -280,9 +284,81 @@ def test_stats_and_validation():
 def test_lookahead_executes_a_later_action_of_the_same_chunk():
     policy = tiny_policy("flow")
     spy = Spy(policy)
-    ctrl = RTIController(policy, steps_per_tick=2, lookahead=2)
+    ctrl = RTIController(policy, k=2, lookahead=2)
     ctrl.reset(seed=0)
     a = ctrl.act(observations(1)[0])
     np.testing.assert_allclose(a, policy.unnormalize_action(spy.calls[0]["out"][0, TO - 1 + 2]).numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="lookahead"):
         RTIController(policy, lookahead=TP)
+
+
+def conditioned_policy(names=("v_max", "d_safe"), seed: int = 0) -> Policy:
+    """A tiny flow policy conditioned on θ = ``names``."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    norm = Normalizer.fit({"obs": rng.normal(size=(200, DO)), "action": rng.uniform(-2.0, 3.0, size=(200, 2)),
+                           "params": rng.uniform(0.5, 1.5, size=(200, len(names)))})
+    return Policy(DO, 2, n_obs_steps=TO, horizon=TP, n_action_steps=4, head={"kind": "flow"},
+                  net={"name": "mlp", "width": 32, "n_blocks": 1, "time_embed_dim": 16}, param_names=list(names),
+                  normalizer=norm).eval()
+
+
+class CountCalls:
+    """Wraps a bound method of ``obj`` (instance attribute) and records the positional arguments of each call."""
+
+    def __init__(self, obj, name: str) -> None:
+        self.calls: list[tuple] = []
+        self._orig = getattr(obj, name)
+        setattr(obj, name, self)
+
+    def __call__(self, *args, **kw):
+        self.calls.append(args)
+        return self._orig(*args, **kw)
+
+
+@pytest.mark.parametrize("plan_at_reset", [False, True])
+def test_theta_tensor_is_built_once_per_episode_not_per_tick(plan_at_reset):
+    policy = conditioned_policy()
+    built, conds = CountCalls(policy, "theta_tensor"), CountCalls(policy, "condition")
+    theta = {"v_max": 1.2, "d_safe": 0.7}
+    ctrl = RTIController(policy, k=2, stl_params=theta, plan_at_reset=plan_at_reset)
+    assert len(built.calls) == 1 and ctrl.theta.shape == (1, 2)
+    obs = observations(10)
+    ctrl.reset(seed=0, obs=obs[0])
+    actions = [ctrl.act(o) for o in obs]
+    assert len(built.calls) == 1  # 10 ticks (and the plan made in reset), one θ tensor
+    assert len(conds.calls) == 10 + plan_at_reset and all(c[1] is ctrl.theta for c in conds.calls)
+    # a second episode with the same θ builds nothing; asking for other values builds once more
+    ctrl.reset(seed=0, obs=obs[0])
+    assert np.array_equal(np.stack([ctrl.act(o) for o in obs]), np.stack(actions)) and len(built.calls) == 1
+    ctrl.stl_params = {"v_max": 0.6, "d_safe": 0.7}
+    assert len(built.calls) == 2
+    ctrl.reset(seed=0, obs=obs[0])
+    assert not np.array_equal(np.stack([ctrl.act(o) for o in obs]), np.stack(actions)) and len(built.calls) == 2
+    with pytest.raises(TypeError):  # kept read-only: an in-place change could not reach the built tensor
+        ctrl.stl_params["v_max"] = 2.0  # type: ignore[index]
+    # the prepared tensor conditions exactly as the mapping did when it was rebuilt on every tick
+    hist = np.stack([obs[0], obs[1]])[None]
+    torch.testing.assert_close(policy.condition(hist, ctrl.theta), policy.condition(hist, ctrl.stl_params),
+                               rtol=0, atol=0)
+
+
+def test_unknown_or_missing_theta_names_are_refused_with_the_known_names():
+    policy = conditioned_policy()
+    with pytest.raises(ValueError, match=r"\['v_max', 'd_safe'\]; missing \['d_safe'\], unknown \['speed'\]"):
+        RTIController(policy, stl_params={"v_max": 1.0, "speed": 2.0})
+    with pytest.raises(ValueError, match=r"\['v_max', 'd_safe'\]; missing \['d_safe'\], unknown \[\]"):
+        RTIController(policy, stl_params={"v_max": 1.0})
+    ctrl = RTIController(policy, stl_params={"v_max": 1.0, "d_safe": 0.5})
+    with pytest.raises(ValueError, match="unknown \\['x'\\]"):
+        ctrl.stl_params = {"v_max": 1.0, "d_safe": 0.5, "x": 0.0}
+    assert dict(ctrl.stl_params) == {"v_max": 1.0, "d_safe": 0.5}  # a refused θ leaves the old one in place
+    with pytest.raises(ValueError, match="trained without θ"):
+        RTIController(tiny_policy("flow"), stl_params={"v_max": 1.0})
+    assert RTIController(tiny_policy("flow")).theta is None
+
+
+def test_default_k():
+    policy = tiny_policy("flow")
+    assert DEFAULT_K == 2 and RTIController(policy).k == DEFAULT_K
+    assert "k=3" in repr(RTIController(policy, k=3))

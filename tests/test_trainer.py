@@ -391,7 +391,7 @@ def test_cli_train_pickplace_with_a_scaled_gripper_channel(tmp_path, monkeypatch
     assert policy.discrete_scale == 4.0 and policy.discrete_action_mask.tolist() == [False, False, False, True]
     grip = policy.normalize_action(torch.tensor([[0.0, 0.0, 0.1, 1.0], [0.0, 0.0, 0.1, -1.0]]))[:, 3]
     assert grip.abs().max() <= 0.25 + 1e-6  # the gripper's ±1 sit at ±1/4 in the network's units
-    ctrl = RTIController(policy, steps_per_tick=2, discrete_mode="scale")
+    ctrl = RTIController(policy, k=2, discrete_mode="scale")
     import gymnasium as gym
 
     env = gym.make("stlflow/PickPlace-v0")
