@@ -21,6 +21,7 @@ from stlflow.envs.crossing_dynamics import (  # noqa: E402
     TRACKING_TOL_YAW,
     CrossingDynamics,
 )
+from stlflow.envs.crossing_expert import MODES  # noqa: E402
 
 torch.set_num_threads(1)
 ENV_ID = "stlflow/Crossing-v0"
@@ -43,7 +44,7 @@ def run_expert(seed: int, **kwargs):
 
 def seeds_by_mode(n: int = 2, limit: int = 60) -> dict[str, list[int]]:
     env = gym.make(ENV_ID)
-    found: dict[str, list[int]] = {m: [] for m in cx.MODES}
+    found: dict[str, list[int]] = {m: [] for m in MODES}
     for seed in range(limit):
         mode = env.unwrapped.make_expert(seed).mode
         if len(found[mode]) < n:
@@ -183,7 +184,7 @@ def test_absent_pedestrian_is_ignored():
 
 
 # ------------------------------------------------------------------ expert
-@pytest.mark.parametrize("mode", cx.MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_expert_succeeds_in_every_mode(mode):
     assert SEEDS_BY_MODE[mode], f"no seed in 0..59 drew mode {mode}"
     for seed in SEEDS_BY_MODE[mode]:
@@ -199,7 +200,7 @@ def test_expert_mode_and_style_come_from_the_seed_alone():
     env_b.reset(seed=999)
     b = env_b.unwrapped.make_expert(11)
     assert (a.mode, a.style) == (b.mode, b.style)
-    assert a.mode in cx.MODES
+    assert a.mode in MODES
     styles = {tuple(gym.make(ENV_ID).unwrapped.make_expert(s).style.values()) for s in range(5)}
     assert len(styles) == 5
 
@@ -353,4 +354,4 @@ def test_expert_succeeds_on_98_percent_of_200_seeds_and_mostly_keeps_the_rules()
         )
     assert np.mean(success) >= 0.98
     assert np.mean(rules_kept) >= 0.9
-    assert modes == set(cx.MODES)
+    assert modes == set(MODES)
