@@ -43,7 +43,7 @@ from torch import nn
 from stlflow.policy.distill import Distiller
 from stlflow.policy.policy import Policy
 
-__all__ = ["TrainConfig", "Trainer", "EMA", "ema_decay", "lr_lambda"]
+__all__ = ["TrainConfig", "Trainer", "EMA", "adamw", "ema_decay", "lr_lambda"]
 
 EvalFn = Callable[[Policy, int], dict[str, float]]
 
@@ -124,7 +124,7 @@ class EMA:
             be.copy_(b)
 
 
-def _adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
+def adamw(params, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters) where the parameters' device supports it.
 
     On CPU the default per-tensor loop costs ~3x the fused step for the 1.2M-parameter MLP (6.2 against 2.1 ms in
@@ -236,7 +236,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.loss_fn, device_ids=ids)
-        self.opt = _adamw(self.policy.parameters(), cfg)
+        self.opt = adamw(self.policy.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_lambda(s, max(1, cfg.warmup_steps), cfg.steps))
         self.sampler = torch.utils.data.distributed.DistributedSampler(

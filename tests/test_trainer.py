@@ -15,7 +15,7 @@ from stlflow.datasets import EpisodeStore
 from stlflow.policy import Policy
 from stlflow.policy.data import ChunkData, episode_params
 from stlflow.policy.distill import Distiller
-from stlflow.policy.trainer import TrainConfig, Trainer, _adamw, ema_decay, lr_lambda
+from stlflow.policy.trainer import TrainConfig, Trainer, adamw, ema_decay, lr_lambda
 
 torch.set_num_threads(1)
 
@@ -416,7 +416,7 @@ def test_fused_adamw_makes_the_same_updates_as_the_per_tensor_loop():
     net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Mish(), torch.nn.Linear(32, 3))
     twin, start = copy.deepcopy(net), copy.deepcopy(net)
     cfg = _cfg(lr=1e-2)
-    fused = _adamw(net.parameters(), cfg)
+    fused = adamw(net.parameters(), cfg)
     loop = torch.optim.AdamW(twin.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     assert fused.defaults.get("fused") is True and not loop.defaults.get("fused")
     for _ in range(20):
