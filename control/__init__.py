@@ -1,15 +1,25 @@
-"""stlflow.control: the control loop and everything that runs a controller on a task (see DESIGN.md).
+"""stlflow.control: the tasks, the typed jobs, and everything that runs a controller on a task.
 
+- :mod:`stlflow.control.tasks` -- the task registry: one typed :class:`~stlflow.control.tasks.Task` per task
+  (env id, θ names and resolver, metric readers, STL guidance model, augmentation), :func:`get_task`
+- :mod:`stlflow.control.jobs` -- typed jobs (``CollectJob``, ``CalibrateJob``, ``AugmentJob``, ``TrainJob``,
+  ``EvalJob``) and where their functions live; the verbs, the pipeline and the benchmarks all call those
 - :mod:`stlflow.control.loop` -- :func:`run_episode`: an env and a controller in lock-step at the env's control
   rate, with an injected observation-to-action delay and a recorder hook (:class:`EpisodeResult`)
 - :mod:`stlflow.control.recorder` -- :class:`EpisodeRecorder`: the loop's steps -> EpisodeStore episodes
 - :mod:`stlflow.control.collect` -- :func:`collect`: scripted-expert demonstrations (``stlflow collect``)
-- :mod:`stlflow.control.controllers` -- receding-horizon / full / cold k-step / one-step chunk controllers and
-  :func:`make_controller` (the RTI controller itself is :class:`stlflow.policy.RTIController`)
+- :mod:`stlflow.control.controllers` -- :class:`ControllerSpec` (a controller's name and options, validated where it
+  is made) and the receding-horizon / full / cold k-step / one-step chunk controllers (the RTI controller itself
+  is :class:`stlflow.policy.RTIController`)
 - :mod:`stlflow.control.evaluate` -- closed-loop evaluation over seeds in worker processes, metrics, reports,
-  plots, videos (``stlflow eval``); :func:`evaluate_policy` is the trainer's periodic-evaluation callback
+  plots, videos (``stlflow eval``); :func:`evaluation_callback` is the trainer's periodic evaluation
+- :mod:`stlflow.control.stl_data` -- calibration and augmentation of stored demonstrations (``stlflow calibrate``,
+  ``stlflow augment``); :mod:`stlflow.control.augment` the augmentation driver over a store
+- :mod:`stlflow.control.training` -- :func:`train_policy` (``stlflow train``)
+- :mod:`stlflow.control.samples` -- closed-loop samples per start state and the diversity measures
+- :mod:`stlflow.control.workers` -- :func:`parallel_map`, the one worker pool (spawn, one thread per worker)
 
-Importing this package does not import torch; the controller and evaluation modules do.
+Importing this package does not import torch; the controller, evaluation and training modules do.
 """
 
 from stlflow.control.loop import Controller, EpisodeResult, run_episode

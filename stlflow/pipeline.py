@@ -221,7 +221,7 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     k = DEFAULT_K if c.get("k") is None else int(c["k"])
     dataset_theta = {name: float(v) for name, v in cal["dataset_theta"].items()}
-    thetas = [{**dataset_theta, **dict(c.get("theta") or {}), "v_max": float(v)} for v in c["v_max_sweep"]]
+    thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": float(v)} for v in c["v_max_sweep"]]
     with stage(f"evaluate closed loop (RTI k={k}) at {len(thetas)} requested θ", 5, total, log) as info:
         rows = stage_evaluate(policy, thetas, b["eval_episodes"], seed=int(c["eval_seed"]), k=k,
                               guidance=c["guidance"], compare_guidance=True,

@@ -167,7 +167,7 @@ def test_eval_cli_turns_on_stl_guidance_with_one_flag(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     tiny_pickplace_policy().save(ckpt)
-    common = [f"ckpt={ckpt}", "env=pickplace", "episodes=2", "max_steps=8", "progress=false", "+params.v_max=0.05"]
+    common = [f"ckpt={ckpt}", "env=pickplace", "episodes=2", "max_steps=8", "progress=false", "+stl_params.v_max=0.05"]
     assert main([*common, f"out={tmp_path / 'plain'}"]) == 0
     assert main([*common, f"out={tmp_path / 'guided'}", "guidance.enabled=true", "guidance.particles=4",
                  "guidance.t_max=1.0", "cfg_scale=1.0"]) == 0

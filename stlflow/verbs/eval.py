@@ -1,12 +1,12 @@
 """Closed-loop evaluation of a checkpoint: success, STL satisfaction, collisions, per-tick latency and NFE.
 
     stlflow eval ckpt=DIR env=crossing controller=rti k=2 episodes=100 [workers=2] [delay=2] [videos=3] [out=DIR]
-    stlflow eval ckpt=DIR env=pickplace +params.v_max=0.3 guidance.enabled=true guidance.particles=8 cfg_scale=1.25
+    stlflow eval ckpt=DIR env=pickplace +stl_params.v_max=0.3 guidance.enabled=true guidance.particles=8 cfg_scale=1.25
 
 `controller` picks a variant in conf/control/ (receding, full, cold, onestep, rti, expert) and `k` sets its solver
 steps per tick; other options are `control.<key>=...` (e.g. control.t_start=0.3 control.renoise=false).
 The env steps in lock-step with the controller at its control rate; episode i uses seed `seed+i`.
-`guidance.enabled=true` steers every plan toward the task's rules at `params` (STL guidance through the task's
+`guidance.enabled=true` steers every plan toward the task's rules at `stl_params` (STL guidance through the task's
 robot model; `guidance.particles=N` adds particle selection); `cfg_scale` sets a θ-conditioned policy's
 classifier-free guidance scale.
 Writes OUT/report.json, OUT/report.md (the table), OUT/success_vs_nfe.png, OUT/latency_hist.png and, with
@@ -44,7 +44,7 @@ def evaluate_from_config(cfg) -> int:
     if control["name"] != EXPERT and cfg.ckpt is None:
         raise JobError("ckpt=DIR is required (or controller=expert)")
     task = get_task(str(cfg.env.name))
-    params = plain(cfg.params) or {}
+    params = plain(cfg.stl_params) or {}
     policy = None if control["name"] == EXPERT else str(cfg.ckpt)
     if cfg.cfg_scale is not None and policy is not None:
         from stlflow.policy import Policy
