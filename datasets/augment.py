@@ -15,16 +15,20 @@ and adds an explicit diversity selection and a replay check in the real simulato
    if the exact robustness of its specification at its θ on the replayed signals is ≥ 0 and nothing collided.
    A rejected candidate is replaced by the next farthest one of its group, up to ``max_replays``.
 
-Layering: this module imports only ``stlflow.stl`` (and torch/numpy). Everything task-specific -- the
+This module holds the problem's types and the per-demonstration algorithm (:func:`augment_demo`); the
+optimisers are in :mod:`stlflow.datasets.augment_optim`, selection and diversity measures in
+:mod:`stlflow.datasets.augment_select`, and the loop over a whole store (worker processes, the output store,
+the report) is ``stlflow.control.augment.augment_store``.
+
+Layering: these modules import only ``stlflow.stl`` (and torch/numpy). Everything task-specific -- the
 dynamics model, signal extraction, the replay in MuJoCo -- arrives through :class:`DemoWindow` callables
-that the caller (``stlflow augment``) wires in from ``stlflow.envs``.
+that the caller wires in from the task layer.
 
 Symbols: B candidates, H horizon (control steps), Du control dimension, P position dimension.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,20 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from stlflow.datasets.augment_optim import CandidateGroup, cem_controls, group_index, optimise_controls
+from stlflow.datasets.augment_select import farthest_point_selection, mean_pairwise_distance
+
 __all__ = [
+    "AugmentReport",
     "AugmentSettings",
-    "CandidateGroup",
+    "AugmentTask",
     "DemoResult",
     "DemoWindow",
     "ModeSpec",
     "ReplayResult",
     "augment_demo",
-    "bound_penalty",
-    "cem_controls",
-    "farthest_point_selection",
-    "mean_pairwise_distance",
-    "optimise_controls",
-    "random_smooth_controls",
     "sample_theta",
     "spec_text",
 ]
@@ -131,7 +133,7 @@ class DemoWindow:
 
 @dataclass
 class AugmentSettings:
-    """Optimisation and selection settings (defaults from the measurements in DESIGN.md).
+    """Optimisation and selection settings (defaults chosen by measurement).
 
     ``n_theta`` θ vectors per mode, ``n_init`` random initialisations per (mode, θ) group; at most ``iters``
     Adam iterations at learning rate ``lr`` (control units per step), with an exact check every
@@ -199,273 +201,6 @@ def sample_theta(
             value = max(round(value / dt), 1) * dt
         theta[name] = value
     return theta
-
-
-def knot_matrix(horizon: int, knot_every: int) -> torch.Tensor:
-    """(H, K) linear-interpolation weights from K knots (every ``knot_every`` steps, last step included) to H steps."""
-    if horizon < 1 or knot_every < 1:
-        raise ValueError(f"horizon and knot_every must be >= 1, got {horizon}, {knot_every}")
-    knots = list(range(0, horizon, knot_every))
-    if knots[-1] != horizon - 1:
-        knots.append(horizon - 1)
-    w = torch.zeros(horizon, len(knots), dtype=torch.float64)
-    for j in range(len(knots) - 1):
-        a, b = knots[j], knots[j + 1]
-        s = torch.arange(a, b + 1, dtype=torch.float64)
-        frac = (s - a) / (b - a)
-        w[a : b + 1, j] = 1.0 - frac
-        w[a : b + 1, j + 1] = frac
-    if len(knots) == 1:
-        w[:, 0] = 1.0
-    return w
-
-
-def random_smooth_controls(
-    n: int, n_knots: int, low: torch.Tensor, high: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """(n, n_knots, Du) knot values uniform in [low, high]; interpolated, they give smooth random controls."""
-    u = torch.rand(n, n_knots, low.numel(), generator=generator, dtype=low.dtype)
-    return low + (high - low) * u
-
-
-def bound_penalty(controls: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """(B,) mean squared violation of ``low <= controls <= high`` over time and channels (0 inside the box)."""
-    over = torch.relu(controls - high) + torch.relu(low - controls)
-    return (over**2).mean(dim=(-2, -1))
-
-
-@dataclass
-class CandidateGroup:
-    """``n`` candidates optimised against one specification at one θ (plain floats shared by the group)."""
-
-    mode: str
-    spec: Any  # stlflow.stl formula
-    theta: dict[str, float]
-    n: int
-
-
-def optimise_controls(
-    groups: Sequence[CandidateGroup],
-    window: DemoWindow,
-    low: torch.Tensor,
-    high: torch.Tensor,
-    dt: float,
-    settings: AugmentSettings,
-    generator: torch.Generator,
-    init_low: torch.Tensor | None = None,
-    init_high: torch.Tensor | None = None,
-    on_check: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam on smooth robustness through the dynamics model, all groups in one batch.
-
-    Knots start uniform in ``[init_low, init_high]`` (default the control bounds). Every ``check_every``
-    iterations the exact robustness of the still-active candidates is checked on clipped controls; those at or
-    above the margin are frozen as they are and leave the batch (so the batch shrinks as candidates succeed).
-
-    Returns ``controls (B, H, Du)`` clipped to the bounds, ``rho (B,)`` the exact robustness of each
-    candidate's own specification at its θ for those controls (in the model), and ``positions (B, H, P)``.
-    B = sum of the groups' ``n``, in group order. ``on_check(iteration, done (B,))`` follows each check.
-    """
-    horizon = window.horizon
-    w = knot_matrix(horizon, settings.knot_every).to(low.dtype)
-    n_total = sum(g.n for g in groups)
-    lo0 = low if init_low is None else init_low.to(low)
-    hi0 = high if init_high is None else init_high.to(low)
-    knots = random_smooth_controls(n_total, w.shape[1], lo0, hi0, generator).requires_grad_(True)
-    opt = torch.optim.Adam([knots], lr=settings.lr)
-    group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
-    units = _evaluation_units(groups, low.dtype)
-
-    def evaluate(controls: torch.Tensor, rows: torch.Tensor, smooth: float | None) -> torch.Tensor:
-        return _evaluate(window, units, group_of, controls, rows, dt, smooth)
-
-    active = torch.arange(n_total)
-    check_every = max(int(settings.check_every), 1)
-    for it in range(settings.iters + 1):
-        if it % check_every == 0 or it == settings.iters:
-            with torch.no_grad():
-                controls = torch.einsum("hk,bkd->bhd", w, knots[active]).clamp(low, high)
-                ok = evaluate(controls, active, None) >= settings.margin
-                active = active[~ok]
-            if on_check is not None:
-                done = torch.ones(n_total, dtype=torch.bool)
-                done[active] = False
-                on_check(it, done)
-            if len(active) == 0 or it == settings.iters:
-                break
-        controls = torch.einsum("hk,bkd->bhd", w, knots[active])
-        rho = evaluate(controls, active, settings.smooth)
-        loss = torch.relu(settings.margin - rho) + settings.bound_weight * bound_penalty(controls, low, high)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        # Frozen candidates get no gradient; zero their Adam moments' effect by restoring them after the step.
-        frozen = knots.detach()[~_mask(active, n_total)].clone()
-        opt.step()
-        with torch.no_grad():
-            knots[~_mask(active, n_total)] = frozen
-    with torch.no_grad():
-        controls = torch.einsum("hk,bkd->bhd", w, knots).clamp(low, high)
-        rows = torch.arange(n_total)
-        rho = evaluate(controls, rows, None)
-        positions = window.positions(window.rollout(controls))
-    return controls.detach(), rho.detach(), positions.detach()
-
-
-def _evaluate(
-    window: DemoWindow,
-    units: list[tuple[Any, torch.Tensor, dict]],
-    group_of: torch.Tensor,
-    controls: torch.Tensor,
-    rows: torch.Tensor,
-    dt: float,
-    smooth: float | None,
-) -> torch.Tensor:
-    """Robustness (len(rows),) of candidates ``rows`` (indices into the groups' layout) with ``controls``."""
-    sig = window.signals(window.rollout(controls))
-    rho = torch.empty(len(rows), dtype=controls.dtype)
-    gid = group_of[rows]
-    for spec, member, row_params in units:
-        sel = torch.nonzero(member[gid]).squeeze(1)
-        if len(sel) == 0:
-            continue
-        part = {k: sig[k].index_select(0, sel).to(controls.dtype) for k in spec.signals}
-        params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in row_params.items()}
-        rho = rho.index_put((sel,), spec.robustness(part, dt=dt, params=params, smooth=smooth).to(rho.dtype))
-    return rho
-
-
-def cem_controls(
-    groups: Sequence[CandidateGroup],
-    window: DemoWindow,
-    low: torch.Tensor,
-    high: torch.Tensor,
-    dt: float,
-    settings: AugmentSettings,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy method around each group's nominal (``window.nominal_for(mode, theta)``), all groups' samples
-    rolled out together each round.
-
-    Each group's ``n`` must be ``cem_iters * cem_samples``: every sample of every round is a candidate (round r,
-    sample j of group g sits at ``start_g + r * cem_samples + j``); round 0 includes the nominal itself. The
-    perturbation is piecewise linear between knots (``knot_every``). Returns ``controls (B, H, Du)`` clipped to
-    the bounds, exact ``rho (B,)`` and ``positions (B, H, P)`` as :func:`optimise_controls` does.
-    """
-    n_s, n_r = int(settings.cem_samples), int(settings.cem_iters)
-    for g in groups:
-        if g.n != n_s * n_r:
-            raise ValueError(f"group {g.mode!r} has n={g.n}; optimiser='cem' needs cem_iters*cem_samples={n_s * n_r}")
-    w = knot_matrix(window.horizon, settings.knot_every).to(low.dtype)
-    base = torch.stack([torch.as_tensor(window.nominal_for(g.mode, g.theta), dtype=low.dtype)
-                        for g in groups])  # (G, H, Du)
-    std0 = (high - low) * 0.05 if settings.cem_std is None else torch.as_tensor(settings.cem_std, dtype=low.dtype)
-    n_g, n_k, n_u = len(groups), w.shape[1], low.numel()
-    mean = torch.zeros(n_g, n_k, n_u, dtype=low.dtype)
-    std = std0.expand(n_g, n_k, n_u).clone()
-    units = _evaluation_units(groups, low.dtype)
-    group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
-    starts = torch.as_tensor(np.cumsum([0] + [g.n for g in groups])[:-1])
-    n_total = int(group_of.numel())
-    all_controls = torch.empty(n_total, window.horizon, n_u, dtype=low.dtype)
-    all_rho = torch.empty(n_total, dtype=low.dtype)
-    n_elite = max(1, min(int(settings.cem_elites), n_s))
-    for r in range(n_r):
-        eps = torch.randn(n_g, n_s, n_k, n_u, generator=generator, dtype=low.dtype)
-        knots = mean[:, None] + std[:, None] * eps
-        if r == 0:
-            knots[:, 0] = 0.0  # the nominal controls themselves
-        controls = (base[:, None] + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
-        rows = (starts[:, None] + r * n_s + torch.arange(n_s)[None]).reshape(-1)
-        with torch.no_grad():
-            rho = _evaluate(window, units, group_of, controls.reshape(-1, window.horizon, n_u), rows, dt, None)
-        all_controls[rows] = controls.reshape(-1, window.horizon, n_u)
-        all_rho[rows] = rho
-        top = torch.topk(rho.reshape(n_g, n_s), n_elite, dim=1).indices  # (G, E)
-        elite = torch.gather(knots, 1, top[..., None, None].expand(-1, -1, n_k, n_u))
-        a = float(settings.cem_alpha)
-        mean = (1 - a) * mean + a * elite.mean(1)
-        std = (1 - a) * std + a * elite.std(1, unbiased=False).clamp_min(1e-6)
-    with torch.no_grad():
-        positions = window.positions(window.rollout(all_controls))
-    return all_controls, all_rho, positions
-
-
-def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype) -> list[tuple[Any, torch.Tensor, dict]]:
-    """Groups that share a specification (same mode, same time bounds) -> one robustness call each.
-
-    Returns ``(spec, member (n_groups,) bool, params)`` with ``params[name]`` a float when all the unit's groups
-    share the value (always so for time bounds) or a per-candidate tensor (n_total,) of real thresholds.
-    """
-    time_names = {n for g in groups for n in getattr(g.spec, "interval_params", set())}
-    n_total = sum(g.n for g in groups)
-    keys: dict[tuple, list[int]] = {}
-    for i, g in enumerate(groups):
-        key = (str(g.spec), tuple(sorted((k, v) for k, v in g.theta.items() if k in time_names)))
-        keys.setdefault(key, []).append(i)
-    starts = np.cumsum([0] + [g.n for g in groups])
-    units = []
-    for members in keys.values():
-        spec = groups[members[0]].spec
-        member = torch.zeros(len(groups), dtype=torch.bool)
-        member[members] = True
-        params: dict[str, Any] = {}
-        for name in groups[members[0]].theta:
-            values = {groups[i].theta[name] for i in members}
-            if len(values) == 1:
-                params[name] = float(values.pop())
-            else:
-                table = torch.zeros(n_total, dtype=dtype)
-                for i in members:
-                    table[starts[i] : starts[i + 1]] = groups[i].theta[name]
-                params[name] = table
-        units.append((spec, member, params))
-    return units
-
-
-def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool)
-    m[rows] = True
-    return m
-
-
-def farthest_point_selection(
-    points: torch.Tensor, k: int, groups: Sequence[int] | None = None, start: int = 0
-) -> list[int]:
-    """Up to ``k`` indices of ``points (N, F)``, each the farthest (Euclidean) from those already chosen.
-
-    With ``groups`` (length N, a group id per point) the choice is balanced: each step serves the group with
-    the fewest selections so far (ties: smallest id), picking its point farthest from *all* chosen points.
-    ``start`` is the first index chosen. Returns the selection order.
-    """
-    n = points.shape[0]
-    if n == 0 or k <= 0:
-        return []
-    gid = torch.zeros(n, dtype=torch.long) if groups is None else torch.as_tensor(list(groups), dtype=torch.long)
-    chosen = [start]
-    dist = torch.cdist(points, points[start : start + 1]).squeeze(1)
-    taken = torch.zeros(n, dtype=torch.bool)
-    taken[start] = True
-    counts: dict[int, int] = {int(g): 0 for g in gid.unique()}
-    counts[int(gid[start])] += 1
-    while len(chosen) < min(k, n):
-        open_groups = [g for g in sorted(counts) if bool(((gid == g) & ~taken).any())]
-        g = min(open_groups, key=lambda x: counts[x])
-        score = torch.where((gid == g) & ~taken, dist, torch.full_like(dist, -1.0))
-        i = int(torch.argmax(score))
-        chosen.append(i)
-        taken[i] = True
-        counts[g] += 1
-        dist = torch.minimum(dist, torch.cdist(points, points[i : i + 1]).squeeze(1))
-    return chosen
-
-
-def mean_pairwise_distance(trajectories: torch.Tensor) -> float:
-    """Mean over pairs of the RMS distance between trajectories ``(N, H, P)`` (units of P; 0 when N < 2)."""
-    n, horizon = trajectories.shape[0], trajectories.shape[1]
-    if n < 2:
-        return 0.0
-    d = torch.cdist(trajectories.reshape(n, -1).double(), trajectories.reshape(n, -1).double()) / math.sqrt(horizon)
-    return float(d.sum() / (n * (n - 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,7 +301,7 @@ def augment_demo(
     else:
         controls, rho, positions = cem_controls(groups, window, low, high, dt, settings, generator)
     t_opt = time.perf_counter() - t0
-    group_of = torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
+    group_of = group_index(groups)
     ok = torch.nonzero(rho >= settings.margin).squeeze(1)
     feats = positions.reshape(positions.shape[0], -1)
 
@@ -624,7 +359,7 @@ def augment_demo(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A whole store, with worker processes
+# A whole store (driven by stlflow.control.augment.augment_store)
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class AugmentTask:
@@ -704,150 +439,3 @@ class AugmentReport:
             model_satisfying_per_second=self.model_satisfying_per_second,
         )
         return d
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(make_task: Callable[[], AugmentTask], data_path: str, parse: Callable, settings, seed) -> None:
-    torch.set_num_threads(1)  # one thread per worker: oversubscription costs 15-60x on this class of machine
-    from stlflow.datasets.store import EpisodeStore
-
-    _WORKER.update(task=make_task(), store=EpisodeStore.open(data_path), parse=parse, settings=settings, seed=seed)
-
-
-def _worker_demo(i: int) -> tuple[int, DemoResult, dict[str, Any]]:
-    task: AugmentTask = _WORKER["task"]
-    store = _WORKER["store"]
-    attrs = store.episode_attrs(i)
-    episode = store.episode(i)
-    theta = {**task.defaults, **dict(attrs.get("stl_params") or {})}
-    result = augment_demo(
-        task.window(episode, attrs),
-        task.rules,
-        task.modes,
-        attrs.get("mode"),
-        theta,
-        task.param_ranges,
-        task.control_low,
-        task.control_high,
-        task.dt,
-        _WORKER["settings"],
-        seed=(int(_WORKER["seed"]), int(i)),
-        parse=_WORKER["parse"],
-        init_low=task.init_low,
-        init_high=task.init_high,
-    )
-    return i, result, attrs
-
-
-def augment_store(
-    data_path: str,
-    out_path: str,
-    make_task: Callable[[], AugmentTask],
-    settings: AugmentSettings,
-    parse: Callable[[str], Any],
-    *,
-    seed: int = 0,
-    workers: int = 1,
-    episodes: Sequence[int] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    out_attrs: dict[str, Any] | None = None,
-) -> AugmentReport:
-    """Augment every demonstration of the store at ``data_path`` into a new EpisodeStore at ``out_path``.
-
-    ``make_task`` builds the :class:`AugmentTask` (it runs once in each worker process, so it must be
-    picklable: a module-level function or a ``functools.partial`` of one). Demo ``i`` is processed with seed
-    ``(seed, i)`` on one torch thread, and episodes are written in demo order, so the output is identical for
-    any ``workers``. Output keys: the demo store's ``obs``, ``action`` and ``signal_<name>`` (same dtypes, so
-    the two stores merge); episode attrs ``source="augmented"``, ``stl_params``, ``mode``, ``seed`` (the
-    parent's env seed), ``parent_episode``, ``rho_model``, ``rho_replay``.
-    """
-    import multiprocessing as mp
-
-    from tqdm.auto import tqdm
-
-    from stlflow.datasets.store import EpisodeStore
-
-    t0 = time.perf_counter()
-    demos = EpisodeStore.open(data_path)
-    indices = list(range(demos.n_episodes)) if episodes is None else [int(i) for i in episodes]
-    keys = [k for k in demos.keys if k in ("obs", "action") or k.startswith("signal_")]
-    for k in ("obs", "action"):
-        if k not in keys:
-            raise KeyError(f"{data_path} has no key {k!r} (keys: {demos.keys}); augmentation needs obs and action")
-    schema = {k: (demos.key_shape(k), demos.key_dtype(k)) for k in keys}
-    attrs = {**demos.attrs, **(out_attrs or {}), "source": "augmented", "augmented_from": str(data_path)}
-    out = EpisodeStore.create(out_path, dt=demos.dt, attrs=attrs, overwrite=overwrite, schema=schema)
-
-    report = AugmentReport(n_demos=len(indices), per_demo=settings.per_demo)
-    div_c, div_r, div_s, modes_after = [], [], [], []
-    init_args = (make_task, str(data_path), parse, settings, seed)
-    threads = torch.get_num_threads()
-    pool = None
-    bar = tqdm(total=len(indices), desc="augment", unit="demo", disable=not progress)
-    try:
-        if workers <= 1:
-            _worker_init(*init_args)
-            results = map(_worker_demo, indices)
-        else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=init_args)
-            results = pool.imap(_worker_demo, indices)
-        for i, res, parent in results:
-            for arrays, ep_attrs in res.episodes:
-                episode = {"obs": arrays["obs"], "action": arrays["action"]}
-                for k in keys:
-                    if k.startswith("signal_"):
-                        episode[k] = np.asarray(arrays["signals"][k[len("signal_") :]])
-                out.add_episode(
-                    episode,
-                    {
-                        "source": "augmented",
-                        **ep_attrs,
-                        "seed": parent.get("seed"),
-                        "parent_episode": int(i),
-                        "parent_mode": parent.get("mode"),
-                        "env_id": parent.get("env_id"),
-                    },
-                )
-                counts = report.mode_counts_augmented
-                counts[ep_attrs["mode"]] = counts.get(ep_attrs["mode"], 0) + 1
-            mode = str(parent.get("mode"))
-            report.mode_counts_demos[mode] = report.mode_counts_demos.get(mode, 0) + 1
-            report.n_candidates += res.n_candidates
-            report.n_satisfying += res.n_satisfying
-            report.n_replayed += res.n_replayed
-            report.n_accepted += res.n_accepted
-            report.n_rejected_collision += res.n_rejected_collision
-            for m in res.rejected_modes:
-                report.rejected_by_mode[m] = report.rejected_by_mode.get(m, 0) + 1
-            report.worker_seconds += res.seconds
-            report.optimise_seconds += res.optimise_seconds
-            div_c.append(res.div_candidates)
-            div_r.append(res.div_random)
-            div_s.append(res.div_selected)
-            modes_after.append(len({a["mode"] for _, a in res.episodes}))
-            bar.update(1)
-            bar.set_postfix(accepted=report.n_accepted, rate=f"{report.acceptance_rate:.2f}")
-    finally:
-        bar.close()
-        if workers <= 1:
-            torch.set_num_threads(threads)
-            _WORKER.clear()
-        elif pool is not None:
-            pool.close()
-            pool.join()
-    report.div_candidates = float(np.mean(div_c)) if div_c else 0.0
-    report.div_random = float(np.mean(div_r)) if div_r else 0.0
-    report.div_selected = float(np.mean(div_s)) if div_s else 0.0
-    # Start states are env seeds: how many distinct modes the demonstrations show from each one.
-    by_seed: dict[Any, set] = {}
-    for i in indices:
-        a = demos.episode_attrs(i)
-        by_seed.setdefault(a.get("seed", ("episode", i)), set()).add(a.get("mode"))
-    report.modes_per_demo_before = float(np.mean([len(m) for m in by_seed.values()])) if by_seed else 0.0
-    report.modes_per_demo_after = float(np.mean(modes_after)) if modes_after else 0.0
-    report.seconds = time.perf_counter() - t0
-    out.set_attrs({"augment_report": report.as_dict()})
-    return report

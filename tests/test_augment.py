@@ -11,12 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from stlflow.datasets.augment import (
-    farthest_point_selection,
-    knot_matrix,
-    mean_pairwise_distance,
-    sample_theta,
-)
+from stlflow.datasets.augment import sample_theta
+from stlflow.datasets.augment_optim import knot_matrix
+from stlflow.datasets.augment_select import farthest_point_selection, mean_pairwise_distance
 
 torch.set_num_threads(1)
 
@@ -233,7 +230,8 @@ def test_rejected_candidates_are_not_stored(demos):
 
 def test_optimisation_is_deterministic_for_a_seed(demos):
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment import AugmentSettings, CandidateGroup, optimise_controls, spec_text
+    from stlflow.datasets.augment import AugmentSettings, spec_text
+    from stlflow.datasets.augment_optim import CandidateGroup, optimise_controls
     from stlflow.stl import parse
 
     path, _ = demos
@@ -260,8 +258,9 @@ def test_optimisation_is_deterministic_for_a_seed(demos):
 def test_store_output_identical_for_any_worker_count(demos, tmp_path):
     import functools
 
+    from stlflow.control.augment import augment_store
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment import AugmentSettings, augment_store
+    from stlflow.datasets.augment import AugmentSettings
     from stlflow.stl import parse
     from stlflow.verbs.augment import make_task
 

@@ -1,0 +1,178 @@
+"""STL augmentation of a whole EpisodeStore: every demonstration through
+:func:`stlflow.datasets.augment.augment_demo`, in worker processes, accepted episodes written in demo order.
+
+The per-demonstration algorithm and its types live in :mod:`stlflow.datasets.augment`; this module is the
+driver: it opens the demo store, builds the task once per process, runs the demonstrations with
+:func:`stlflow.control.workers.parallel_map`, writes the output store and totals an :class:`AugmentReport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from stlflow.control.workers import parallel_map
+from stlflow.datasets.augment import AugmentReport, AugmentSettings, AugmentTask, DemoResult, augment_demo
+
+__all__ = ["augment_store"]
+
+# Per process: the task, the open demo store and the run's settings (set by _worker_init).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(make_task: Callable[[], AugmentTask], data_path: str, parse: Callable, settings, seed) -> None:
+    from stlflow.datasets.store import EpisodeStore
+
+    _WORKER.update(task=make_task(), store=EpisodeStore.open(data_path), parse=parse, settings=settings, seed=seed)
+
+
+def _worker_demo(i: int) -> tuple[int, DemoResult, dict[str, Any]]:
+    task: AugmentTask = _WORKER["task"]
+    store = _WORKER["store"]
+    attrs = store.episode_attrs(i)
+    episode = store.episode(i)
+    theta = {**task.defaults, **dict(attrs.get("stl_params") or {})}
+    result = augment_demo(
+        task.window(episode, attrs),
+        task.rules,
+        task.modes,
+        attrs.get("mode"),
+        theta,
+        task.param_ranges,
+        task.control_low,
+        task.control_high,
+        task.dt,
+        _WORKER["settings"],
+        seed=(int(_WORKER["seed"]), int(i)),
+        parse=_WORKER["parse"],
+        init_low=task.init_low,
+        init_high=task.init_high,
+    )
+    return i, result, attrs
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """One torch thread in this process (as in each worker), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def augment_store(
+    data_path: str,
+    out_path: str,
+    make_task: Callable[[], AugmentTask],
+    settings: AugmentSettings,
+    parse: Callable[[str], Any],
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    episodes: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    out_attrs: dict[str, Any] | None = None,
+) -> AugmentReport:
+    """Augment every demonstration of the store at ``data_path`` into a new EpisodeStore at ``out_path``.
+
+    ``make_task`` builds the :class:`AugmentTask` (it runs once in each worker process, so it must be
+    picklable: a module-level function or a ``functools.partial`` of one). Demo ``i`` is processed with seed
+    ``(seed, i)`` on one torch thread, and episodes are written in demo order, so the output is identical for
+    any ``workers`` (``workers <= 1``: in this process). Output keys: the demo store's ``obs``, ``action`` and
+    ``signal_<name>`` (same dtypes, so the two stores merge); episode attrs ``source="augmented"``,
+    ``stl_params``, ``mode``, ``seed`` (the parent's env seed), ``parent_episode``, ``rho_model``, ``rho_replay``.
+    A demonstration that fails raises :class:`stlflow.control.workers.WorkerError` naming its index, with the
+    traceback of the failure; the episodes of the demonstrations before it are already in the output store.
+    """
+    from stlflow.datasets.store import EpisodeStore
+
+    t0 = time.perf_counter()
+    demos = EpisodeStore.open(data_path)
+    indices = list(range(demos.n_episodes)) if episodes is None else [int(i) for i in episodes]
+    keys = [k for k in demos.keys if k in ("obs", "action") or k.startswith("signal_")]
+    for k in ("obs", "action"):
+        if k not in keys:
+            raise KeyError(f"{data_path} has no key {k!r} (keys: {demos.keys}); augmentation needs obs and action")
+    schema = {k: (demos.key_shape(k), demos.key_dtype(k)) for k in keys}
+    attrs = {**demos.attrs, **(out_attrs or {}), "source": "augmented", "augmented_from": str(data_path)}
+    out = EpisodeStore.create(out_path, dt=demos.dt, attrs=attrs, overwrite=overwrite, schema=schema)
+
+    report = AugmentReport(n_demos=len(indices), per_demo=settings.per_demo)
+    div_c, div_r, div_s, modes_after = [], [], [], []
+    workers = max(1, int(workers))
+    results = parallel_map(
+        _worker_demo,
+        indices,
+        workers=workers,
+        initializer=_worker_init,
+        initargs=(make_task, str(data_path), parse, settings, seed),
+        threads_per_worker=1,
+        desc="augment",
+        unit="demo",
+        progress=progress,
+    )
+    # In this process too, one torch thread: the results then do not depend on the number of workers.
+    with _one_torch_thread() if workers == 1 else contextlib.nullcontext():
+        try:
+            for i, res, parent in results:
+                for arrays, ep_attrs in res.episodes:
+                    episode = {"obs": arrays["obs"], "action": arrays["action"]}
+                    for k in keys:
+                        if k.startswith("signal_"):
+                            episode[k] = np.asarray(arrays["signals"][k[len("signal_") :]])
+                    out.add_episode(
+                        episode,
+                        {
+                            "source": "augmented",
+                            **ep_attrs,
+                            "seed": parent.get("seed"),
+                            "parent_episode": int(i),
+                            "parent_mode": parent.get("mode"),
+                            "env_id": parent.get("env_id"),
+                        },
+                    )
+                    counts = report.mode_counts_augmented
+                    counts[ep_attrs["mode"]] = counts.get(ep_attrs["mode"], 0) + 1
+                _add_demo(report, parent, res)
+                div_c.append(res.div_candidates)
+                div_r.append(res.div_random)
+                div_s.append(res.div_selected)
+                modes_after.append(len({a["mode"] for _, a in res.episodes}))
+        finally:
+            _WORKER.clear()
+    report.div_candidates = float(np.mean(div_c)) if div_c else 0.0
+    report.div_random = float(np.mean(div_r)) if div_r else 0.0
+    report.div_selected = float(np.mean(div_s)) if div_s else 0.0
+    # Start states are env seeds: how many distinct modes the demonstrations show from each one.
+    by_seed: dict[Any, set] = {}
+    for i in indices:
+        a = demos.episode_attrs(i)
+        by_seed.setdefault(a.get("seed", ("episode", i)), set()).add(a.get("mode"))
+    report.modes_per_demo_before = float(np.mean([len(m) for m in by_seed.values()])) if by_seed else 0.0
+    report.modes_per_demo_after = float(np.mean(modes_after)) if modes_after else 0.0
+    report.seconds = time.perf_counter() - t0
+    out.set_attrs({"augment_report": report.as_dict()})
+    return report
+
+
+def _add_demo(report: AugmentReport, parent: dict[str, Any], res: DemoResult) -> None:
+    """Add one demonstration's counters to the report's totals."""
+    mode = str(parent.get("mode"))
+    report.mode_counts_demos[mode] = report.mode_counts_demos.get(mode, 0) + 1
+    report.n_candidates += res.n_candidates
+    report.n_satisfying += res.n_satisfying
+    report.n_replayed += res.n_replayed
+    report.n_accepted += res.n_accepted
+    report.n_rejected_collision += res.n_rejected_collision
+    for m in res.rejected_modes:
+        report.rejected_by_mode[m] = report.rejected_by_mode.get(m, 0) + 1
+    report.worker_seconds += res.seconds
+    report.optimise_seconds += res.optimise_seconds
