@@ -50,6 +50,29 @@ def test_error_names_job_and_carries_the_worker_traceback(workers):
     assert "_explode_on_three" in text and "_explode_on_three" in err.worker_traceback
 
 
+def _log_and_wait(job):
+    import time
+
+    path, x = job
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    if x == 0:
+        raise RuntimeError("first job fails")
+    time.sleep(0.2)
+    return x
+
+
+def test_failure_cancels_pending_jobs_and_stops_the_workers(tmp_path):
+    import multiprocessing
+
+    log = tmp_path / "started.txt"
+    jobs = [(str(log), x) for x in range(40)]
+    with pytest.raises(WorkerError, match="first job fails"):
+        list(parallel_map(_log_and_wait, jobs, workers=2, progress=False))
+    assert len(log.read_text().split()) < 10  # the jobs not yet handed to a worker never ran
+    assert multiprocessing.active_children() == []
+
+
 def test_results_before_the_failure_are_yielded():
     got = []
     with pytest.raises(WorkerError):
