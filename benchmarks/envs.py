@@ -18,16 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import gymnasium as gym
-
-import stlflow.envs  # noqa: F401
-from stlflow.control.collect import collect, init_worker
+from stlflow.control.collect import collect
+from stlflow.control.controllers import ControllerSpec
 from stlflow.control.evaluate import evaluate
-from stlflow.envs import TASKS
+from stlflow.control.jobs import CollectJob, EvalJob
+from stlflow.control.tasks import TASKS, Task, get_task
+from stlflow.control.workers import limit_threads
 
 
-def env_steps_per_second(env_id: str, steps: int, seed: int = 0) -> float:
-    env = gym.make(env_id)
+def env_steps_per_second(task: Task, steps: int, seed: int = 0) -> float:
+    env = task.make_env()
     env.action_space.seed(seed)
     env.reset(seed=seed)
     t0 = time.perf_counter()
@@ -40,27 +40,27 @@ def env_steps_per_second(env_id: str, steps: int, seed: int = 0) -> float:
     return rate
 
 
-def expert_summary(env_id: str, episodes: int) -> dict:
-    report = evaluate(None, env_id, episodes, seed=0, controller="expert", keep_ticks=False)
-    env = gym.make(env_id)
+def expert_summary(task: Task, episodes: int) -> dict:
+    report = evaluate(EvalJob(task.name, None, ControllerSpec.create("expert"), episodes, seed=0,
+                              keep_ticks=False))
+    env = task.make_env()
     modes = collections.Counter(env.unwrapped.make_expert(s).mode for s in range(episodes))
     env.close()
-    m = report["metrics"]
-    return {"metrics": m, "modes": dict(sorted(modes.items()))}
+    return {"metrics": report.metrics, "modes": dict(sorted(modes.items()))}
 
 
-def collection_rate(env_id: str, episodes: int, workers: int) -> float:
+def collection_rate(task: Task, episodes: int, workers: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        collect(env_id, episodes, Path(tmp) / "d.zarr", workers=workers, progress=False)
+        collect(CollectJob(task.name, episodes, Path(tmp) / "d.zarr", workers=workers, progress=False))
         return episodes / (time.perf_counter() - t0)
 
 
-def render_frame(env_id: str, path: Path, seed: int = 0, steps: int = 15) -> tuple[int, ...]:
+def render_frame(task: Task, path: Path, seed: int = 0, steps: int = 15) -> tuple[int, ...]:
     """Run the expert a few steps so that the scene is mid-task, then save one RGB frame as PNG."""
     import imageio.v2 as imageio
 
-    env = gym.make(env_id, render_mode="rgb_array")
+    env = task.make_env(render_mode="rgb_array")
     obs, _ = env.reset(seed=seed)
     expert = env.unwrapped.make_expert(seed)
     expert.reset()
@@ -76,21 +76,22 @@ def render_frame(env_id: str, path: Path, seed: int = 0, steps: int = 15) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names (default: all)")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(TASKS),
+                    help="task names (default: all)")
     ap.add_argument("--episodes", type=int, default=200, help="expert episodes per task")
     ap.add_argument("--steps", type=int, default=2000, help="random-action env steps for the steps/s figure")
     ap.add_argument("--collect", type=int, default=100, help="episodes per collection-speed run")
     ap.add_argument("--out", default="bench_out/envs", help="directory of the rendered PNG frames")
     args = ap.parse_args()
-    init_worker()
+    limit_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for task in args.tasks:
-        env_id = TASKS.get(task, task)
-        print(f"== {env_id}")
-        print(f"env steps/s (random actions, 1 process): {env_steps_per_second(env_id, args.steps):.0f}")
+    for name in args.tasks:
+        task = get_task(name)
+        print(f"== {task.env_id}")
+        print(f"env steps/s (random actions, 1 process): {env_steps_per_second(task, args.steps):.0f}")
         t0 = time.perf_counter()
-        summary = expert_summary(env_id, args.episodes)
+        summary = expert_summary(task, args.episodes)
         elapsed = time.perf_counter() - t0
         m = summary["metrics"]
         print(f"expert over {args.episodes} seeds: success {m['success_rate']:.1%}, collision "
@@ -101,10 +102,10 @@ def main() -> None:
         print("  per rule: " + ", ".join(f"{k[4:-5]} {v:.1%}" for k, v in rules.items()))
         print("  modes: " + ", ".join(f"{k} {v / args.episodes:.1%}" for k, v in summary["modes"].items()))
         for workers in (1, 2):
-            rate = collection_rate(env_id, args.collect, workers)
+            rate = collection_rate(task, args.collect, workers)
             print(f"collection ({args.collect} episodes, workers={workers}): {rate:.1f} episodes/s")
-        png = out / f"{task}.png"
-        shape = render_frame(env_id, png)
+        png = out / f"{task.name}.png"
+        shape = render_frame(task, png)
         print(f"frame {shape} -> {png}")
 
 

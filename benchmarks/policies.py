@@ -2,12 +2,14 @@
 
 Latency (no data needed): for each head (DDIM-16, flow Euler-10, one-step MeanFlow) and network, the wall time of
 one ``Policy.predict`` call at batch 1 on one torch thread (p50 / p95 over ``--calls`` calls after warm-up),
-and the network evaluations (NFE) it costs. Dimensions come from the task envs.
+and the network evaluations (NFE) it costs. Dimensions come from the task registry (``get_task(name).info``).
 
-Quality (``--data task=STORE``): each head is trained on the store for a wall-clock budget (``--minutes``; the
-number of optimiser steps is set from a throughput measurement so that the cosine schedule ends on time), then
-evaluated closed loop (receding horizon, Ta = 8, the head's default steps) over ``--episodes`` seeds with
-``stlflow.control.evaluate`` (when that module is present).
+Quality (``--data TASK=STORE``): each head is trained on the store by ``stlflow train``'s own set-up
+(``TrainJob`` -> ``train_policy``, 5% of the episodes held out for the validation loss) for a wall-clock budget
+(``--minutes``; the number of optimiser steps is set from a throughput probe, a short training run of the same job,
+so that the cosine schedule ends on time), then evaluated closed loop (``EvalJob`` -> ``evaluate``: receding
+horizon, Ta = 8, the head's default steps) over ``--episodes`` seeds. ``train_min`` is the wall time of the
+training job (store loading and the final save included).
 
     python benchmarks/policies.py --latency-only
     python benchmarks/policies.py --data crossing=demos_crossing.zarr --data pickplace=demos_pickplace.zarr \
@@ -24,51 +26,83 @@ Everything printed is measured in this run.
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+import yaml
 
-from stlflow.config import compose
+from stlflow.control.controllers import ControllerSpec
+from stlflow.control.evaluate import evaluate
+from stlflow.control.jobs import EvalJob, TrainJob, policy_config
+from stlflow.control.tasks import TASKS, get_task
+from stlflow.control.training import train_policy
+from stlflow.control.workers import limit_threads
 from stlflow.policy import Policy
 
 HEADS = ("ddpm", "flow", "meanflow")
-TASKS = {"crossing": "stlflow/Crossing-v0", "pickplace": "stlflow/PickPlace-v0"}
+VAL_RATIO = 0.05  # episodes held out for the validation loss of the quality runs
+EVAL_SEED = 1000  # first closed-loop evaluation seed of the quality runs
 
 
-def task_dims(env_id: str) -> tuple[int, int, np.ndarray]:
-    import gymnasium as gym
-
-    import stlflow.envs  # noqa: F401
-
-    env = gym.make(env_id)
-    u = env.unwrapped
-    dims = (int(env.observation_space.shape[-1]), int(env.action_space.shape[-1]),
-            np.asarray(getattr(u, "discrete_action_mask", np.zeros(env.action_space.shape[-1], bool))))
-    env.close()
-    return dims
+def task_dims(task: str) -> tuple[int, int, np.ndarray]:
+    """(obs_dim, action_dim, discrete action mask) of a registered task."""
+    info = get_task(task).info
+    return info.obs_dim, info.action_dim, np.asarray(info.discrete_action_mask, dtype=bool)
 
 
 # Extra ``stlflow train`` overrides for the quality runs (``--set``), e.g. ``policy.head.snr_gamma=5``; an override
-# for one head's key is applied only to the heads whose composed config has that key.
+# for one head's key is applied only to the heads whose composed config has that key (``+key=value`` adds it to
+# every head).
 OVERRIDES: list[str] = []
-_MISSING = object()
 
 
-def policy_config(head: str, net: str, overrides: list[str] | None = None) -> dict:
-    """The ``policy`` section of ``stlflow train``'s composed configuration (shipped defaults + ``--set``)."""
-    base = compose("train", [f"policy={head}", f"net={net}"])
-    extra = [o for o in (OVERRIDES if overrides is None else overrides)
-             if o.startswith("+") or OmegaConf.select(base, o.partition("=")[0], default=_MISSING) is not _MISSING]
-    cfg = compose("train", [f"policy={head}", f"net={net}", *extra])
-    return OmegaConf.to_container(cfg.policy, resolve=True)
+def parse_override(text: str) -> tuple[bool, tuple[str, ...], Any]:
+    """``[+][policy.]a.b=value`` -> (adds a key, path (a, b), value parsed as YAML)."""
+    key, eq, value = text.partition("=")
+    plus = key.startswith("+")
+    key = key.lstrip("+")
+    if not eq or not key:
+        raise SystemExit(f"--set takes KEY=VALUE, got {text!r}")
+    if key.startswith("policy."):
+        key = key[len("policy."):]
+    elif key.split(".")[0] in ("train", "env", "data", "out"):
+        raise SystemExit(f"--set overrides the policy block only (policy.KEY=VALUE), got {text!r}")
+    return plus, tuple(key.split(".")), yaml.safe_load(value)
+
+
+def _has_path(cfg: Any, path: tuple[str, ...]) -> bool:
+    for part in path:
+        if not isinstance(cfg, dict) or part not in cfg:
+            return False
+        cfg = cfg[part]
+    return True
+
+
+def head_config(head: str, net: str, overrides: list[str] | None = None) -> dict:
+    """The ``policy`` block of ``stlflow train policy=<head> net=<net>`` (:func:`policy_config`) with the ``--set``
+    overrides that apply to this head."""
+    base = policy_config(head, net)
+    cfg, touched = copy.deepcopy(base), set()
+    for text in OVERRIDES if overrides is None else overrides:
+        plus, path, value = parse_override(text)
+        if not plus and not _has_path(base, path):
+            continue
+        node = cfg
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        touched.add(path[0])
+    return policy_config(head, net, {k: cfg[k] for k in touched})
 
 
 def build(head: str, net: str, obs_dim: int, action_dim: int, mask, normalizer=None) -> Policy:
-    pc = policy_config(head, net)
+    pc = head_config(head, net)
     return Policy(obs_dim, action_dim, pc["n_obs_steps"], pc["horizon"], pc["n_action_steps"], head=pc["head"],
                   net=pc["net"], discrete_action_mask=mask, normalizer=normalizer)
 
@@ -89,8 +123,8 @@ def latency(policy: Policy, calls: int, warmup: int = 5) -> tuple[float, float]:
 def latency_table(nets: list[str], calls: int) -> None:
     print(f"\n## per-call latency, batch 1, {torch.get_num_threads()} thread(s), {calls} calls (untrained weights)")
     print(f"{'task':<10} {'head':<9} {'net':<8} {'params':>8} {'NFE':>4} {'p50 ms':>8} {'p95 ms':>8}")
-    for task, env_id in TASKS.items():
-        do, da, mask = task_dims(env_id)
+    for task in TASKS:
+        do, da, mask = task_dims(task)
         for net in nets:
             for head in HEADS:
                 torch.manual_seed(0)
@@ -100,57 +134,59 @@ def latency_table(nets: list[str], calls: int) -> None:
                       f"{p50:>8.2f} {p95:>8.2f}", flush=True)
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def seconds_per_step(job: TrainJob, warmup: int = 5, timed: int = 30) -> float:
+    """Throughput probe: ``warmup + timed`` steps of ``job`` (its settings, no validation or checkpoints) in a
+    temporary folder; the mean wall time of the ``timed`` steps after the warm-up, from the trainer's per-step
+    ``samples_per_s`` (metrics.csv). A probe taken while other work runs under-sizes the run: pass --steps for a
+    fixed, reproducible run length instead."""
+    with tempfile.TemporaryDirectory(prefix="stlflow_probe_") as tmp:
+        train = {**job.train, "steps": warmup + timed, "val_every": 0, "ckpt_every": 0, "eval_every": 0}
+        train_policy(TrainJob(job.task, job.data, tmp, policy=job.policy, train=train, val_ratio=job.val_ratio,
+                              pad_after=job.pad_after, log=_quiet))
+        rows = [r for r in _csv_rows(Path(tmp) / "metrics.csv") if int(float(r["step"])) >= warmup]
+    batch = int(job.train["batch_size"])
+    return float(np.mean([batch / float(r["samples_per_s"]) for r in rows]))
+
+
 def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: float, episodes: int, workers: int,
                    batch: int, out_root: Path, steps: int | None = None, pad_after: int | None = None,
                    teacher: str | None = None, distil: str = "velocity", threads: int = 1, lr: float | None = None,
                    seed: int = 0) -> dict:
-    from stlflow.datasets import EpisodeStore, split_episodes
-    from stlflow.policy.data import ChunkData
-    from stlflow.policy.trainer import TrainConfig, Trainer
-
-    env_id = TASKS[task]
-    store = EpisodeStore.open(store_path)
-    pc = policy_config(head, net)
-    win = dict(horizon=pc["horizon"], n_obs_steps=pc["n_obs_steps"], n_action_steps=pc["n_action_steps"])
-    tr_idx, va_idx = split_episodes(store.n_episodes, 0.05, seed=0)
-    train = ChunkData(store, episodes=tr_idx, pad_after=pad_after, **win)
-    val = ChunkData(store, episodes=va_idx, pad_after=pad_after, **win)
-    do, da, mask = store.key_shape("obs")[-1], store.key_shape("action")[-1], task_dims(env_id)[2]
-    # a distilled student shares its teacher's normalised space (Policy.set_teacher checks it)
-    norm = Policy.load(teacher).normalizer if teacher else train.fit_normalizer()
-    torch.manual_seed(seed)  # the network's initialisation (the training seed below fixes batches and noise)
-    policy = Policy(do, da, head=pc["head"], net=pc["net"], discrete_action_mask=mask, normalizer=norm, **win)
-    if steps is None:
-        # throughput probe: 30 timed steps (after 5) on a copy, to size the run to the time budget (a probe taken
-        # while other work runs under-sizes the run: pass --steps for a fixed, reproducible run length instead)
-        probe = Trainer(build(head, net, do, da, mask, policy.normalizer), train,
-                        TrainConfig(steps=35, batch_size=batch, progress=False, val_every=0, ckpt_every=0,
-                                    tensorboard=False, teacher=teacher, distil=distil, threads=threads),
-                        tempfile.mkdtemp())
-        probe.fit(until=5)
-        t1 = time.perf_counter()
-        probe.fit(until=35)
-        s_per_step = (time.perf_counter() - t1) / 30
-        steps = max(100, int(0.95 * minutes * 60 / s_per_step))
-    cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, warmup_steps=min(500, steps // 10),
-                      val_every=max(1, steps // 10), ckpt_every=0, progress=False, tensorboard=False, teacher=teacher,
-                      distil=distil, threads=threads)
+    """Train ``head`` on the store with :func:`train_policy` (a :class:`TrainJob`), then evaluate it closed loop
+    (receding horizon) with :func:`evaluate` (an :class:`EvalJob`)."""
+    t = get_task(task)
     out = out_root / f"{task}_{head}_{net}"
+    # a distilled student shares its teacher's normalised space (train_policy takes the teacher's normaliser)
+    train = {"batch_size": batch, "lr": lr, "seed": seed, "ckpt_every": 0, "eval_every": 0, "progress": False,
+             "tensorboard": False, "teacher": teacher, "distil": distil, "threads": threads}
+    job = TrainJob(t.name, store_path, out, policy=head_config(head, net), train=train, val_ratio=VAL_RATIO,
+                   pad_after=pad_after, log=_quiet)
+    if steps is None:  # size the run to the time budget from a throughput probe (the cosine schedule ends on time)
+        steps = max(100, int(0.95 * minutes * 60 / seconds_per_step(job)))
+    job.train.update(steps=steps, warmup_steps=min(500, steps // 10), val_every=max(1, steps // 10))
     t_train = time.perf_counter()
-    trainer = Trainer(policy, train, cfg, out, val_data=val)
-    last = trainer.fit()
+    ema = train_policy(job)  # the final EMA policy, as saved to ``out``
     t_train = time.perf_counter() - t_train
-    torch.set_num_threads(1)  # evaluation and latency on one thread, whatever training used
-    row = {"task": task, "head": head, "net": net, "params_M": policy.num_parameters() / 1e6, "steps": steps,
-           "train_min": t_train / 60, "samples_per_s": steps * batch / t_train, "val_loss": last.get("val_loss"),
-           "teacher": teacher or "", "lr": trainer.cfg.lr}
-    try:
-        from stlflow.control.evaluate import evaluate_policy
-    except ImportError as err:
-        print(f"closed-loop evaluation skipped: {err}")
-        return row
-    ema = Policy.load(out)
-    m = evaluate_policy(ema, env_id, episodes=episodes, seed=1000, workers=workers)
+    limit_threads(1)  # evaluation and latency on one thread, whatever training used
+    val = [r for r in _csv_rows(out / "val.csv") if r.get("val_loss")]
+    row = {"task": task, "head": head, "net": net, "params_M": ema.num_parameters() / 1e6, "steps": steps,
+           "train_min": t_train / 60, "samples_per_s": steps * batch / t_train,
+           "val_loss": float(val[-1]["val_loss"]) if val else None, "teacher": teacher or "",
+           "lr": float(lr if lr is not None else ema.head.default_lr)}
+    report = evaluate(EvalJob(t.name, ema, ControllerSpec.create("receding"), episodes, seed=EVAL_SEED,
+                              workers=workers, keep_ticks=False))
+    m = report.metrics
     row.update(success=m["success_rate"], nfe_per_action=m.get("nfe_per_action"),
                p50_ms=m.get("latency_p50_ms"), p99_ms=m.get("latency_p99_ms"))
     return row
@@ -162,7 +198,7 @@ def main() -> None:
     ap.add_argument("--nets", default="mlp,unet", help="networks for the latency table (mlp, unet, unet_dp)")
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--data", action="append", default=[], metavar="TASK=STORE",
-                    help="train and evaluate on this store (tasks: crossing, pickplace); repeatable")
+                    help=f"train and evaluate on this store (TASK: {', '.join(sorted(TASKS))}); repeatable")
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--net", default="mlp", help="network for the quality runs")
     ap.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget per head")
@@ -173,8 +209,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None,
                     help="peak learning rate (warm-up, then cosine to 0); default: the head's own (3e-4 DDPM and "
                          "flow, 1e-3 MeanFlow)")
-    ap.add_argument("--seed", type=int, default=0, help="training seed: initialisation, batches and noise (the "
-                                                        "evaluation seeds stay 1000..)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed: initialisation, batches, noise and, as in "
+                                                        "stlflow train, the validation split (the evaluation seeds "
+                                                        "stay 1000..)")
     ap.add_argument("--train-threads", type=int, default=1,
                     help="torch threads for training (2 = both cores of the 2-core CPU; evaluation stays on one)")
     ap.add_argument("--episodes", type=int, default=100)
@@ -196,8 +233,10 @@ def main() -> None:
                     help="distillation target (train.distil): the teacher's velocity in the MeanFlow loss, or "
                          "flow-map regression on the teacher's sampling paths (trajectory)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    limit_threads(1)
     OVERRIDES.extend(args.overrides)
+    for text in args.overrides:
+        parse_override(text)  # a malformed --set fails before anything runs
     latency_table(args.nets.split(","), args.calls)
     if args.latency_only or not args.data:
         return

@@ -33,17 +33,23 @@ import inspect
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from stlflow.control.collect import init_worker
-from stlflow.control.evaluate import evaluate, markdown_table, run_label, write_report
-from stlflow.policy import RTIController
+from stlflow.control.controllers import ControllerSpec
+from stlflow.control.evaluate import Report, evaluate, markdown_table, write_report
+from stlflow.control.jobs import EvalJob
+from stlflow.control.tasks import TASKS, get_task
+from stlflow.control.workers import limit_threads
+from stlflow.policy.rti import DEFAULT_K, RTIController
+
+# options of an RTI row that the quality bar compares (any other option makes the row a variant it skips)
+BAR_OPTIONS = {"k", "t_start", "plan_at_reset", "discrete_mode"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="policy checkpoint directory")
-    ap.add_argument("--env", default="crossing")
+    ap.add_argument("--env", default="crossing", choices=sorted(TASKS), help="task")
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1)
@@ -59,51 +65,49 @@ def main() -> None:
     args = ap.parse_args()
     if not args.ckpt:
         ap.error("--ckpt is required")
-    init_worker()
-    torch.set_num_threads(1)
-    rti_kw = {} if args.t_start is None else {"t_start": args.t_start}
+    limit_threads(1)  # this process evaluates too (workers=1); worker processes get one thread each
+    task = get_task(args.env)
+    spec = ControllerSpec.create
+    t0_kw = {"t_start": args.t_start}  # None: the controller's default (create drops None options)
     default_renoise = inspect.signature(RTIController).parameters["renoise"].default
-    runs: list[tuple[str | None, str, dict, int]] = [(None, "expert", {}, 0), (args.ckpt, "receding", {}, 0)]
+    runs: list[tuple[str | None, ControllerSpec, int]] = [(None, spec("expert"), 0), (args.ckpt, spec("receding"), 0)]
     if args.ddpm100:
-        runs.append((args.ckpt, "receding", {"steps": 100}, 0))
-    runs.append((args.ckpt, "full", {}, 0))
+        runs.append((args.ckpt, spec("receding", steps=100), 0))
+    runs.append((args.ckpt, spec("full"), 0))
     ks = [2] if args.quick else [1, 2, 3]
-    runs += [(args.ckpt, "cold", {"k": k}, 0) for k in ks]
+    runs += [(args.ckpt, spec("cold", k=k), 0) for k in ks]
     if not args.quick:
-        runs.append((args.ckpt, "cold", {"k": 2, "n_action_steps": 8}, 0))
-    runs += [(args.ckpt, "rti", {"k": k, **rti_kw}, 0) for k in ks]
-    runs += [(args.ckpt, "rti", {"k": k, "plan_at_reset": True, **rti_kw}, 0) for k in ks]
-    runs.append((args.ckpt, "rti", {"k": 2, "renoise": not default_renoise, **rti_kw}, 0))
-    from stlflow.policy import Policy
-
-    policy = Policy.load(args.ckpt)
-    if policy.discrete_action_mask.any():
-        runs.append((args.ckpt, "rti", {"k": 2, "discrete_mode": "clip", **rti_kw}, 0))
+        runs.append((args.ckpt, spec("cold", k=2, n_action_steps=8), 0))
+    runs += [(args.ckpt, spec("rti", k=k, **t0_kw), 0) for k in ks]
+    runs += [(args.ckpt, spec("rti", k=k, plan_at_reset=True, **t0_kw), 0) for k in ks]
+    runs.append((args.ckpt, spec("rti", k=2, renoise=not default_renoise, **t0_kw), 0))
+    if np.asarray(task.info.discrete_action_mask).any():
+        runs.append((args.ckpt, spec("rti", k=2, discrete_mode="clip", **t0_kw), 0))
         if args.scale_ckpt:
-            runs.append((args.scale_ckpt, "full", {}, 0))
-            runs += [(args.scale_ckpt, "rti", {"k": 2, "discrete_mode": "scale", "plan_at_reset": p, **rti_kw}, 0)
+            runs.append((args.scale_ckpt, spec("full"), 0))
+            runs += [(args.scale_ckpt, spec("rti", k=2, discrete_mode="scale", plan_at_reset=p, **t0_kw), 0)
                      for p in (False, True)]
         else:
             print("note: no --scale-ckpt, so the 'scale' discrete mode row is skipped")
     if args.onestep_ckpt:
-        runs.append((args.onestep_ckpt, "onestep", {}, 0))
+        runs.append((args.onestep_ckpt, spec("onestep"), 0))
     for t in args.sweep:
-        runs += [(args.ckpt, "rti", {"k": 2, "t_start": t, "renoise": r}, 0) for r in (True, False)]
+        runs += [(args.ckpt, spec("rti", k=2, t_start=t, renoise=r), 0) for r in (True, False)]
     for d in args.delays:
-        runs += [(args.ckpt, "rti", {"k": 2, **rti_kw}, d), (args.ckpt, "rti", {"k": 2, "lookahead": d, **rti_kw}, d),
-                 (args.ckpt, "receding", {}, d)]
+        runs += [(args.ckpt, spec("rti", k=2, **t0_kw), d), (args.ckpt, spec("rti", k=2, lookahead=d, **t0_kw), d),
+                 (args.ckpt, spec("receding"), d)]
 
-    reports = []
-    for ckpt, controller, kw, delay in runs:
+    reports: list[Report] = []
+    for ckpt, controller, delay in runs:
         t0 = time.perf_counter()
-        rep = evaluate(ckpt, args.env, args.episodes, seed=args.seed, workers=args.workers, controller=controller,
-                       controller_kw=kw, delay=delay)
-        rep["ckpt"] = ckpt
+        rep = evaluate(EvalJob(task.name, ckpt, controller, args.episodes, seed=args.seed, workers=args.workers,
+                               delay=delay))
+        rep.extra["ckpt"] = ckpt
         if ckpt not in (None, args.ckpt):
-            rep["controller_kw"] = {**rep["controller_kw"], "ckpt": Path(ckpt).name}
+            rep.label += f" ckpt={Path(ckpt).name}"
         reports.append(rep)
-        m = rep["metrics"]
-        print(f"{run_label(rep):40s} success {m['success_rate']:.1%}  p99 {m['latency_p99_ms']:.2f} ms  "
+        m = rep.metrics
+        print(f"{rep.label:40s} success {m['success_rate']:.1%}  p99 {m['latency_p99_ms']:.2f} ms  "
               f"NFE/action {m['nfe_per_action']:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     paths = write_report(reports, args.out, title=f"RTI comparison, {args.ckpt}")
     print()
@@ -112,14 +116,19 @@ def main() -> None:
     print(f"report: {paths['json']}")
 
 
-def quality_bar(reports: list[dict]) -> str:
+def options(report: Report) -> dict:
+    """The controller options of a report (its spec without the name and the guidance)."""
+    return {k: v for k, v in report.controller.items() if k not in ("name", "guidance")}
+
+
+def quality_bar(reports: list[Report]) -> str:
     """The issue's checks for every RTI row (no delay, default warm start, k <= 3): success within 3 points of full
     denoising every tick with the same checkpoint, above cold k-step at the same k, and p99 per-tick latency at least
     5x below that full row's, over all ticks (and, for reference, over warm ticks). A plan made in ``reset``
     (``plan_at_reset``) is outside the ticks; its p99 is printed beside the verdict."""
-    fulls = {r.get("ckpt"): r["metrics"] for r in reports if r["controller"] == "full" and not r["delay"]}
-    colds = {(r.get("ckpt"), r["controller_kw"].get("k")): r["metrics"] for r in reports
-             if r["controller"] == "cold" and not r["delay"] and set(r["controller_kw"]) == {"k"}}
+    fulls = {r.extra.get("ckpt"): r.metrics for r in reports if r.controller["name"] == "full" and not r.delay}
+    colds = {(r.extra.get("ckpt"), r.controller.get("k")): r.metrics for r in reports
+             if r.controller["name"] == "cold" and not r.delay and set(options(r)) == {"k"}}
     if not fulls:
         return "quality bar: no 'full' row"
     lines = ["quality bar (issue #6):"]
@@ -129,21 +138,20 @@ def quality_bar(reports: list[dict]) -> str:
             lines.append(f"  full every tick ({Path(str(ckpt)).name}) succeeds only {full['success_rate']:.0%}: the "
                          "success comparison is NOT MEANINGFUL (the bar is not met)")
     for r in reports:
-        kw = r["controller_kw"]
-        if (r["controller"] != "rti" or r["delay"] or kw.get("k", 2) > 3
-                or set(kw) - {"k", "t_start", "plan_at_reset", "discrete_mode", "ckpt"}):
+        k = int(r.controller.get("k", DEFAULT_K))
+        if r.controller["name"] != "rti" or r.delay or k > 3 or set(options(r)) - BAR_OPTIONS:
             continue
-        full, m, k = fulls.get(r.get("ckpt")), r["metrics"], kw["k"]
+        full, m = fulls.get(r.extra.get("ckpt")), r.metrics
         if full is None:
             continue
-        cold = colds.get((r.get("ckpt"), k))
+        cold = colds.get((r.extra.get("ckpt"), k))
         gap = (full["success_rate"] - m["success_rate"]) * 100
         ratio = full["latency_p99_ms"] / m["latency_p99_ms"]
         ratio_warm = full["latency_warm_p99_ms"] / m["latency_warm_p99_ms"]
         vs_cold = "n/a" if cold is None else f"{(m['success_rate'] - cold['success_rate']) * 100:+.1f} pts"
         verdict = "n/a" if full["success_rate"] < 0.5 else ("ok" if gap <= 3 else "MISSED")
         plan = f", reset plan p99 {m['reset_plan_p99_ms']:.1f} ms" if "reset_plan_p99_ms" in m else ""
-        lines.append(f"  {run_label(r)}: {gap:+.1f} pts below full ({verdict}), vs cold k={k} {vs_cold}, "
+        lines.append(f"  {r.label}: {gap:+.1f} pts below full ({verdict}), vs cold k={k} {vs_cold}, "
                      f"p99 all ticks {ratio:.1f}x below full ({'ok' if ratio >= 5 else 'MISSED'}), "
                      f"warm ticks {ratio_warm:.1f}x{plan}")
     return "\n".join(lines)

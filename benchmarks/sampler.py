@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stlflow.control.workers import limit_threads
 from stlflow.datasets import EpisodeStore, SequenceDataset, SequenceSampler
 
 
 def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
+    """DataLoader worker set-up (``worker_init_fn(worker_id)``): one compute thread."""
+    limit_threads(1)
 
 
 def build_store(path: Path, steps: int, episode_len: int, obs_dim: int, action_dim: int) -> tuple[EpisodeStore, float]:
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100, help="timed batches per DataLoader setting")
     parser.add_argument("--dir", default=None, help="where to build the store (default: a temporary folder)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    limit_threads(1)
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="stlflow-bench-"))
     path = tmp / "bench.zarr"

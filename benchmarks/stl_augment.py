@@ -38,7 +38,8 @@ optimised for v_max = 0.6 that never exceeds 0.45 then teaches "v_max = 0.45 + m
 
 With ``--from DIR`` (an ``stlflow demo`` output folder) the demonstrations, the augmented store and the θ-conditioned
 demos+aug policy are reused; the two other policies are trained here with the same settings (``--train-steps``).
-Use ``torch.set_num_threads(1)`` timings (done here); evaluation workers add contention to the latency figures.
+Timings are on one torch thread (``limit_threads(1)``, done here); evaluation workers add contention to the latency
+figures.
 """
 
 from __future__ import annotations
@@ -50,14 +51,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from stlflow import pipeline as P
+from stlflow.control.controllers import ControllerSpec
+from stlflow.control.evaluate import evaluate
+from stlflow.control.jobs import EvalJob
+from stlflow.control.samples import closed_loop_samples, sample_metrics, spearman
+from stlflow.control.tasks import TASKS, get_task
+from stlflow.control.workers import limit_threads
+from stlflow.pipeline import stage_augment, stage_calibrate, stage_collect, stage_train
 
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--env", default="crossing", choices=sorted(P.TASKS), help="task")
+    ap.add_argument("--env", default="crossing", choices=sorted(TASKS), help="task")
     ap.add_argument("--out", default="bench_out/stl_augment", help="working and output folder")
     ap.add_argument("--from", dest="from_dir", default=None, help="reuse data and policy of an `stlflow demo` folder")
     ap.add_argument("--episodes", type=int, default=100, help="closed-loop episodes per row")
@@ -106,12 +112,15 @@ ROWS = [  # key, label, policy key, controller, guided
 ]
 
 
+def controller_spec(controller: str, k: int, guidance: Any = None) -> ControllerSpec:
+    """The row's controller: ``k`` solver steps per tick for ``rti``, the head's defaults otherwise."""
+    return ControllerSpec.create(controller, guidance=guidance, k=int(k) if controller == "rti" else None)
+
+
 def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[str, float]], episodes: int,
                  args: argparse.Namespace, guidance_opts: dict[str, Any]) -> dict[str, Any]:
     """Closed-loop metrics of one row over the θ sweep (episode i: sweep[i mod n], seed eval_seed + i)."""
-    from stlflow.control.evaluate import evaluate
-
-    wiring = P.task_wiring(args.env)
+    task = get_task(args.env)
     records, lat, requested = [], [], []
     t0 = time.perf_counter()
     gsec = 0.0
@@ -119,31 +128,28 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
         idx = [i for i in range(episodes) if i % len(thetas) == j]
         if not idx:
             continue
-        kw: dict[str, Any] = {}
-        if controller == "rti":
-            kw["k"] = int(args.k)
-        if guided:
-            kw["guidance"] = wiring.guidance(theta, **guidance_opts)
+        guidance = task.guidance(theta, **guidance_opts) if guided else None
+        spec = controller_spec(controller, args.k, guidance)
         # evaluate() runs consecutive seeds; the sweep's episodes use seeds eval_seed + i with i = j (mod n)
         for i in idx:
-            rep = evaluate(None if controller == "expert" else policy, wiring.env, 1, seed=args.eval_seed + i,
-                           workers=1, controller=controller, controller_kw=kw, stl_params=theta)
-            ep = rep["episodes"][0]
+            rep = evaluate(EvalJob(task.name, None if controller == "expert" else policy, spec, 1,
+                                   seed=args.eval_seed + i, workers=1, stl_params=theta))
+            ep = rep.episodes[0]
             records.append(ep)
-            lat.extend(rep["ticks"]["latency_ms"])
+            lat.extend(rep.ticks["latency_ms"])
             requested.append(theta["v_max"])
-        if guided:
-            gsec += kw["guidance"].seconds
+        if guidance is not None:
+            gsec += guidance.seconds
     wall = time.perf_counter() - t0
     n = len(records)
-    max_speed = [theta_v - ep["rule_robustness"][wiring.speed_rule] for theta_v, ep in zip(requested, records)]
+    max_speed = [theta_v - ep["rule_robustness"][task.speed_rule] for theta_v, ep in zip(requested, records)]
     lat_a = np.asarray(lat)
     return {
         "episodes": n,
         "stl_satisfaction": float(np.mean([ep["robustness"] >= 0 for ep in records])),
         "collision": float(np.mean([ep["collision"] for ep in records])),
         "success": float(np.mean([ep["success"] for ep in records])),
-        "spearman_vmax": P.spearman(requested, max_speed),
+        "spearman_vmax": spearman(requested, max_speed),
         "meets_vmax": float(np.mean([m <= r + args.meet_tol for m, r in zip(max_speed, requested)])),
         "max_speed_by_request": {str(v): float(np.mean([m for m, r in zip(max_speed, requested) if r == v]))
                                  for v in sorted(set(requested))},
@@ -157,25 +163,23 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
 
 def main() -> int:
     args = _parse()
-    torch.set_num_threads(1)
+    limit_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.from_dir) if args.from_dir else out
     demos, augmented = src / "data" / "demos.zarr", src / "data" / "augmented.zarr"
-    from stlflow.config import compose
-
-    wiring = P.task_wiring(args.env)
-    cond = list(compose("calibrate", [f"env={args.env}"]).stl.calibrate_params)
-    sweep = list(args.sweep or wiring.sweep)
+    task = get_task(args.env)
+    cond = list(task.stl_config().get("calibrate_params") or [])
+    sweep = list(args.sweep or task.sweep)
     t_all = time.perf_counter()
     aug_report: dict[str, Any] = {}
     if args.from_dir is None and not (args.reuse_data and augmented.exists()):
         print(f"collect {args.demos} demos ...", flush=True)
-        P.stage_collect(demos, args.demos, seed=args.seed, workers=args.workers, task=args.env)
-        P.stage_calibrate(demos, log=lambda s: None, task=args.env)
+        stage_collect(demos, args.demos, seed=args.seed, workers=args.workers, task=task.name)
+        stage_calibrate(demos, log=lambda s: None, task=task.name)
         print(f"augment {args.aug_demos} demos x {args.per_demo} ...", flush=True)
-        aug_report = P.stage_augment(demos, augmented, args.per_demo, args.aug_demos, workers=args.workers,
-                                     seed=args.seed, task=args.env)
+        aug_report = stage_augment(demos, augmented, args.per_demo, args.aug_demos, workers=args.workers,
+                                   seed=args.seed, task=task.name)
     else:
         from stlflow.datasets import EpisodeStore
 
@@ -185,7 +189,7 @@ def main() -> int:
 
     dataset_theta = {k: float(v) for k, v in EpisodeStore.open(demos).attrs["stl_params_dataset"].items()}
     policies: dict[str, Any] = {}
-    guided_ok = wiring.guidance is not None
+    guided_ok = bool(task.guided_rules)
     default_rows = {r[0] for r in ROWS if r[0] != "aug_rti"} if guided_ok else {r[0] for r in ROWS if not r[4]}
     wanted = default_rows if args.rows == "all" else set(args.rows.split(","))
     if not guided_ok and any(r[4] for r in ROWS if r[0] in wanted):
@@ -205,15 +209,15 @@ def main() -> int:
                 aug_data = out / "data" / "augmented_relabelled.zarr"
                 shutil.rmtree(aug_data, ignore_errors=True)
                 shutil.copytree(augmented, aug_data)
-                P.stage_calibrate(aug_data, log=lambda s: None, task=args.env)
-            policies["aug"] = P.stage_train([demos, aug_data], out / "data" / "train.zarr", ckpt, cond,
-                                            args.train_steps, args.batch_size, seed=args.seed, task=args.env)
+                stage_calibrate(aug_data, log=lambda s: None, task=task.name)
+            policies["aug"] = stage_train([demos, aug_data], out / "data" / "train.zarr", ckpt, cond,
+                                          args.train_steps, args.batch_size, seed=args.seed, task=task.name)
     for key, names in (("theta", cond), ("notheta", [])):
         if key in need:
             ckpt = out / f"policy_{key}"
-            policies[key] = Policy.load(ckpt) if (ckpt / "policy.yaml").exists() else P.stage_train(
+            policies[key] = Policy.load(ckpt) if (ckpt / "policy.yaml").exists() else stage_train(
                 [demos], out / "data" / "unused.zarr", ckpt, names, args.train_steps, args.batch_size,
-                seed=args.seed, task=args.env)
+                seed=args.seed, task=task.name)
     if args.cfg_scale is not None:
         for key in ("theta", "aug"):
             if key in policies:
@@ -231,12 +235,11 @@ def main() -> int:
         print(f"row {label} ...", flush=True)
         policy = policies.get(pkey) if pkey else None
         m = evaluate_row(policy, controller, guided, thetas, args.episodes, args, gopts)
-        samples = P.closed_loop_samples(
+        spec = controller_spec(controller, args.k, task.guidance(dataset_theta, **gopts) if guided else None)
+        samples = closed_loop_samples(
             policy, [args.eval_seed + 100000 + i for i in range(args.div_starts)],
-            1 if controller == "expert" else args.div_samples, dataset_theta, controller=controller,
-            controller_kw=({"k": args.k} if controller == "rti" else {}) | (
-                {"guidance": wiring.guidance(dataset_theta, **gopts)} if guided else {}), task=args.env)
-        m.update(P.sample_metrics(samples, cell=wiring.cell))
+            1 if controller == "expert" else args.div_samples, dataset_theta, controller=spec, task=task.name)
+        m.update(sample_metrics(samples, cell=task.cell))
         results[key] = {"label": label, **m}
         print(f"  {json.dumps({k: v for k, v in m.items() if not isinstance(v, dict)})}", flush=True)
 

@@ -30,6 +30,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import numpy as np
 import torch
 
+from stlflow.control.workers import limit_threads
 from stlflow.stl import parse
 
 FORMULA = "G[0,50](x < 1) & F[0,100](y > 0.5)"
@@ -235,7 +236,7 @@ def main() -> None:
     ap.add_argument("--stlcg-signals", type=int, default=1000)
     ap.add_argument("--point-only", action="store_true", help="only the trajectory-optimisation (point mode) rows")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     if args.point_only:
         bench_point_mode(args.repeat)
         return

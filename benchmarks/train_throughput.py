@@ -19,12 +19,14 @@ Figures depend on the machine and its load; the script prints them, nothing is h
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
 
+from stlflow.control.workers import limit_threads
 from stlflow.policy import Policy
-from stlflow.policy.trainer import EMA, TrainConfig, _adamw
+from stlflow.policy.trainer import TrainConfig, Trainer
 
 CONFIGS = {
     "unet_dp": {"name": "unet", "down_dims": [256, 512, 1024], "time_embed_dim": 256},
@@ -34,11 +36,31 @@ CONFIGS = {
 }
 
 
+class _OwnBatches:
+    """Stands in for the trainer's dataset: :func:`measure` feeds one random batch itself (no data loading)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices):
+        raise NotImplementedError("measure() feeds its own batch")
+
+
+def trainer_parts(policy: Policy, batch: int, lr: float) -> tuple:
+    """(optimiser, EMA) as the trainer builds them for ``policy`` (on the CPU; torch's thread count kept)."""
+    cfg = TrainConfig(lr=lr, batch_size=batch, device="cpu", threads=0, progress=False, tensorboard=False)
+    with tempfile.TemporaryDirectory(prefix="stlflow_throughput_") as tmp:  # the trainer writes nothing until fit
+        trainer = Trainer(policy, _OwnBatches(batch), cfg, tmp)
+    return trainer.opt, trainer.ema
+
+
 def measure(net: dict, head: str | dict, obs_dim: int, action_dim: int, batch: int, seconds: float, warmup: int = 2):
     torch.manual_seed(0)
     policy = Policy(obs_dim, action_dim, 2, 16, 8, head=head if isinstance(head, dict) else {"kind": head}, net=net)
-    ema = EMA(policy, TrainConfig())
-    opt = _adamw(policy.parameters(), TrainConfig(lr=1e-4))  # the trainer's optimiser
+    opt, ema = trainer_parts(policy, batch, lr=1e-4)  # the trainer's optimiser and EMA
     g = torch.Generator().manual_seed(0)
     b = {"obs": torch.randn(batch, 2, obs_dim, generator=g), "action": torch.rand(batch, 16, action_dim, generator=g)}
     steps, elapsed, step = 0, 0.0, 0
@@ -89,8 +111,10 @@ def kernels(args) -> None:
         p.grad = torch.randn_like(p)
     cfg = TrainConfig(lr=3e-4)
     per_tensor = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    opt_ms = {"per-tensor": _per_call_ms(per_tensor.step, sec),
-              "fused": _per_call_ms(_adamw(net.parameters(), cfg).step, sec)}  # the trainer's optimiser
+    # the trainer's optimiser on the CPU is the fused one (one kernel over all parameters, same hyper-parameters)
+    fused = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                              fused=True)
+    opt_ms = {"per-tensor": _per_call_ms(per_tensor.step, sec), "fused": _per_call_ms(fused.step, sec)}
     print(f"AdamW step ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters): per-tensor "
           f"{opt_ms['per-tensor']:.2f} ms, fused {opt_ms['fused']:.2f} ms "
           f"({opt_ms['per-tensor'] / opt_ms['fused']:.1f}x)")
@@ -116,7 +140,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="time MeanFlow's JVP and AdamW, each implementation side by side, instead of the networks")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     if args.kernels:
         print(f"torch {torch.__version__}, {args.threads} thread(s), Do={args.obs_dim} Da={args.action_dim}")
         kernels(args)
