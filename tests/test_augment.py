@@ -107,11 +107,12 @@ SMALL = dict(per_demo=2, n_theta=1, n_init=6, iters=60, lr=0.03, smooth=30.0, ma
 def demos(tmp_path_factory):
     """Three real expert episodes of Crossing in an EpisodeStore, calibrated."""
     from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
     from stlflow.datasets.augment_calibrate import calibrate_store
     from stlflow.envs.crossing import RULE_DEFAULTS, RULE_LIST
 
     path = tmp_path_factory.mktemp("aug") / "demos.zarr"
-    store = collect("crossing", 3, path, seed=0, progress=False)
+    store = collect(CollectJob("crossing", 3, path, seed=0, progress=False))
     cal = calibrate_store(store, RULE_LIST, ["v_max", "d_safe", "w", "T"], RULE_DEFAULTS,
                           margin={"v_max": 0.05, "d_safe": 0.05, "w": 0.05, "T": 1.0})
     for i, theta in enumerate(cal.per_episode):
@@ -142,9 +143,9 @@ def test_calibrated_theta_makes_each_demo_satisfy_its_rules(demos):
 
 
 def _task(**over):
-    from stlflow.verbs.augment import make_task
+    from stlflow.control.stl_data import make_augment_task
 
-    return make_task(CROSSING, {}, {**FRONT_ONLY, **over})
+    return make_augment_task(CROSSING, {}, {**FRONT_ONLY, **over}, None, "float32")
 
 
 def _run_demo(task, store, i, seed, **settings):
@@ -161,9 +162,9 @@ def _run_demo(task, store, i, seed, **settings):
 
 
 def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
-    from stlflow.control.collect import make_env
     from stlflow.datasets import EpisodeStore
     from stlflow.datasets.augment import spec_text
+    from stlflow.envs import make_env
     from stlflow.stl import parse
 
     path, _ = demos
@@ -191,7 +192,7 @@ def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
             collided |= info["collision"]
             for k, v in info["signals"].items():
                 sig.setdefault(k, []).append(v)
-        from stlflow.verbs.augment import CrossingAugmentation
+        from stlflow.control.tasks.crossing import CrossingAugmentation
 
         dir_y = float(np.sign(env.unwrapped.peds.direction[0, 1]))
         sig = {k: np.asarray(v) for k, v in sig.items()}
@@ -207,13 +208,14 @@ def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
 def test_rejected_candidates_are_not_stored(demos):
     """Replays in an env whose time limit (3 s) stops the robot long before the goal: every candidate satisfies
     its θ in the model but not in MuJoCo, so all are replayed and none is kept."""
+    from stlflow.control.tasks import get_task
+    from stlflow.control.tasks.crossing import CrossingAugmentation
     from stlflow.datasets import EpisodeStore
-    from stlflow.verbs.augment import CrossingAugmentation
 
     path, _ = demos
     store = EpisodeStore.open(path)
     task = _task()
-    short = CrossingAugmentation(CROSSING, {"max_steps": 30})
+    short = CrossingAugmentation(get_task(CROSSING), {"max_steps": 30})
     long_window = task.window
 
     def window(episode, attrs):
@@ -259,13 +261,13 @@ def test_store_output_identical_for_any_worker_count(demos, tmp_path):
     import functools
 
     from stlflow.control.augment import augment_store
+    from stlflow.control.stl_data import make_augment_task
     from stlflow.datasets import EpisodeStore
     from stlflow.datasets.augment import AugmentSettings
     from stlflow.stl import parse
-    from stlflow.verbs.augment import make_task
 
     path, _ = demos
-    factory = functools.partial(make_task, CROSSING, {}, FRONT_ONLY, None, "float32")
+    factory = functools.partial(make_augment_task, CROSSING, {}, FRONT_ONLY, None, "float32")
     s = AugmentSettings(**SMALL, time_params=("T",))
     r1 = augment_store(str(path), str(tmp_path / "a.zarr"), factory, s, parse, seed=7, workers=1, progress=False)
     r2 = augment_store(str(path), str(tmp_path / "b.zarr"), factory, s, parse, seed=7, workers=2, progress=False)
@@ -288,12 +290,14 @@ def test_store_output_identical_for_any_worker_count(demos, tmp_path):
 def test_pickplace_cem_over_mujoco_rollouts(tmp_path):
     """No differentiable model: the cross-entropy method perturbs the demo's targets in MuJoCo itself."""
     from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
+    from stlflow.control.stl_data import make_augment_task
     from stlflow.datasets.augment import AugmentSettings, augment_demo
     from stlflow.stl import parse
-    from stlflow.verbs.augment import make_task
 
-    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False)
-    task = make_task("stlflow/PickPlace-v0", {}, {"param_ranges": {"v_max": [0.5, 0.6]}, "time_params": ["T"]})
+    store = collect(CollectJob("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False))
+    task = make_augment_task("stlflow/PickPlace-v0", {}, {"param_ranges": {"v_max": [0.5, 0.6]}, "time_params": ["T"]},
+                             None, "float32")
     ep, attrs = store.episode(0), store.episode_attrs(0)
     window = task.window(ep, attrs)
     s = AugmentSettings(per_demo=2, n_theta=1, optimiser="cem", cem_iters=2, cem_samples=3, cem_elites=2,
@@ -312,9 +316,10 @@ def test_pickplace_cem_over_mujoco_rollouts(tmp_path):
 
 def test_pickplace_demo_retargeted_to_the_other_zone_places_there_in_mujoco():
     """The other zone's nominal (a mode the demo did not show) already works when replayed, before any CEM."""
-    from stlflow.control.collect import make_env
+    from stlflow.control.tasks.pickplace import retarget_pick_place
+    from stlflow.control.tasks.replay import replay_controls as _replay
+    from stlflow.envs import make_env
     from stlflow.envs.pickplace import OBS_INDEX
-    from stlflow.verbs.augment import _replay, retarget_pick_place
 
     env = make_env("stlflow/PickPlace-v0", {})
     for seed in (0, 3, 6):
@@ -343,14 +348,15 @@ def test_pickplace_demo_retargeted_to_the_other_zone_places_there_in_mujoco():
 def test_pickplace_augmentation_places_in_both_zones(tmp_path):
     from stlflow.config import compose
     from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
+    from stlflow.control.stl_data import make_augment_task
     from stlflow.datasets.augment import AugmentSettings, augment_demo
     from stlflow.stl import parse
-    from stlflow.verbs.augment import make_task
 
     stl_cfg = OmegaConf.to_container(compose("augment", ["env=pickplace"]).stl, resolve=True)
     assert {m for m in stl_cfg["modes"]} == {"left", "right"}
-    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False)
-    task = make_task("stlflow/PickPlace-v0", {}, stl_cfg)
+    store = collect(CollectJob("pickplace", 1, tmp_path / "pp.zarr", seed=3, progress=False))
+    task = make_augment_task("stlflow/PickPlace-v0", {}, stl_cfg, None, "float32")
     ep, attrs = store.episode(0), store.episode_attrs(0)
     window = task.window(ep, attrs)
     assert set(window.nominal) == {"*", "right" if attrs["mode"] == "left" else "left"}
@@ -368,7 +374,7 @@ def test_pickplace_augmentation_places_in_both_zones(tmp_path):
 @settings(max_examples=40, deadline=None)
 @given(st.floats(0.4, 2.5), st.integers(0, 10_000))
 def test_retime_pick_place_changes_the_pace_not_the_path(scale, seed):
-    from stlflow.verbs.augment import retime_pick_place
+    from stlflow.control.tasks.pickplace import retime_pick_place
 
     rng = np.random.default_rng(seed)
     # moving segments (2 cm steps), a grasp wait (target still, gripper switches), a carry, a release
@@ -396,16 +402,20 @@ def test_retimed_pickplace_demo_succeeds_at_the_new_pace_in_mujoco(tmp_path):
     """Re-timing is what lets PickPlace augmentation reach speeds its demo did not show (controllability)."""
     from stlflow.config import compose
     from stlflow.control.collect import collect
-    from stlflow.verbs.augment import PickPlaceAugmentation, _replay, make_task
+    from stlflow.control.jobs import CollectJob
+    from stlflow.control.stl_data import make_augment_task
+    from stlflow.control.tasks import get_task
+    from stlflow.control.tasks.pickplace import PickPlaceAugmentation
+    from stlflow.control.tasks.replay import replay_controls as _replay
 
     stl_cfg = OmegaConf.to_container(compose("augment", ["env=pickplace"]).stl, resolve=True)
     assert stl_cfg["retime"]["speed_fraction"] == pytest.approx(0.85)
-    store = collect("pickplace", 1, tmp_path / "pp.zarr", seed=0, progress=False)
+    store = collect(CollectJob("pickplace", 1, tmp_path / "pp.zarr", seed=0, progress=False))
     ep, attrs = store.episode(0), store.episode_attrs(0)
     demo_speed = float(np.linalg.norm(ep["obs"][:, 3:6], axis=-1).max())
-    window = make_task("stlflow/PickPlace-v0", {}, stl_cfg).window(ep, attrs)
+    window = make_augment_task("stlflow/PickPlace-v0", {}, stl_cfg, None, "float32").window(ep, attrs)
     assert window.horizon == min(120, int(np.ceil(len(ep["action"]) / 0.5)))
-    env = PickPlaceAugmentation().env
+    env = PickPlaceAugmentation(get_task("stlflow/PickPlace-v0")).env
     for v_max in (0.6 * demo_speed, 1.6 * demo_speed):
         nominal = window.nominal_for(attrs["mode"], {"v_max": v_max})
         result, episode = _replay(env, int(attrs["seed"]), nominal)
