@@ -62,7 +62,7 @@ class CalibrationReport:
 def calibrate(job: CalibrateJob) -> CalibrationReport:
     """Calibrate θ on the store ``job.data`` and write it there (see the module docstring)."""
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment_calibrate import calibrate_store, summary_table
+    from stlflow.datasets.calibration import calibrate_store, summary_table
 
     try:
         store = EpisodeStore.open(job.data, mode="a")

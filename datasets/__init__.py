@@ -6,7 +6,7 @@
 - :class:`Normalizer` -- per-key min-max / Gaussian normalisation (numpy or torch)
 - importers for D4RL HDF5, Minari folders and Diffusion Policy zarr stores (``importers.py``)
 - STL augmentation of one demonstration (``augment.py``; optimisers in ``augment_optim.py``, selection and
-  diversity in ``augment_select.py``, θ calibration in ``augment_calibrate.py``); the loop over a store is
+  diversity in ``augment_select.py``, θ calibration in ``calibration.py``); the loop over a store is
   ``stlflow.control.augment``
 
 Names are imported lazily, so that ``stlflow.datasets.store`` alone (e.g. in a recorder process) does not

@@ -40,8 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stlflow.datasets.store import EpisodeStore, EpisodeStoreError
-from stlflow.datasets.store_io import replace_dir as _replace_dir
-from stlflow.datasets.store_io import to_jsonable as _to_jsonable
+from stlflow.datasets.store_io import replace_dir, to_jsonable
 
 D4RL_KEYS = {
     "observations": "obs",
@@ -73,7 +72,7 @@ def _staged_store(out: str | os.PathLike, overwrite: bool, dt: float | None, att
     try:
         store = EpisodeStore.create(tmp, dt=dt, attrs=attrs)
         yield store
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,7 +245,7 @@ def import_d4rl(
     for name in ("terminals", "timeouts"):
         if name in data:
             data[name] = data[name].astype(bool).reshape(-1)
-    attrs = {"source": "d4rl", "source_file": src.name, "d4rl_metadata": _to_jsonable(metadata, "metadata")}
+    attrs = {"source": "d4rl", "source_file": src.name, "d4rl_metadata": to_jsonable(metadata, "metadata")}
 
     def episodes() -> Iterator[tuple[dict, dict]]:
         for start, end in bounds:
@@ -330,7 +329,7 @@ def _minari_episode(f: h5py.File, eid: int, file: Path, infos: bool) -> tuple[di
     attrs = {"source": "minari", "episode_id": eid}
     for key, value in group.attrs.items():
         with contextlib.suppress(EpisodeStoreError):
-            attrs[key] = _to_jsonable(value.decode() if isinstance(value, bytes) else value, key)
+            attrs[key] = to_jsonable(value.decode() if isinstance(value, bytes) else value, key)
     return ep, attrs
 
 
@@ -378,7 +377,7 @@ def import_minari(
                 seen["steps"] += len(ep["reward"])
                 yield ep, ep_attrs
 
-        with _staged_store(out, overwrite, dt, _to_jsonable(attrs, "metadata")) as store:
+        with _staged_store(out, overwrite, dt, to_jsonable(attrs, "metadata")) as store:
             _commit_in_batches(store, episodes(), total_steps or 0, f"import {src.name}", progress)
             if total_steps is not None and seen["steps"] != total_steps:
                 raise DatasetImportError(

@@ -108,7 +108,7 @@ def demos(tmp_path_factory):
     """Three real expert episodes of Crossing in an EpisodeStore, calibrated."""
     from stlflow.control.collect import collect
     from stlflow.control.jobs import CollectJob
-    from stlflow.datasets.augment_calibrate import calibrate_store
+    from stlflow.datasets.calibration import calibrate_store
     from stlflow.envs.crossing import RULE_DEFAULTS, RULE_LIST
 
     path = tmp_path_factory.mktemp("aug") / "demos.zarr"
