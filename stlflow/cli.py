@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# verb -> one-line description. Order is the order of the data flow (DESIGN.md).
+# verb -> one-line description, in the order of the data flow (docs/architecture.md).
 VERBS: dict[str, str] = {
     "collect": "run a task's scripted expert and record demonstrations into an EpisodeStore",
     "calibrate": "fit the STL rules' free parameters on demonstrations (per episode and dataset-wide)",
