@@ -192,7 +192,7 @@ def train_and_eval(task: str, store_path: str, head: str, net: str, minutes: flo
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-only", action="store_true", help="parameter counts and latency only (no training)")
     ap.add_argument("--nets", default="mlp,unet", help="networks for the latency table (mlp, unet, unet_dp)")
@@ -232,7 +232,11 @@ def main() -> None:
     ap.add_argument("--distil", default="velocity", choices=("velocity", "trajectory"),
                     help="distillation target (train.distil): the teacher's velocity in the MeanFlow loss, or "
                          "flow-map regression on the teacher's sampling paths (trajectory)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     limit_threads(1)
     OVERRIDES.extend(args.overrides)
     for text in args.overrides:

@@ -162,6 +162,8 @@ def evaluate_row(policy: Any, controller: str, guided: bool, thetas: list[dict[s
 
 
 def main() -> int:
+    """The whole benchmark, top to bottom (data, policies, rows, tables, plots): kept as one function because each
+    step feeds the next and a reader follows it as a script."""
     args = _parse()
     limit_threads(1)
     out = Path(args.out)
