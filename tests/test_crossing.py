@@ -143,11 +143,11 @@ def test_pedestrian_contact_is_a_collision():
 def test_render_rgb_array():
     env = gym.make(ENV_ID, render_mode="rgb_array")
     env.reset(seed=0)
-    try:
-        frame = env.render()
-    except RuntimeError as err:  # no GL back-end on this machine: the error must say what to do
-        assert "MUJOCO_GL" in str(err)
-        pytest.skip(f"no OpenGL back-end here: {err}")
+    if not os.environ.get("MUJOCO_GL"):  # without a back-end the error must say what to do
+        with pytest.raises(RuntimeError, match="MUJOCO_GL"):
+            env.render()
+        return
+    frame = env.render()  # MUJOCO_GL is set (as the README's test command does): rendering must work
     assert frame.shape == (360, 480, 3) and frame.dtype == np.uint8
     assert frame.std() > 10  # not a blank image
     env.close()
@@ -164,6 +164,28 @@ def test_info_signals_agree_with_signals(expert_episodes):
         for name, values in sig.items():
             assert values.shape == (len(obs),)
             np.testing.assert_allclose(values, [i["signals"][name] for i in infos], rtol=0, atol=1e-6)
+
+
+def test_info_signals_match_the_simulator_state():
+    """Each step's info["signals"] against values computed here from MuJoCo's state and the pedestrian script,
+    not from the observation: speed = |qvel . heading|, lateral = y, dist_goal = |goal - xy|, clearance = the
+    smallest centre distance to a present pedestrian minus the contact distance (capped)."""
+    env = gym.make(ENV_ID).unwrapped
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        _, _, term, trunc, info = env.step(np.array([rng.uniform(0.3, 1.5), rng.uniform(-0.5, 0.5)], np.float32))
+        q, qv = env.data.qpos, env.data.qvel
+        xy = np.array(q[:2])
+        peds = env.peds.position(env.time)[env.peds.present]
+        clearance = min(float(np.min(np.hypot(*(peds - xy).T))) - 0.55, 10.0) if len(peds) else 10.0
+        sig = info["signals"]
+        assert sig["speed"] == pytest.approx(abs(qv[0] * np.cos(q[2]) + qv[1] * np.sin(q[2])), abs=1e-5)
+        assert sig["lateral"] == pytest.approx(q[1], abs=1e-5)
+        assert sig["dist_goal"] == pytest.approx(np.hypot(*(env.goal - xy)), abs=1e-5)
+        assert sig["clearance"] == pytest.approx(clearance, abs=1e-4)
+        if term or trunc:
+            break
 
 
 def test_signals_batched_shapes():
@@ -216,10 +238,8 @@ def test_expert_modes_behave_differently(expert_episodes):
 
 # ------------------------------------------------------------------ STL rules
 def _stl():
-    try:
-        from stlflow.stl import parse
-    except ImportError as err:
-        pytest.skip(f"stlflow.stl.parse is not importable yet (STL engine not landed): {err}")
+    from stlflow.stl import parse
+
     return parse
 
 
