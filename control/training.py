@@ -10,6 +10,7 @@ policy block, θ conditioning on ``cond_params``, the task's discrete action cha
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,46 @@ from stlflow.control.tasks import get_task
 
 
 def train_config(job: TrainJob) -> Any:
-    """:class:`~stlflow.policy.trainer.TrainConfig` of a job: ``conf/train/default.yaml`` with ``job.train`` on top."""
+    """:class:`~stlflow.policy.trainer.TrainConfig` of a job: ``conf/train/default.yaml`` with ``job.train`` on top.
+
+    Options whose default is an integer must be integers (``train.steps=2.5`` is refused, ``2000.0`` accepted)."""
     from stlflow.policy.trainer import TrainConfig
 
+    options = {**conf_defaults("train", "default"), **dict(job.train)}
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        value = options.get(name)
+        if isinstance(f.default, bool) or not isinstance(f.default, int) or name not in options:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise JobError(f"train.{name} must be an integer, got {value!r}")
+        options[name] = int(value)
     try:
-        return TrainConfig.from_dict({**conf_defaults("train", "default"), **dict(job.train)})
+        return TrainConfig.from_dict(options)
     except (TypeError, ValueError) as err:
         raise JobError(f"bad train options: {err}") from err
+
+
+def check_training_data(store: Any, path: Any, task: Any) -> None:
+    """Refuse, before anything is written, a store a policy of ``task`` cannot be trained on: no episodes, no
+    ``obs`` or ``action``, dimensions other than the env's, or a non-finite value (named by key and episode)."""
+    if store.n_episodes == 0:
+        raise JobError(f"{path} holds no episodes; record some with `stlflow collect out={path}`")
+    missing = [k for k in ("obs", "action") if k not in store.keys]
+    if missing:
+        raise JobError(f"{path} has no {missing} arrays (keys: {store.keys}); a policy needs obs and action")
+    for key, want in (("obs", task.info.obs_dim), ("action", task.info.action_dim)):
+        got = int(np.prod(store.key_shape(key)))
+        if got != want:
+            raise JobError(f"{path}: {key} has {got} values per step but {task.name} ({task.env_id}) has {want}; "
+                           f"was it recorded on another task? (name the task with env=...)")
+    for i in range(store.n_episodes):
+        episode = store.episode(i, keys=("obs", "action"))
+        for key, values in episode.items():
+            bad = ~np.isfinite(values)
+            if bad.any():
+                step = int(np.argwhere(bad)[0][0])
+                raise JobError(f"{path}: episode {i} has a non-finite {key} value at step {step} "
+                               f"({int(bad.sum())} in all); drop the episode (EpisodeStore.filter) or fix the data")
 
 
 def train_policy(job: TrainJob) -> Any:
@@ -43,8 +77,9 @@ def train_policy(job: TrainJob) -> Any:
     path = Path(job.data)
     if not path.exists():
         raise JobError(f"data store {path} does not exist (make one with `stlflow collect out={path}`)")
-    rank, _ = init_distributed()
     store = EpisodeStore.open(path)
+    check_training_data(store, path, task)
+    rank, _ = init_distributed()
     names = [str(n) for n in pc.get("cond_params") or []]
     params = episode_params(store, names) if names else None
     train_idx, val_idx = split_episodes(store.n_episodes, float(job.val_ratio), seed=cfg.seed)
@@ -61,9 +96,7 @@ def train_policy(job: TrainJob) -> Any:
         except (FileNotFoundError, ValueError) as err:
             raise JobError(f"train.teacher: {err}") from err
     obs_dim, action_dim = store.key_shape("obs")[-1], store.key_shape("action")[-1]
-    mask = np.asarray(task.info.discrete_action_mask, dtype=bool)
-    if mask.shape != (action_dim,):
-        raise JobError(f"task {task.name} has {mask.shape[0]} action channels, the data {action_dim}")
+    mask = np.asarray(task.info.discrete_action_mask, dtype=bool)  # (Da,): check_training_data matched Da
 
     seed_everything(cfg.seed)
     policy = Policy(
@@ -83,7 +116,24 @@ def train_policy(job: TrainJob) -> Any:
             log(f"stlflow train: step {step} closed-loop success {out.get('success_rate', float('nan')):.3f}")
             return out
 
-    trainer = Trainer(policy, train_data, cfg, job.out, val_data=val_data, eval_fn=eval_fn, resume=bool(job.resume))
+    out = Path(job.out)
+    created = not out.exists()
+    try:
+        trainer = Trainer(policy, train_data, cfg, out, val_data=val_data, eval_fn=eval_fn, resume=bool(job.resume))
+        _fit(trainer, store, train_idx, val_idx, train_data, pc, policy, job, rank)
+    except BaseException:
+        if created and rank == 0 and not any(out.glob("checkpoints/*")):  # nothing worth keeping: leave nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return Policy.load(job.out)
+
+
+def _fit(trainer: Any, store: Any, train_idx: Any, val_idx: Any, train_data: Any, pc: dict, policy: Any,
+         job: TrainJob, rank: int) -> dict:
+    """Run the trainer, logging the set-up first and the result last (rank 0)."""
+    log = job.log
     if rank == 0:
         log(f"stlflow train: {store.n_episodes} episodes ({len(train_idx)} train, {len(val_idx)} val), "
             f"{len(train_data)} windows; {pc['head']['kind']} head on {pc['net']['name']} "
@@ -92,6 +142,4 @@ def train_policy(job: TrainJob) -> Any:
     if rank == 0:
         shown = {k: round(v, 5) for k, v in last.items() if isinstance(v, float)}
         log(f"stlflow train: done at step {trainer.step}: {shown}; policy saved to {job.out}")
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    return Policy.load(job.out)
+    return last

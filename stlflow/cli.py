@@ -39,6 +39,8 @@ Job verbs take Hydra overrides, e.g.
   stlflow collect env=crossing episodes=200 out=demos.zarr
   stlflow train env=crossing policy=flow data=demos.zarr out=ckpt train.steps=2000
 `stlflow <verb> --help` explains one verb and prints its configuration.
+Bad input gives one message on stderr and exit status 2; `stlflow --debug <verb> ...` (or STLFLOW_DEBUG=1) shows
+the traceback too.
 """
 
 
@@ -50,6 +52,11 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # tracebacks for bad input too (every verb reads STLFLOW_DEBUG)
+        import os
+
+        argv.remove("--debug")
+        os.environ["STLFLOW_DEBUG"] = "1"
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2

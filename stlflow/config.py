@@ -47,19 +47,34 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def debugging() -> bool:
+    """True when tracebacks are wanted for bad input too (``stlflow --debug ...`` or ``STLFLOW_DEBUG=1``)."""
+    import os
+
+    return os.environ.get("STLFLOW_DEBUG", "") not in ("", "0")
+
+
+# Errors that mean "the input is wrong" (every error class of the package is a ValueError subclass; a missing or
+# existing file is an OSError): one paragraph on stderr, exit status 2. Anything else is a bug: traceback, exit 1.
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, NotImplementedError)
+
+
 def run_job(verb: str, fn: Callable[[], int | None]) -> int:
-    """Run a verb's work: input errors (a bad job, a missing or existing file, a wrong value) become one line on
-    stderr naming the verb, and exit status 2; anything else keeps its traceback."""
-    from stlflow.control.jobs import JobError
+    """Run a verb's work, turning bad input (:data:`INPUT_ERRORS`, also when raised inside a worker process) into
+    one paragraph on stderr naming the verb, and exit status 2; with :func:`debugging` the traceback is shown."""
     from stlflow.control.workers import WorkerError
 
     try:
         return int(fn() or 0)
-    except (JobError, FileNotFoundError, FileExistsError, KeyError, ValueError, NotImplementedError) as err:
+    except INPUT_ERRORS as err:
+        if debugging():
+            raise
         print(f"stlflow {verb}: {err}", file=sys.stderr)
         return 2
     except WorkerError as err:
-        if isinstance(err.__cause__, (JobError, ValueError, KeyError, FileNotFoundError)):
-            print(f"stlflow {verb}: {err.summary}", file=sys.stderr)
-            return 2
-        raise
+        names = {cls.__name__ for cls in INPUT_ERRORS}
+        if debugging() or err.summary.split(":", 1)[0].rsplit(".", 1)[-1] not in names:
+            raise
+        print(f"stlflow {verb}: {err.summary.split(':', 1)[-1].strip()} (in worker, job {err.index})", file=sys.stderr)
+        return 2

@@ -65,10 +65,10 @@ def mode_specs(stl_cfg: Mapping[str, Any], only: Sequence[str] | None = None, ta
 def check_start(env: Any, episode: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> tuple[int, np.ndarray]:
     """Reset ``env`` to a recorded episode's start (``attrs['seed']``); returns (seed, first observation).
 
-    Raises KeyError without a seed and ValueError when the reset does not reproduce the recorded first observation.
+    Raises ValueError without a seed or when the reset does not reproduce the recorded first observation.
     """
     if "seed" not in attrs:
-        raise KeyError(f"episode attrs have no 'seed' (needed to reset the env to its start): {sorted(attrs)}")
+        raise ValueError(f"episode attrs have no 'seed' (needed to reset the env to its start): {sorted(attrs)}")
     seed = int(attrs["seed"])
     obs0, _ = env.reset(seed=seed)
     if not np.allclose(obs0, episode["obs"][0], atol=1e-4):
