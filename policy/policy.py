@@ -21,12 +21,15 @@ the predictions as u + s (c - u), which costs two network evaluations per step (
 Discrete action channels (``discrete_action_mask``, from the env) take the values {-1, +1} in physical
 units; :meth:`predict` snaps them at threshold 0.
 
-A checkpoint directory holds ``policy.yaml`` (configuration), ``model.safetensors`` (weights and the head's
-buffers, e.g. the DDPM schedule) and ``normalizer.safetensors``; it loads on a CPU-only machine.
+A checkpoint directory holds ``policy.yaml`` (configuration, and the sha256 and size of every file it refers to),
+``model.safetensors`` (weights and the head's buffers, e.g. the DDPM schedule) and ``normalizer.safetensors``; it
+loads on a CPU-only machine. :meth:`Policy.save` writes it atomically and :meth:`Policy.load` verifies it
+(:mod:`stlflow.policy.checkpoint`); a bad checkpoint is a :class:`~stlflow.policy.checkpoint.CheckpointError`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,17 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from stlflow.datasets.normalizer import Normalizer
+from stlflow.policy.checkpoint import CONFIG_FILE, CheckpointError, read_config, resolve_file, write_checkpoint
 from stlflow.policy.heads import HEADS, Head, build_head
 from stlflow.policy.nets import build_net, count_parameters
 
 __all__ = ["Policy"]
 
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, NORMALIZER_FILE = "policy.yaml", "model.safetensors", "normalizer.safetensors"
+FORMAT_VERSION = 2  # 2: policy.yaml lists the sha256 of its files; 1 (no hashes) still loads
+WEIGHTS_FILE, NORMALIZER_FILE = "model.safetensors", "normalizer.safetensors"
 
 
 class Policy(nn.Module):
@@ -356,30 +359,102 @@ class Policy(nn.Module):
         return self.threshold_discrete(self.unnormalize_action(x).cpu().numpy())
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | os.PathLike, state_dict: Mapping[str, Tensor] | None = None) -> Path:
-        """Write ``policy.yaml``, ``model.safetensors`` (``state_dict`` or this policy's) and the normaliser."""
+    def save(
+        self, directory: str | os.PathLike, state_dict: Mapping[str, Tensor] | None = None,
+        extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    ) -> Path:
+        """Write ``policy.yaml``, ``model.safetensors`` (``state_dict`` or this policy's) and the normaliser.
+
+        Atomic (:func:`stlflow.policy.checkpoint.write_checkpoint`): a new folder is built complete in a temporary
+        sibling and renamed into place; an existing one (a checkpoint, or a folder holding other things too) is
+        replaced through a staging folder and an atomic swap of ``policy.yaml``, so that a process killed at any
+        moment leaves either the old or the new complete checkpoint at ``directory``. ``policy.yaml`` records the
+        sha256 and size of every file. ``extra_files``: ``{file name: writer(path)}`` written, hashed and
+        committed with the policy (the trainer's EMA weights and training state).
+        """
         from safetensors.torch import save_file
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict() if state_dict is None else state_dict
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(d / WEIGHTS_FILE),
-                  metadata={"format": "stlflow.Policy"})
-        self.normalizer.save(d / NORMALIZER_FILE)
-        (d / CONFIG_FILE).write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        return d
+        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        files: dict[str, Callable[[Path], None]] = {
+            WEIGHTS_FILE: lambda p: save_file(tensors, str(p), metadata={"format": "stlflow.Policy"}),
+            NORMALIZER_FILE: self.normalizer.save,
+        }
+        for name, write in (extra_files or {}).items():
+            if name in files:
+                raise ValueError(f"extra_files may not replace the policy's own {name}")
+            files[name] = write
+        return write_checkpoint(directory, self.config(), files)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Policy:
-        """Rebuild a policy saved with :meth:`save` on ``map_location`` (CPU by default)."""
+        """Rebuild a policy saved with :meth:`save` on ``map_location`` (CPU by default), verified.
+
+        The size and sha256 of ``model.safetensors`` and ``normalizer.safetensors`` must match those recorded in
+        ``policy.yaml``. Checkpoints written before content hashes (``format_version: 1``, no ``files`` section,
+        e.g. ``tests/data/golden/*``) still load, without the hash check. Any bad checkpoint -- a missing folder or
+        file, an empty / truncated / garbage safetensors file, an empty, invalid or non-mapping YAML, unknown or
+        missing settings, dimensions that disagree with the weights, a hash mismatch, non-finite weights -- raises
+        :class:`~stlflow.policy.checkpoint.CheckpointError` (a ``ValueError``) naming the folder and the problem;
+        a missing folder or file is also a ``FileNotFoundError``.
+        """
+        d = Path(directory)
+        for attempt in range(3):
+            cfg, files, raw = read_config(d)
+            try:
+                policy = cls._from_checkpoint(d, cfg, files)
+            except CheckpointError:
+                # policy.yaml replaced while we read (another process saving here): read the new checkpoint
+                if attempt == 2 or not (d / CONFIG_FILE).is_file() or (d / CONFIG_FILE).read_bytes() == raw:
+                    raise
+                continue
+            return policy.to(map_location).eval()
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_checkpoint(cls, d: Path, cfg: dict[str, Any], files: dict[str, dict[str, Any]] | None) -> Policy:
         from safetensors.torch import load_file
 
-        d = Path(directory)
-        if not (d / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{d} is not a policy checkpoint: {CONFIG_FILE} is missing")
-        cfg = yaml.safe_load((d / CONFIG_FILE).read_text())
-        if cfg.pop("format_version", None) != FORMAT_VERSION:
-            raise ValueError(f"{d / CONFIG_FILE}: unsupported format_version (this code reads {FORMAT_VERSION})")
-        policy = cls(**cfg, normalizer=Normalizer.load(d / NORMALIZER_FILE))
-        policy.load_state_dict(load_file(str(d / WEIGHTS_FILE), device="cpu"), strict=True)
-        return policy.to(map_location).eval()
+        version = cfg.pop("format_version", None)
+        if version not in (1, FORMAT_VERSION):
+            raise CheckpointError(d, f"{CONFIG_FILE}: unsupported format_version {version!r} "
+                                     f"(this code reads 1 and {FORMAT_VERSION})")
+        if version == FORMAT_VERSION and files is None:
+            raise CheckpointError(d, f"{CONFIG_FILE} (format_version {version}) lacks the 'files' content hashes")
+        params = inspect.signature(cls.__init__).parameters
+        known = {n for n in params if n not in ("self", "normalizer")}
+        required = {n for n in known if params[n].default is inspect.Parameter.empty}
+        unknown, missing = sorted(map(str, set(cfg) - known)), sorted(required - set(cfg))
+        if unknown or missing:
+            raise CheckpointError(d, f"{CONFIG_FILE}: unknown settings {unknown}, missing settings {missing} "
+                                     f"(known: {sorted(known)})")
+        weights_path = resolve_file(d, files, WEIGHTS_FILE)
+        norm_path = resolve_file(d, files, NORMALIZER_FILE)
+        try:
+            normalizer = Normalizer.load(norm_path)
+        except Exception as err:  # noqa: BLE001 -- safetensors, key and value errors alike: a damaged file
+            raise CheckpointError(d, f"{NORMALIZER_FILE} cannot be read: {type(err).__name__}: {err}") from err
+        try:
+            policy = cls(**cfg, normalizer=normalizer)
+        except (TypeError, ValueError, KeyError) as err:
+            raise CheckpointError(d, f"{CONFIG_FILE} does not describe a valid policy: {err}") from err
+        for key, dim in (("obs", policy.obs_dim), ("action", policy.action_dim)):
+            shape = tuple(normalizer.stats(key)["scale"].shape)
+            if shape not in ((), (dim,)):
+                raise CheckpointError(d, f"{NORMALIZER_FILE} has {shape[0]} {key} features, {CONFIG_FILE} says {dim}")
+        try:
+            weights = load_file(str(weights_path), device="cpu")
+        except Exception as err:  # noqa: BLE001 -- a truncated, empty or garbage file
+            raise CheckpointError(d, f"{WEIGHTS_FILE} cannot be read: {type(err).__name__}: {err}") from err
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(d, f"{WEIGHTS_FILE} holds non-finite values (NaN or inf) in {bad[:5]}")
+        mine = policy.state_dict()
+        missing_w, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+        shapes = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} for {CONFIG_FILE}"
+                  for k, v in mine.items() if k in weights and weights[k].shape != v.shape]
+        if missing_w or unexpected or shapes:
+            raise CheckpointError(d, f"{WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing_w[:5]}, "
+                                     f"unexpected {unexpected[:5]}, shapes {shapes[:5]}")
+        policy.load_state_dict(weights, strict=True)
+        return policy

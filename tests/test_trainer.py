@@ -428,3 +428,152 @@ def test_fused_adamw_makes_the_same_updates_as_the_per_tensor_loop():
     apart = max(float((a - b).abs().max()) for a, b in zip(net.parameters(), twin.parameters()))
     moved = min(float((a - b).abs().max()) for a, b in zip(net.parameters(), start.parameters()))
     assert apart < 1e-5 and moved > 1e-2  # both trained, to the same weights
+
+
+# ---------------------------------------------------------------------------------------------- verified checkpoints
+def _resumable(out, resume=False, **kw):
+    data = _bimodal_data()
+    torch.manual_seed(0)
+    policy = Policy(3, 2, 2, 8, 4, head={"kind": "flow"}, net=NET, normalizer=data.fit_normalizer())
+    cfg = _cfg(**{"steps": 12, "batch_size": 16, "ckpt_every": 3, "keep_last": 3, **kw})
+    return Trainer(policy, data, cfg, out, resume=resume)
+
+
+def test_checkpoints_record_the_sha256_of_all_their_files_and_leave_no_temporaries(tmp_path):
+    import yaml
+
+    from stlflow.policy.checkpoint import sha256_file
+
+    trainer = _resumable(tmp_path)
+    trainer.fit()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000009", "step_00000012"]
+    for d in root.glob("step_*"):
+        files = yaml.safe_load((d / "policy.yaml").read_text())["files"]
+        assert set(files) == {"model.safetensors", "normalizer.safetensors", "ema.safetensors", "training_state.pt"}
+        assert all(files[n]["sha256"] == sha256_file(d / n) for n in files)
+        assert sorted(p.name for p in d.iterdir()) == sorted([*files, "policy.yaml"])
+    final = yaml.safe_load((tmp_path / "policy.yaml").read_text())["files"]  # the final policy in out/
+    assert final["model.safetensors"]["sha256"] == sha256_file(tmp_path / "model.safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _damage(path, how):
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    else:  # corrupted: same size, one byte changed
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "truncated", "corrupted"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint_when_the_latest_training_state_is_damaged(tmp_path, how):
+    full = _resumable(tmp_path / "full")
+    full.fit()
+    part = _resumable(tmp_path / "part")
+    part.fit(until=9)
+    root = tmp_path / "part" / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000009"
+    _damage(root / "step_00000009" / "training_state.pt", how)
+    torch.manual_seed(12345)
+    with pytest.warns(RuntimeWarning, match=r"step_00000009 is not usable .*training_state.pt.*; resuming from the "
+                                            r"newest intact checkpoint .*step_00000006 \(step 6\)"):
+        resumed = _resumable(tmp_path / "part", resume=True)
+    assert resumed.step == 6
+    resumed.fit()  # and the run goes on exactly as the uninterrupted one from step 6
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[6:]]
+    assert (root / "latest").read_text() == "step_00000012"
+    assert Policy.load(root / "step_00000009")  # re-saved over the damaged one, verified
+
+
+@pytest.mark.parametrize("how", ["missing", "empty"])
+def test_resume_falls_back_when_the_latest_pointer_is_missing_or_empty(tmp_path, how):
+    _resumable(tmp_path).fit(until=9)
+    latest = tmp_path / "checkpoints" / "latest"
+    latest.unlink() if how == "missing" else latest.write_text("")
+    with pytest.warns(RuntimeWarning, match=rf"latest is {how}.*resuming from the newest intact .*step_00000009"):
+        resumed = _resumable(tmp_path, resume=True)
+    assert resumed.step == 9
+
+
+def test_resume_falls_back_past_a_latest_checkpoint_with_truncated_weights(tmp_path):
+    _resumable(tmp_path).fit(until=9)
+    _damage(tmp_path / "checkpoints" / "step_00000009" / "ema.safetensors", "truncated")
+    with pytest.warns(RuntimeWarning, match=r"ema.safetensors is truncated.*step_00000006"):
+        assert _resumable(tmp_path, resume=True).step == 6
+
+
+def test_resume_refuses_when_no_kept_checkpoint_is_intact(tmp_path):
+    from stlflow.policy import CheckpointError
+
+    _resumable(tmp_path).fit(until=9)
+    root = tmp_path / "checkpoints"
+    for d, how in zip(sorted(root.glob("step_*")), ["missing", "empty", "truncated"]):
+        _damage(d / "training_state.pt", how)
+    with pytest.raises(CheckpointError, match=r"checkpoints: resume=True but no kept checkpoint is intact: .*"
+                                              r"step_00000009.*training_state.pt is truncated.*step_00000003") as info:
+        _resumable(tmp_path, resume=True)
+    assert info.value.directory == root
+
+
+def test_resume_from_a_checkpoint_written_before_content_hashes(tmp_path):
+    import warnings
+
+    import yaml
+
+    _resumable(tmp_path).fit(until=9)
+    d = tmp_path / "checkpoints" / "step_00000009"
+    cfg = yaml.safe_load((d / "policy.yaml").read_text())
+    del cfg["files"]
+    cfg["format_version"] = 1
+    (d / "policy.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _resumable(tmp_path, resume=True).step == 9
+
+
+def _train_forever(out: str) -> None:
+    """Subprocess body: train with a checkpoint every step until killed."""
+    import sys
+
+    trainer = _resumable(out, steps=100_000, ckpt_every=1, keep_last=2)
+    print("ready", flush=True, file=sys.stdout)
+    trainer.fit()
+
+
+def test_a_kill_during_training_leaves_a_resumable_latest_checkpoint(tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    import warnings
+    from pathlib import Path
+
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_trainer import _train_forever; "
+            f"_train_forever({str(tmp_path)!r})")
+    rng = random.Random(0)
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            t0 = time.monotonic()
+            while not (tmp_path / "checkpoints" / "latest").exists() and time.monotonic() - t0 < 60:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(child.pid, signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=60)
+            child.stdout.close()
+        latest = (tmp_path / "checkpoints" / "latest").read_text()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback needed: the latest checkpoint is always complete
+            resumed = _resumable(tmp_path, resume=True, steps=100_000, ckpt_every=1, keep_last=2)
+        assert f"step_{resumed.step:08d}" == latest and resumed.step > 0
