@@ -8,6 +8,7 @@ values a conditioned policy is asked for (``stl_params``).
 - :mod:`stlflow.policy.heads` -- :class:`DDPMHead` (DDIM sampling), :class:`FlowHead`, the registry ``HEADS``
 - :mod:`stlflow.policy.meanflow` -- :class:`MeanFlowHead` (one-step average-velocity flow, JVP training)
 - :mod:`stlflow.policy.policy` -- :class:`Policy` (normaliser inside, obs history, θ + classifier-free guidance)
+- :mod:`stlflow.policy.checkpoint` -- atomic, hash-verified checkpoint folders; :class:`CheckpointError`
 - :mod:`stlflow.policy.data` -- :class:`ChunkData` (training windows + per-episode θ from an EpisodeStore)
 - :mod:`stlflow.policy.trainer` -- :class:`Trainer` (AdamW, warm-up + cosine, EMA, exact resume, DDP)
 - :mod:`stlflow.policy.distill` -- :class:`Distiller` (a MeanFlow student distilled from a flow teacher)
@@ -15,6 +16,7 @@ values a conditioned policy is asked for (``stl_params``).
 - :mod:`stlflow.policy.guidance` -- :class:`STLGuidance` (inference-time STL guidance)
 """
 
+from stlflow.policy.checkpoint import CheckpointError
 from stlflow.policy.data import ChunkData
 from stlflow.policy.distill import Distiller
 from stlflow.policy.heads import DDPMHead, FlowHead, Head, MeanFlowHead, build_head
@@ -24,6 +26,7 @@ from stlflow.policy.rti import RTIController
 from stlflow.policy.trainer import TrainConfig, Trainer
 
 __all__ = [
+    "CheckpointError",
     "ChunkData",
     "DDPMHead",
     "Distiller",
