@@ -18,9 +18,13 @@ Dict observation/action spaces (Minari groups) become ``obs_<k>``, ``next_obs_<k
 D4RL's flat arrays are split into episodes after every step with ``terminals | timeouts``; steps after
 the last such flag form a final episode with ``attrs["complete"] = False``.
 
-Every import writes into a temporary folder next to ``out`` and renames it at the end: a malformed or
-truncated source raises :class:`DatasetImportError` naming the file and the problem, and leaves nothing
-at ``out``. Neither ``d4rl`` nor ``minari`` is needed; the files are read with ``h5py``.
+Every import writes into a hidden staging folder next to ``out``, ``.<out>.importing-<pid>-<hex>.stlflow-tmp``,
+and renames it at the end: a malformed or truncated source raises :class:`DatasetImportError` naming the file
+and the problem, and leaves nothing at ``out``. A process killed mid-import (SIGKILL, power loss) cannot
+clean up: its staging folder stays, and the next import to the same ``out`` deletes it once its owner is
+dead (the staging store's writer lock is free, or, for a folder without one, no process ``<pid>`` runs).
+An import never replaces a store that another process has open for writing. Neither ``d4rl`` nor ``minari``
+is needed; the files are read with ``h5py``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stlflow.datasets.store import EpisodeStore, EpisodeStoreError
-from stlflow.datasets.store_io import replace_dir, to_jsonable
+from stlflow.datasets.store_io import acquire_writer_lock, remove_if_abandoned, replace_dir, to_jsonable
 
 D4RL_KEYS = {
     "observations": "obs",
@@ -60,20 +64,55 @@ class DatasetImportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def staging_folders(out: str | os.PathLike) -> list[tuple[Path, int | None]]:
+    """The staging folders of imports into ``out`` (and their build folders) with the pid in their names (``None``
+    for names of older stlflow versions, which carry none)."""
+    out = Path(out)
+    pattern = re.compile(r"\.{1,2}" + re.escape(out.name) + r"\.importing-(?:(\d+)-)?[0-9a-f]{32}\.stlflow-tmp")
+    found = []
+    if out.parent.is_dir():
+        for entry in out.parent.iterdir():
+            m = pattern.match(entry.name)
+            if m and entry.is_dir():
+                found.append((entry, int(m.group(1)) if m.group(1) else None))
+    return sorted(found)
+
+
+def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
+    """Delete the staging folders of imports into ``out`` whose owner process is dead; returns those deleted.
+
+    A live import's staging store holds its writer lock, so it is never touched (even if its pid was reused).
+    """
+    return [folder for folder, pid in staging_folders(out) if remove_if_abandoned(folder, pid)]
+
+
 @contextlib.contextmanager
 def _staged_store(out: str | os.PathLike, overwrite: bool, dt: float | None, attrs: dict) -> Iterator[EpisodeStore]:
-    """Yield a new store in a temporary sibling folder; rename it to ``out`` only if the block succeeds."""
+    """Yield a new store in a hidden staging folder next to ``out``; rename it to ``out`` only if the block succeeds.
+
+    The staging folder's name holds this process's pid; stale ones of dead imports are removed first. An existing
+    store at ``out`` is replaced only while this process holds its writer lock.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     if out.exists() and not (out / "stlflow.json").is_file():
         raise EpisodeStoreError(f"refusing to overwrite {out}: it is not an EpisodeStore")
-    tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex}.stlflow-tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    # the store being replaced: nobody else may write it meanwhile (StoreLockedError if someone does now)
+    old_lock = acquire_writer_lock(out) if out.exists() else None
+    tmp = out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex}.stlflow-tmp"
+    store = None
     try:
         store = EpisodeStore.create(tmp, dt=dt, attrs=attrs)
         yield store
         replace_dir(tmp, out)
     finally:
+        if store is not None:
+            store.close()
+        if old_lock is not None:
+            old_lock.release()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -145,19 +184,58 @@ def load_d4rl_hdf5(path: str | os.PathLike, progress: bool = False) -> dict[str,
         if "metadata" in f and isinstance(f["metadata"], h5py.Group):
             for key, node in f["metadata"].items():
                 if isinstance(node, h5py.Dataset) and node.shape == ():
-                    value = node[()]
-                    metadata[key] = value.decode() if isinstance(value, bytes) else value
+                    metadata[key] = _metadata_value(node[()])
+    for name, value in data.items():
+        if value.ndim == 0:
+            raise DatasetImportError(
+                f"{path}: {name!r} is a scalar (shape ()), expected one row per step (malformed file)"
+            )
     n = len(data["rewards"])
     for name, value in data.items():
-        if value.ndim == 0 or len(value) != n:
+        if len(value) != n:
             raise DatasetImportError(
-                f"{path}: {name!r} has {0 if value.ndim == 0 else len(value)} rows but 'rewards' has {n} "
-                "(truncated or malformed file)"
+                f"{path}: {name!r} has {len(value)} rows but 'rewards' has {n} (truncated or malformed file)"
             )
     if n == 0:
         raise DatasetImportError(f"{path}: the file holds no steps")
+    for name in ("terminals", "timeouts"):
+        if name in data:
+            check_flags(data[name], name, path)
     data["_metadata"] = metadata  # type: ignore[assignment]
     return data
+
+
+def check_flags(value: np.ndarray, name: str, file: Path) -> None:
+    """Raise :class:`DatasetImportError` naming ``name`` unless ``value`` holds only 0/1 (bool, integer or float):
+    a NaN or a 0.5 in ``terminals`` would otherwise silently become ``True``."""
+    if value.dtype.kind == "b":
+        return
+    if value.dtype.kind not in "iuf":
+        raise DatasetImportError(f"{file}: {name!r} has dtype {value.dtype}, expected 0/1 flags")
+    flat = value.reshape(-1)
+    if value.dtype.kind == "f":
+        nan = np.flatnonzero(np.isnan(flat))
+        if len(nan):
+            raise DatasetImportError(
+                f"{file}: {name!r} holds NaN ({len(nan)} rows, the first at row {nan[0]}); expected 0/1 flags"
+            )
+    bad = np.flatnonzero((flat != 0) & (flat != 1))
+    if len(bad):
+        raise DatasetImportError(
+            f"{file}: {name!r} holds {flat[bad[0]].item()!r} at row {bad[0]} ({len(bad)} rows not 0 or 1); "
+            "expected 0/1 flags"
+        )
+
+
+def _metadata_value(value: Any) -> Any:
+    """A scalar HDF5 metadata value as JSON: text that is not UTF-8 keeps its bytes as ``\\xNN`` escapes; values
+    that are not JSON-able (compound, opaque) become their ``repr``."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    try:
+        return to_jsonable(value, "metadata")
+    except EpisodeStoreError:
+        return repr(value)
 
 
 def d4rl_episode_bounds(terminals: np.ndarray, timeouts: np.ndarray | None) -> list[tuple[int, int]]:
@@ -329,7 +407,9 @@ def _minari_episode(f: h5py.File, eid: int, file: Path, infos: bool) -> tuple[di
     attrs = {"source": "minari", "episode_id": eid}
     for key, value in group.attrs.items():
         with contextlib.suppress(EpisodeStoreError):
-            attrs[key] = to_jsonable(value.decode() if isinstance(value, bytes) else value, key)
+            attrs[key] = to_jsonable(
+                value.decode("utf-8", errors="backslashreplace") if isinstance(value, bytes) else value, key
+            )
     return ep, attrs
 
 

@@ -12,7 +12,15 @@ chunk that holds committed steps is always either its old or its new version, an
 committed prefix. A process killed with SIGKILL at any point therefore leaves a store that opens with
 every previously committed episode bit-identical. This protects against process death; power loss
 also needs the data on disk before the commit, which ``durable=True`` buys with an ``fsync`` per file.
-One writer at a time; readers in other processes may open the store while it is being appended to.
+One writer at a time, enforced: ``create`` and ``open(path, "a")`` take an exclusive lock on
+``<store>/.writer.lock`` (``fcntl.flock``), held until :meth:`EpisodeStore.close` (or the end of a ``with``
+block, or garbage collection of the store object) and dropped by the kernel when the process dies, so a
+SIGKILLed writer leaves no stale lock. Opening for writing while another process holds the lock raises
+:class:`StoreLockedError` at once, naming the holder's pid; ``open(path, "a", timeout=SECONDS)`` waits for it
+instead. The repair of an uncommitted tail runs only under the lock. Readers (mode ``"r"``) take no lock,
+never repair and never block the writer: they see the episodes committed when they opened the store. Writers
+of one store within one process share the lock, and their writes are serialised. On platforms without
+``fcntl`` (Windows) there is no lock: nothing stops two writers there. Linux is what is tested.
 
 Diffusion Policy's zarr v2 stores (``data/<key>``, ``meta/episode_ends``, optionally ``.zarr.zip``)
 open read-only: ``dt`` is ``None`` and every episode's attributes are empty.
@@ -32,12 +40,22 @@ from typing import Any
 import numpy as np
 import zarr
 
-from stlflow.datasets.store_check import committed_view, truncate_to_committed, validate_episode
+from stlflow.datasets.store_check import (
+    committed_view,
+    parse_episode_attrs,
+    truncate_to_committed,
+    validate_episode,
+)
 from stlflow.datasets.store_io import (
     CHUNK_BYTES,
     COMMIT_FILE,
+    LOCK_FILE,
     AtomicLocalStore,
     EpisodeStoreError,
+    StoreCorruptError,
+    StoreLockedError,
+    WriterLock,
+    acquire_writer_lock,
     check_key_name,
     check_numeric_dtype,
     create_data_array,
@@ -53,7 +71,15 @@ from stlflow.datasets.store_io import (
 )
 from stlflow.datasets.store_merge import check_mergeable, copy_into_new_store
 
-__all__ = ["CHUNK_BYTES", "COMMIT_FILE", "EpisodeStore", "EpisodeStoreError"]
+__all__ = [
+    "CHUNK_BYTES",
+    "COMMIT_FILE",
+    "LOCK_FILE",
+    "EpisodeStore",
+    "EpisodeStoreError",
+    "StoreCorruptError",
+    "StoreLockedError",
+]
 
 
 class EpisodeStore:
@@ -63,17 +89,28 @@ class EpisodeStore:
     axis 0; ``dt`` is the sampling period in seconds (``None`` when unknown, e.g. imported data).
     """
 
-    def __init__(self, path: Path, root: zarr.Group, record: dict, mode: str, source_format: str):
+    def __init__(
+        self,
+        path: Path,
+        root: zarr.Group,
+        record: dict,
+        mode: str,
+        source_format: str,
+        lock: WriterLock | None = None,
+    ):
         # Use EpisodeStore.create / EpisodeStore.open.
         self._path = path
         self._root = root
         self._record = record
         self._mode = mode
         self._source_format = source_format  # "stlflow" or "diffusion_policy"
+        self._lock = lock  # the writer lock (mode "a" only)
+        self._closed = False
         self._arrays: dict[str, zarr.Array] = {}
         self._episode_ends = np.zeros(0, dtype=np.int64)
         self._attrs_cache: list[dict] | None = None
         self._load_committed()
+        self._generation = lock.generation if lock is not None else 0
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -87,18 +124,20 @@ class EpisodeStore:
         schema: Mapping[str, tuple[Sequence[int], Any]] | None = None,
         chunk_bytes: int = CHUNK_BYTES,
         durable: bool = False,
+        timeout: float | None = 0.0,
     ) -> EpisodeStore:
-        """Create an empty store at ``path`` and open it in mode ``"a"``.
+        """Create an empty store at ``path`` and open it in mode ``"a"`` (holding its writer lock).
 
         Args:
             path: directory to create (conventionally ``*.zarr``).
             dt: seconds per step (``None`` when unknown).
             attrs: JSON-able store-level attributes (task, source, ...).
             overwrite: replace an existing EpisodeStore at ``path``; a directory that is not a store is
-                never deleted.
+                never deleted, nor a store another process has open for writing (:class:`StoreLockedError`).
             schema: optional ``{key: (per_step_shape, dtype)}``; otherwise the first episode fixes it.
             chunk_bytes: target uncompressed bytes per chunk along time.
             durable: fsync every written file (survives power loss, slower).
+            timeout: seconds to wait for the writer lock of a store being overwritten (``None``: no limit).
         """
         path = Path(path)
         if dt is not None and (not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0):
@@ -110,27 +149,45 @@ class EpisodeStore:
             dtype = np.dtype(dtype)
             check_numeric_dtype(key, dtype)
             keys[key] = {"shape": [int(s) for s in shape], "dtype": dtype.str, "chunk_steps": 0}
+        old_lock = None
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} already exists (pass overwrite=True to replace an EpisodeStore)")
             if not (path / COMMIT_FILE).is_file():
                 raise EpisodeStoreError(f"refusing to overwrite {path}: it is not an EpisodeStore (no {COMMIT_FILE})")
-        # Build in a sibling temporary directory and rename: a killed create leaves no half store.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(path)
+            old_lock = acquire_writer_lock(path, timeout)  # nobody else is writing there
+        # Build in a sibling temporary directory, lock it, and rename it: a killed create leaves no half store, and
+        # the store is locked from the moment it appears at ``path``.
+        lock = None
         try:
-            init_layout(tmp, new_record(dt, store_attrs, keys, chunk_bytes, durable))
-            replace_dir(tmp, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temporary_sibling(path)
+            try:
+                init_layout(tmp, new_record(dt, store_attrs, keys, chunk_bytes, durable))
+                lock = acquire_writer_lock(tmp)
+                replace_dir(tmp, path)
+            finally:
+                if tmp.exists():
+                    if lock is not None:
+                        lock.release()
+                        lock = None
+                    shutil.rmtree(tmp, ignore_errors=True)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return cls.open(path, mode="a")
+            if old_lock is not None:
+                old_lock.release()
+        return cls._open_native(path, "a", lock)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> EpisodeStore:
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, timeout: float | None = 0.0) -> EpisodeStore:
         """Open an EpisodeStore (``mode`` ``"r"`` or ``"a"``) or a Diffusion Policy zarr store (``"r"`` only).
 
-        In mode ``"a"`` any uncommitted tail left by a killed writer is removed first.
+        Mode ``"a"`` takes the store's writer lock: if another process holds it, :class:`StoreLockedError`
+        (naming the holder's pid) is raised at once, or after waiting up to ``timeout`` seconds (``None``: no
+        limit). Under the lock, any uncommitted tail left by a killed writer is removed. Release the lock with
+        :meth:`close` or a ``with`` block. Mode ``"r"`` takes no lock and changes nothing on disk.
+
+        Raises :class:`StoreCorruptError` (naming the store and the problem) when the files contradict each
+        other, e.g. a commit record that does not parse or ``meta/episode_ends`` that disagrees with it.
         """
         path = Path(path)
         if mode not in ("r", "a"):
@@ -138,17 +195,13 @@ class EpisodeStore:
         if not path.exists():
             raise FileNotFoundError(f"no EpisodeStore at {path}: the path does not exist")
         if path.is_dir() and (path / COMMIT_FILE).is_file():
-            record = read_commit_record(path)
-            zstore = AtomicLocalStore(path, read_only=(mode == "r"))
-            zstore.durable = bool(record.get("durable", False))
-            try:
-                root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
-            except Exception as err:
-                raise EpisodeStoreError(f"{path}: cannot open the zarr group: {err}") from err
-            store = cls(path, root, record, mode, "stlflow")
-            if mode == "a":
-                store._repair()
-            return store
+            lock = acquire_writer_lock(path, timeout) if mode == "a" else None
+            return cls._open_native(path, mode, lock)
+        if path.is_dir() and (path / "meta" / "episode_attrs").is_dir():
+            raise StoreCorruptError(
+                f"{path}: the commit record {COMMIT_FILE} is missing (meta/episode_attrs marks an stlflow "
+                "EpisodeStore; without its commit record nothing in it is known to be committed)"
+            )
         # Diffusion Policy layout (zarr v2 or v3, directory or .zip), read-only.
         if mode != "r":
             raise EpisodeStoreError(
@@ -158,6 +211,47 @@ class EpisodeStore:
         root, record = open_foreign(path)
         return cls(path, root, record, "r", "diffusion_policy")
 
+    @classmethod
+    def _open_native(cls, path: Path, mode: str, lock: WriterLock | None) -> EpisodeStore:
+        """Open the stlflow store at ``path``; in mode ``"a"`` ``lock`` is its writer lock, taken by the caller
+        (released here if opening fails). The commit record is read after the lock is taken: a writer that waited
+        for the lock sees what the previous one committed."""
+        try:
+            record = read_commit_record(path)
+            zstore = AtomicLocalStore(path, read_only=(mode == "r"))
+            zstore.durable = bool(record.get("durable", False))
+            try:
+                root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
+            except Exception as err:
+                raise StoreCorruptError(f"{path}: cannot open the zarr group: {err}") from err
+            store = cls(path, root, record, mode, "stlflow", lock)
+            if mode == "a":
+                with lock.mutex:
+                    store._repair()
+            return store
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release the writer lock (mode ``"a"``; readers hold nothing); idempotent. The object can still read the
+        episodes it knew, but no longer write."""
+        self._closed = True
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> EpisodeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _load_committed(self) -> None:
         self._meta, self._episode_ends, self._arrays = committed_view(
             self._root, self._record, self._path, with_attrs=self._source_format == "stlflow"
@@ -165,8 +259,23 @@ class EpisodeStore:
         self._attrs_cache = None
 
     def _repair(self) -> None:
-        """Drop everything past the committed state (left by a writer that died mid-append)."""
+        """Drop everything past the committed state (left by a writer that died mid-append). Only under the lock."""
         truncate_to_committed(self._root, self._record, self._arrays, self._meta, self._path)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Serialise with the other writers of this store in this process, and start from what is committed on disk
+        if one of them wrote since this object last did."""
+        self._check_writable()
+        lock = self._lock
+        with lock.mutex:
+            if lock.generation != self._generation:
+                self._record = read_commit_record(self._path)
+                self._load_committed()
+            try:
+                yield
+            finally:
+                self._generation = lock.bump()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -298,7 +407,7 @@ class EpisodeStore:
                 self._attrs_cache = [{} for _ in range(self.n_episodes)]
             else:
                 raw = self._meta["episode_attrs"][: self.n_episodes]
-                self._attrs_cache = [json.loads(s) if s else {} for s in np.asarray(raw).tolist()]
+                self._attrs_cache = parse_episode_attrs(np.asarray(raw).tolist(), self._path)
         return self._attrs_cache
 
     def episode_attrs(self, i: int) -> dict:
@@ -314,6 +423,12 @@ class EpisodeStore:
     def _check_writable(self) -> None:
         if self._mode != "a":
             raise EpisodeStoreError(f"{self._path} is open read-only; use EpisodeStore.open(path, mode='a')")
+        if self._closed or self._lock is None:
+            raise EpisodeStoreError(f"{self._path}: this store object is closed; open the store again to write")
+        if self._lock.lost_to_fork:
+            raise EpisodeStoreError(
+                f"{self._path} was opened for writing by a parent process (forked); open the store again here"
+            )
 
     def add_episode(self, episode: Mapping[str, Any], attrs: Mapping[str, Any] | None = None) -> int:
         """Append one episode atomically and return its index.
@@ -330,8 +445,12 @@ class EpisodeStore:
         self, episodes: Sequence[Mapping[str, Any]], attrs: Sequence[Mapping[str, Any] | None] | None = None
     ) -> list[int]:
         """Append several episodes with one commit (all or none survive a crash); returns their indices."""
-        self._check_writable()
-        episodes = list(episodes)
+        with self._writing():
+            return self._add_episodes(list(episodes), attrs)
+
+    def _add_episodes(
+        self, episodes: list[Mapping[str, Any]], attrs: Sequence[Mapping[str, Any] | None] | None
+    ) -> list[int]:
         attrs_list = list(attrs) if attrs is not None else [None] * len(episodes)
         if len(attrs_list) != len(episodes):
             raise EpisodeStoreError(f"got {len(episodes)} episodes but {len(attrs_list)} attrs")
@@ -363,9 +482,7 @@ class EpisodeStore:
         try:
             arrays_by_key = dict(self._arrays)
             for key, spec in new_keys.items():
-                spec["chunk_steps"] = create_data_array(
-                    self._root, key, spec, record.get("chunk_bytes", CHUNK_BYTES)
-                )
+                spec["chunk_steps"] = create_data_array(self._root, key, spec, record.get("chunk_bytes", CHUNK_BYTES))
                 arrays_by_key[key] = self._root["data"][key]
                 record["keys"][key] = spec
             writes = [
@@ -399,24 +516,24 @@ class EpisodeStore:
 
     def set_episode_attrs(self, i: int, attrs: Mapping[str, Any], replace: bool = False) -> None:
         """Merge ``attrs`` into episode ``i``'s attributes (or replace them when ``replace``); atomic."""
-        self._check_writable()
-        self._episode_range(i)
-        i = int(i) % self.n_episodes
-        new = {} if replace else self.episode_attrs(i)
-        new.update(to_jsonable(dict(attrs), f"episode {i} attrs"))
-        text = json.dumps(new)
-        self._meta["episode_attrs"][i] = text
-        self._all_episode_attrs()[i] = json.loads(text)
+        with self._writing():
+            self._episode_range(i)
+            i = int(i) % self.n_episodes
+            new = {} if replace else self.episode_attrs(i)
+            new.update(to_jsonable(dict(attrs), f"episode {i} attrs"))
+            text = json.dumps(new)
+            self._meta["episode_attrs"][i] = text
+            self._all_episode_attrs()[i] = json.loads(text)
 
     def set_attrs(self, attrs: Mapping[str, Any], replace: bool = False) -> None:
         """Merge ``attrs`` into the store-level attributes (or replace them); atomic."""
-        self._check_writable()
-        record = json.loads(json.dumps(self._record))
-        if replace:
-            record["attrs"] = {}
-        record["attrs"].update(to_jsonable(dict(attrs), "store attrs"))
-        self._write_record(record)
-        self._record = record
+        with self._writing():
+            record = json.loads(json.dumps(self._record))
+            if replace:
+                record["attrs"] = {}
+            record["attrs"].update(to_jsonable(dict(attrs), "store attrs"))
+            self._write_record(record)
+            self._record = record
 
     # ------------------------------------------------------------------ derived stores
     def filter(
@@ -452,4 +569,3 @@ class EpisodeStore:
         if self._path.is_file():
             return self._path.stat().st_size
         return sum(p.stat().st_size for p in self._path.rglob("*") if p.is_file())
-

@@ -1,9 +1,15 @@
 """Importers: D4RL HDF5 (episode split, qlearning_dataset semantics), Minari folders, Diffusion Policy zarr;
-truncated or malformed sources raise a clear error and leave nothing behind."""
+truncated or malformed sources raise a clear error and leave nothing behind; the staging folder of a SIGKILLed
+import is removed by the next import once its owner is dead."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -20,7 +26,10 @@ from stlflow.datasets.importers import (
     import_dp,
     import_minari,
     qlearning_dataset,
+    remove_stale_staging,
+    staging_folders,
 )
+from stlflow.datasets.store import StoreLockedError
 
 
 def d4rl_arrays(n: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
@@ -290,3 +299,184 @@ def test_dp_corrupt_chunk(tmp_path):
     with pytest.raises(DatasetImportError, match="dp.zarr"):
         import_dp(tmp_path / "dp.zarr", tmp_path / "out.zarr", progress=False)
     assert not (tmp_path / "out.zarr").exists() and no_leftovers(tmp_path / "dp.zarr")
+
+
+# ---------------------------------------------------------------------------------------------- malformed D4RL files
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: a.__setitem__("rewards", np.float32(1.5)), r"'rewards' is a scalar \(shape \(\)\)"),
+        (lambda a: a.__setitem__("timeouts", np.bool_(True)), r"'timeouts' is a scalar"),
+        (
+            lambda a: a.__setitem__(
+                "terminals", np.where(np.arange(60) == 7, np.nan, a["terminals"]).astype(np.float32)
+            ),
+            r"'terminals' holds NaN \(1 rows, the first at row 7\)",
+        ),
+        (
+            lambda a: a.__setitem__("timeouts", np.where(np.arange(60) == 3, 0.5, a["timeouts"])),
+            r"'timeouts' holds 0.5 at row 3 \(1 rows not 0 or 1\)",
+        ),
+        (
+            lambda a: a.__setitem__("terminals", np.where(a["terminals"], 2, 0)),
+            r"'terminals' holds 2 at row 9 \(2 rows",
+        ),
+    ],
+    ids=["scalar-rewards", "scalar-timeouts", "nan-terminals", "half-timeouts", "terminals-2"],
+)
+def test_d4rl_bad_arrays_are_refused(tmp_path, mutate, match):
+    arrays = d4rl_arrays()
+    mutate(arrays)
+    src = write_d4rl(tmp_path / "bad.hdf5", arrays)
+    with pytest.raises(DatasetImportError, match="bad.hdf5: " + match):
+        import_d4rl(src, tmp_path / "out.zarr", progress=False)
+    assert no_leftovers(tmp_path)
+
+
+def test_d4rl_float_flags_of_zero_and_one_import(tmp_path):
+    arrays = d4rl_arrays()
+    arrays["terminals"] = arrays["terminals"].astype(np.float32)
+    arrays["timeouts"] = arrays["timeouts"].astype(np.int8)
+    store = import_d4rl(write_d4rl(tmp_path / "f.hdf5", arrays), tmp_path / "f.zarr", progress=False)
+    assert store.episode_ends.tolist() == [10, 20, 31, 45, 60]
+    assert store.key_dtype("terminal") == np.dtype(bool)
+
+
+def test_d4rl_non_utf8_metadata(tmp_path):
+    src = write_d4rl(tmp_path / "m.hdf5", d4rl_arrays(), metadata=False)
+    with h5py.File(src, "a") as f:
+        f.create_dataset("metadata/algorithm", data=np.bytes_(b"caf\xe9 SAC"))  # Latin-1, not UTF-8
+        f.create_dataset("metadata/env", data="Hopper-v3")
+        f.create_dataset("metadata/seed", data=np.int64(3))
+    store = import_d4rl(src, tmp_path / "m.zarr", progress=False)
+    assert store.attrs["d4rl_metadata"] == {"algorithm": "caf\\xe9 SAC", "env": "Hopper-v3", "seed": 3}
+    assert EpisodeStore.open(tmp_path / "m.zarr").attrs == store.attrs
+
+
+def test_cli_d4rl_nan_terminals_one_line(tmp_path, capsys):
+    from stlflow import cli
+
+    arrays = d4rl_arrays()
+    arrays["terminals"] = np.full(60, np.nan)
+    src = write_d4rl(tmp_path / "nan.hdf5", arrays)
+    assert cli.main(["data", "import", "d4rl", str(src), str(tmp_path / "o.zarr"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nan.hdf5" in err and "'terminals' holds NaN" in err
+
+
+# ---------------------------------------------------------------------------------------------- staging folders
+def big_d4rl(path, n=400_000):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.normal(size=(n, 11)).astype(np.float32)
+        f["actions"] = rng.normal(size=(n, 3)).astype(np.float32)
+        f["rewards"] = rng.normal(size=n).astype(np.float32)
+        f["terminals"] = np.zeros(n, bool)
+        f["timeouts"] = (np.arange(n) % 1000) == 999
+    return path
+
+
+def test_sigkilled_import_leaves_staging_that_the_next_import_removes(tmp_path):
+    src = big_d4rl(tmp_path / "big.hdf5")
+    out = tmp_path / "big.zarr"
+    code = (
+        "import sys\nfrom stlflow.datasets.importers import import_d4rl\n"
+        "import_d4rl(sys.argv[1], sys.argv[2], progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(src), str(out)])
+
+    def committing() -> bool:  # the staging store is in place and holds a first batch
+        for folder, _ in staging_folders(out):
+            try:
+                if (
+                    folder.name.startswith(".big.zarr.")
+                    and json.loads((folder / "stlflow.json").read_text())["n_steps"]
+                ):
+                    return True
+            except (OSError, ValueError):
+                pass
+        return False
+
+    deadline = time.monotonic() + 60
+    while not committing() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the import finished before it could be killed"
+    left = staging_folders(out)
+    assert [p.name.startswith(f".big.zarr.importing-{proc.pid}-") for p, _ in left] == [True], left
+    assert left[0][1] == proc.pid and not out.exists()
+
+    # a live import's staging folder is left alone: one held by this process, one by another live process
+    mine = tmp_path / f".big.zarr.importing-{os.getpid()}-{'a' * 32}.stlflow-tmp"
+    held_here = EpisodeStore.create(mine)
+    other = tmp_path / f".big.zarr.importing-1-{'b' * 32}.stlflow-tmp"  # pid 1 lives; the lock decides anyway
+    EpisodeStore.create(other).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom stlflow.datasets import EpisodeStore\n"
+            "s = EpisodeStore.open(sys.argv[1], 'a')\nprint('held', flush=True)\ntime.sleep(600)\n",
+            str(other),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        store = import_d4rl(src, out, progress=False)
+        assert store.n_steps == 400_000 and store.n_episodes == 400
+        assert {p for p, _ in staging_folders(out)} == {mine, other}  # the killed import's folder is gone
+    finally:
+        holder.kill()
+        holder.wait()
+    held_here.close()
+    # now both owners are gone (the lock of `other` died with its process): the next import cleans up
+    assert sorted(remove_stale_staging(out)) == sorted([mine, other])
+    assert not staging_folders(out)
+
+
+def test_staging_folder_without_lock_uses_the_pid(tmp_path):
+    out = tmp_path / "x.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    gone = tmp_path / f".x.zarr.importing-{dead_pid}-{'c' * 32}.stlflow-tmp"
+    alive = tmp_path / f"..x.zarr.importing-{os.getpid()}-{'d' * 32}.stlflow-tmp.{'e' * 32}.stlflow-tmp"
+    old_style = tmp_path / f".x.zarr.importing-{'f' * 32}.stlflow-tmp"  # no pid, no lock: unknown owner
+    unrelated = tmp_path / f".y.zarr.importing-{dead_pid}-{'c' * 32}.stlflow-tmp"
+    for folder in (gone, alive, old_style, unrelated):
+        folder.mkdir()
+    assert remove_stale_staging(out) == [gone]
+    assert alive.exists() and old_style.exists() and unrelated.exists()
+
+
+def test_import_does_not_replace_a_store_another_process_writes(tmp_path):
+    src = write_d4rl(tmp_path / "d.hdf5", d4rl_arrays())
+    out = tmp_path / "d.zarr"
+    import_d4rl(src, out, progress=False)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom stlflow.datasets import EpisodeStore\n"
+            "s = EpisodeStore.open(sys.argv[1], 'a')\nprint('held', flush=True)\ntime.sleep(600)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            StoreLockedError, match=rf"d.zarr is locked for writing by another process \(pid {holder.pid}"
+        ):
+            import_d4rl(src, out, overwrite=True, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert no_leftovers_but(tmp_path, out) and EpisodeStore.open(out).n_episodes == 5
+    assert import_d4rl(src, out, overwrite=True, progress=False).n_episodes == 5  # the holder is dead now
+
+
+def no_leftovers_but(folder, keep) -> bool:
+    return not [p for p in folder.iterdir() if "stlflow-tmp" in p.name or (p.suffix == ".zarr" and p != keep)]

@@ -2,6 +2,10 @@
 
 stlflow data info PATH [--episodes N]
 stlflow data import {d4rl,minari,dp} SRC OUT [--dt SECONDS] [--overwrite] [--no-progress]
+
+Exit status: 0 on success; 2 when PATH is a store whose files contradict each other (one line on stderr naming
+the store and the inconsistency); 1 for other errors (no such path, not a store, a bad import source). With
+``stlflow --debug`` (or STLFLOW_DEBUG=1) the traceback is shown too.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ EPILOG = """examples:
   stlflow data import dp pusht_cchi_v7_replay.zarr pusht.zarr --dt 0.1
 
 Imported keys: obs, action, reward, terminal, timeout, next_obs (when the source has it), info_<name>.
-A failed import leaves nothing at OUT."""
+A failed import leaves nothing at OUT; the hidden staging folder of a killed import is removed by the next
+import to the same OUT.
+
+exit status: 0 ok; 2 inconsistent store (named on stderr); 1 other errors."""
 
 
 def _human_bytes(n: float) -> str:
@@ -70,6 +77,7 @@ def info(path: str, episodes: int) -> int:
 
     store = EpisodeStore.open(path, mode="r")
     lengths = store.episode_lengths
+    all_attrs = store.all_episode_attrs()  # before printing anything: a damaged store gives only its error
     print(
         f"{store.path}  ({'EpisodeStore' if store.source_format == 'stlflow' else 'Diffusion Policy store, read-only'})"
     )
@@ -93,7 +101,6 @@ def info(path: str, episodes: int) -> int:
             print(f"  {k}: {text if len(text) <= 200 else text[:197] + '...'}")
     else:
         print("  (none)")
-    all_attrs = store.all_episode_attrs()
     print("episode attrs:")
     print("\n".join(_summarise_attrs(all_attrs)) if any(all_attrs) else "  (none)")
     if episodes > 0 and store.n_episodes:
@@ -145,12 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from stlflow.datasets.importers import DatasetImportError
-    from stlflow.datasets.store import EpisodeStoreError
+    from stlflow.datasets.store import EpisodeStoreError, StoreCorruptError
 
     try:
         if args.command == "info":
-            return info(args.path, args.episodes)
+            try:
+                return info(args.path, args.episodes)
+            except (StoreCorruptError, DatasetImportError, EpisodeStoreError, OSError):
+                raise
+            except Exception as err:  # zarr/numcodecs on damaged files: name the store, not a traceback
+                if _debugging():
+                    raise
+                raise StoreCorruptError(f"{args.path}: cannot read the store ({type(err).__name__}: {err})") from err
         return run_import(args.format, args.src, args.out, args.dt, args.overwrite, not args.no_progress)
-    except (DatasetImportError, EpisodeStoreError, FileNotFoundError, FileExistsError) as err:
-        print(f"stlflow data {args.command}: error: {err}", file=sys.stderr)
+    except StoreCorruptError as err:
+        if _debugging():
+            raise
+        print(f"stlflow data {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (DatasetImportError, EpisodeStoreError, OSError) as err:  # OSError: missing/existing/unreadable paths
+        if _debugging():
+            raise
+        print(f"stlflow data {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _debugging() -> bool:
+    import os
+
+    return os.environ.get("STLFLOW_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
