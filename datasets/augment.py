@@ -263,9 +263,7 @@ def augment_demo(
     t0 = time.perf_counter()
     if not modes:
         raise ValueError("augment_demo needs at least one ModeSpec")
-    ss = np.random.SeedSequence(seed)
-    rng = np.random.default_rng(ss.spawn(1)[0])
-    generator = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+    rng, generator = _demo_random_streams(seed)
     dtype = {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
     low = torch.as_tensor(np.asarray(control_low), dtype=dtype)
     high = torch.as_tensor(np.asarray(control_high), dtype=dtype)
@@ -275,25 +273,7 @@ def augment_demo(
     n_per_group = settings.n_init if settings.optimiser == "adam" else settings.cem_iters * settings.cem_samples
     groups: list[CandidateGroup] = []
     for mode in modes:
-        spec = parse(spec_text(rules, mode))
-        # Time bounds are drawn once per mode (the demo's own for its mode), so that the mode's groups share
-        # one robustness call; thresholds vary per θ.
-        time_names = set(spec.interval_params)
-        shared: dict[str, float] | None = None
-        for j in range(settings.n_theta):
-            theta = sample_theta(param_ranges, rng, base=demo_theta, time_params=settings.time_params, dt=dt)
-            if mode.name == demo_mode and j == 0:
-                theta = {**theta, **demo_theta}
-            theta = sample_theta(mode.param_ranges, rng, base=theta, time_params=settings.time_params, dt=dt)
-            if shared is None:
-                shared = {k: theta[k] for k in time_names if k in theta}
-            theta.update(shared)
-            missing = set(spec.params) - set(theta)
-            if missing:
-                raise ValueError(
-                    f"mode {mode.name!r}: no value or range for parameter(s) {sorted(missing)}; θ has {sorted(theta)}"
-                )
-            groups.append(CandidateGroup(mode.name, spec, {k: theta[k] for k in spec.params}, n_per_group))
+        groups += _mode_groups(mode, rules, parse, demo_mode, demo_theta, param_ranges, settings, dt, rng, n_per_group)
 
     init = [None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype) for a in (init_low, init_high)]
     if settings.optimiser == "adam":
@@ -302,33 +282,129 @@ def augment_demo(
         controls, rho, positions = cem_controls(groups, window, low, high, dt, settings, generator)
     t_opt = time.perf_counter() - t0
     group_of = group_index(groups)
-    ok = torch.nonzero(rho >= settings.margin).squeeze(1)
+    ok, order, div_candidates, div_random = _select_diverse(
+        rho, positions, group_of, settings.margin, settings.per_demo, generator
+    )
+    replays = _replay_and_accept(order, groups, group_of, controls, rho, window, dt, settings)
+    return DemoResult(
+        episodes=replays.episodes,
+        n_candidates=len(rho),
+        n_satisfying=len(ok),
+        n_replayed=replays.n_replayed,
+        n_accepted=len(replays.episodes),
+        n_rejected_collision=replays.n_collided,
+        rejected_modes=replays.rejected_modes,
+        div_candidates=div_candidates,
+        div_random=div_random,
+        div_selected=mean_pairwise_distance(positions[replays.accepted]),
+        modes_satisfied=sorted({groups[int(group_of[i])].mode for i in ok.tolist()}),
+        seconds=time.perf_counter() - t0,
+        optimise_seconds=t_opt,
+    )
+
+
+def _demo_random_streams(seed: int | Sequence[int]) -> tuple[np.random.Generator, torch.Generator]:
+    """The demo's two random streams from ``seed``: numpy for θ sampling, torch for the optimiser and selection."""
+    ss = np.random.SeedSequence(seed)
+    rng = np.random.default_rng(ss.spawn(1)[0])
+    generator = torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return rng, generator
+
+
+def _mode_groups(
+    mode: ModeSpec,
+    rules: str,
+    parse: Callable[[str], Any],
+    demo_mode: str | None,
+    demo_theta: dict[str, float],
+    param_ranges: dict[str, tuple[float, float]],
+    settings: AugmentSettings,
+    dt: float,
+    rng: np.random.Generator,
+    n_per_group: int,
+) -> list[CandidateGroup]:
+    """The ``n_theta`` candidate groups of one behaviour mode, each at a θ sampled for it (the demo's θ first)."""
+    spec = parse(spec_text(rules, mode))
+    # Time bounds are drawn once per mode (the demo's own for its mode), so that the mode's groups share
+    # one robustness call; thresholds vary per θ.
+    time_names = set(spec.interval_params)
+    shared: dict[str, float] | None = None
+    groups: list[CandidateGroup] = []
+    for j in range(settings.n_theta):
+        theta = sample_theta(param_ranges, rng, base=demo_theta, time_params=settings.time_params, dt=dt)
+        if mode.name == demo_mode and j == 0:
+            theta = {**theta, **demo_theta}
+        theta = sample_theta(mode.param_ranges, rng, base=theta, time_params=settings.time_params, dt=dt)
+        if shared is None:
+            shared = {k: theta[k] for k in time_names if k in theta}
+        theta.update(shared)
+        missing = set(spec.params) - set(theta)
+        if missing:
+            raise ValueError(
+                f"mode {mode.name!r}: no value or range for parameter(s) {sorted(missing)}; θ has {sorted(theta)}"
+            )
+        groups.append(CandidateGroup(mode.name, spec, {k: theta[k] for k in spec.params}, n_per_group))
+    return groups
+
+
+def _select_diverse(
+    rho: torch.Tensor,
+    positions: torch.Tensor,
+    group_of: torch.Tensor,
+    margin: float,
+    per_demo: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[int], float, float]:
+    """Satisfying candidates (ρ ≥ margin) in replay order, by group-balanced farthest-point selection.
+
+    Returns ``(ok, order, div_candidates, div_random)``: the satisfying indices, the candidates in selection
+    order, and the diversity of all satisfying candidates and of a random ``per_demo``-subset of them.
+    """
+    ok = torch.nonzero(rho >= margin).squeeze(1)
     feats = positions.reshape(positions.shape[0], -1)
 
     div_candidates = mean_pairwise_distance(positions[ok])
-    perm = torch.randperm(len(ok), generator=generator)[: settings.per_demo]
+    perm = torch.randperm(len(ok), generator=generator)[:per_demo]
     div_random = mean_pairwise_distance(positions[ok[perm]])
 
-    # Candidates in selection order (group-balanced farthest point), replayed until per_demo are accepted.
     order = [int(ok[i]) for i in farthest_point_selection(feats[ok], len(ok), group_of[ok].tolist())] if len(ok) else []
-    episodes: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    accepted_idx: list[int] = []
-    n_replayed = n_collided = 0
-    rejected: list[str] = []
+    return ok, order, div_candidates, div_random
+
+
+@dataclass
+class _Replays:
+    """The replay step's outcome: accepted episodes with their candidate indices, and the rejection counters."""
+
+    episodes: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    n_replayed: int = 0
+    n_collided: int = 0
+    rejected_modes: list[str] = field(default_factory=list)
+
+
+def _replay_and_accept(
+    order: list[int],
+    groups: list[CandidateGroup],
+    group_of: torch.Tensor,
+    controls: torch.Tensor,
+    rho: torch.Tensor,
+    window: DemoWindow,
+    dt: float,
+    settings: AugmentSettings,
+) -> _Replays:
+    """Replay candidates in selection order in the real env, keeping those that satisfy their θ without collision,
+    until ``per_demo`` are accepted or ``max_replays`` are spent."""
+    out = _Replays()
     for i in order:
-        if len(episodes) >= settings.per_demo or n_replayed >= settings.max_replays:
+        if len(out.episodes) >= settings.per_demo or out.n_replayed >= settings.max_replays:
             break
         g = groups[int(group_of[i])]
         replay = window.replay(controls[i].numpy())
-        n_replayed += 1
-        sig = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in replay.signals.items()}
-        missing = set(g.spec.signals) - set(sig)
-        if missing:
-            raise KeyError(f"replay returned no signal(s) {sorted(missing)}; it returned {sorted(sig)}")
-        rho_replay = float(g.spec.robustness({k: sig[k] for k in g.spec.signals}, dt=dt, params=g.theta))
+        out.n_replayed += 1
+        rho_replay = _replay_robustness(g, replay, dt)
         if replay.collision or not rho_replay >= 0.0:
-            n_collided += int(replay.collision)
-            rejected.append(g.mode)
+            out.n_collided += int(replay.collision)
+            out.rejected_modes.append(g.mode)
             continue
         arrays = {"obs": replay.obs, "action": replay.action, "signals": replay.signals}
         attrs = {
@@ -339,23 +415,18 @@ def augment_demo(
             "rho_model": float(rho[i]),
             "rho_replay": rho_replay,
         }
-        episodes.append((arrays, attrs))
-        accepted_idx.append(i)
-    return DemoResult(
-        episodes=episodes,
-        n_candidates=len(rho),
-        n_satisfying=len(ok),
-        n_replayed=n_replayed,
-        n_accepted=len(episodes),
-        n_rejected_collision=n_collided,
-        rejected_modes=rejected,
-        div_candidates=div_candidates,
-        div_random=div_random,
-        div_selected=mean_pairwise_distance(positions[accepted_idx]),
-        modes_satisfied=sorted({groups[int(group_of[i])].mode for i in ok.tolist()}),
-        seconds=time.perf_counter() - t0,
-        optimise_seconds=t_opt,
-    )
+        out.episodes.append((arrays, attrs))
+        out.accepted.append(i)
+    return out
+
+
+def _replay_robustness(group: CandidateGroup, replay: ReplayResult, dt: float) -> float:
+    """Exact robustness of the group's specification at its θ on the replayed signals."""
+    sig = {k: torch.as_tensor(np.asarray(v, dtype=np.float64)) for k, v in replay.signals.items()}
+    missing = set(group.spec.signals) - set(sig)
+    if missing:
+        raise KeyError(f"replay returned no signal(s) {sorted(missing)}; it returned {sorted(sig)}")
+    return float(group.spec.robustness({k: sig[k] for k in group.spec.signals}, dt=dt, params=group.theta))
 
 
 # ----------------------------------------------------------------------------------------------------------------
