@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from stlflow.control.workers import parallel_map
 from stlflow.datasets.augment import AugmentReport, AugmentSettings, AugmentTask, DemoResult, augment_demo
+
+if TYPE_CHECKING:
+    from stlflow.datasets.store import EpisodeStore
 
 __all__ = ["augment_store"]
 
@@ -97,16 +100,9 @@ def augment_store(
     t0 = time.perf_counter()
     demos = EpisodeStore.open(data_path)
     indices = list(range(demos.n_episodes)) if episodes is None else [int(i) for i in episodes]
-    keys = [k for k in demos.keys if k in ("obs", "action") or k.startswith("signal_")]
-    for k in ("obs", "action"):
-        if k not in keys:
-            raise KeyError(f"{data_path} has no key {k!r} (keys: {demos.keys}); augmentation needs obs and action")
-    schema = {k: (demos.key_shape(k), demos.key_dtype(k)) for k in keys}
-    attrs = {**demos.attrs, **(out_attrs or {}), "source": "augmented", "augmented_from": str(data_path)}
-    out = EpisodeStore.create(out_path, dt=demos.dt, attrs=attrs, overwrite=overwrite, schema=schema)
+    keys, out = _create_output(demos, data_path, out_path, overwrite, out_attrs)
 
     report = AugmentReport(n_demos=len(indices), per_demo=settings.per_demo)
-    div_c, div_r, div_s, modes_after = [], [], [], []
     workers = max(1, int(workers))
     results = parallel_map(
         _worker_demo,
@@ -122,45 +118,72 @@ def augment_store(
     # In this process too, one torch thread: the results then do not depend on the number of workers.
     with _one_torch_thread() if workers == 1 else contextlib.nullcontext():
         try:
-            for i, res, parent in results:
-                for arrays, ep_attrs in res.episodes:
-                    episode = {"obs": arrays["obs"], "action": arrays["action"]}
-                    for k in keys:
-                        if k.startswith("signal_"):
-                            episode[k] = np.asarray(arrays["signals"][k[len("signal_") :]])
-                    out.add_episode(
-                        episode,
-                        {
-                            "source": "augmented",
-                            **ep_attrs,
-                            "seed": parent.get("seed"),
-                            "parent_episode": int(i),
-                            "parent_mode": parent.get("mode"),
-                            "env_id": parent.get("env_id"),
-                        },
-                    )
-                    counts = report.mode_counts_augmented
-                    counts[ep_attrs["mode"]] = counts.get(ep_attrs["mode"], 0) + 1
-                _add_demo(report, parent, res)
-                div_c.append(res.div_candidates)
-                div_r.append(res.div_random)
-                div_s.append(res.div_selected)
-                modes_after.append(len({a["mode"] for _, a in res.episodes}))
+            figures = _write_results(results, out, keys, report)
         finally:
             _WORKER.clear()
-    report.div_candidates = float(np.mean(div_c)) if div_c else 0.0
-    report.div_random = float(np.mean(div_r)) if div_r else 0.0
-    report.div_selected = float(np.mean(div_s)) if div_s else 0.0
-    # Start states are env seeds: how many distinct modes the demonstrations show from each one.
-    by_seed: dict[Any, set] = {}
-    for i in indices:
-        a = demos.episode_attrs(i)
-        by_seed.setdefault(a.get("seed", ("episode", i)), set()).add(a.get("mode"))
-    report.modes_per_demo_before = float(np.mean([len(m) for m in by_seed.values()])) if by_seed else 0.0
-    report.modes_per_demo_after = float(np.mean(modes_after)) if modes_after else 0.0
+    _set_demo_means(report, figures, demos, indices)
     report.seconds = time.perf_counter() - t0
     out.set_attrs({"augment_report": report.as_dict()})
     return report
+
+
+def _create_output(
+    demos: EpisodeStore, data_path: str, out_path: str, overwrite: bool, out_attrs: dict[str, Any] | None
+) -> tuple[list[str], EpisodeStore]:
+    """The keys to store (obs, action, signals) and the new output store, with the demo store's schema and attrs."""
+    from stlflow.datasets.store import EpisodeStore
+
+    keys = [k for k in demos.keys if k in ("obs", "action") or k.startswith("signal_")]
+    for k in ("obs", "action"):
+        if k not in keys:
+            raise KeyError(f"{data_path} has no key {k!r} (keys: {demos.keys}); augmentation needs obs and action")
+    schema = {k: (demos.key_shape(k), demos.key_dtype(k)) for k in keys}
+    attrs = {**demos.attrs, **(out_attrs or {}), "source": "augmented", "augmented_from": str(data_path)}
+    out = EpisodeStore.create(out_path, dt=demos.dt, attrs=attrs, overwrite=overwrite, schema=schema)
+    return keys, out
+
+
+def _write_results(
+    results: Iterable[tuple[int, DemoResult, dict[str, Any]]], out: EpisodeStore, keys: list[str], report: AugmentReport
+) -> dict[str, list]:
+    """Write each demonstration's accepted episodes in demo order and add its counters to the report.
+
+    Returns the per-demonstration figures the report averages: ``div_candidates``, ``div_random``,
+    ``div_selected`` and ``modes_after`` (distinct modes among the demo's stored episodes).
+    """
+    figures: dict[str, list] = {"div_candidates": [], "div_random": [], "div_selected": [], "modes_after": []}
+    for i, res, parent in results:
+        for arrays, ep_attrs in res.episodes:
+            _write_episode(out, keys, i, parent, arrays, ep_attrs)
+            counts = report.mode_counts_augmented
+            counts[ep_attrs["mode"]] = counts.get(ep_attrs["mode"], 0) + 1
+        _add_demo(report, parent, res)
+        figures["div_candidates"].append(res.div_candidates)
+        figures["div_random"].append(res.div_random)
+        figures["div_selected"].append(res.div_selected)
+        figures["modes_after"].append(len({a["mode"] for _, a in res.episodes}))
+    return figures
+
+
+def _write_episode(
+    out: EpisodeStore, keys: list[str], i: int, parent: dict[str, Any], arrays: dict[str, Any], ep_attrs: dict[str, Any]
+) -> None:
+    """Add one accepted episode of demonstration ``i`` to the output store, with its parent's provenance."""
+    episode = {"obs": arrays["obs"], "action": arrays["action"]}
+    for k in keys:
+        if k.startswith("signal_"):
+            episode[k] = np.asarray(arrays["signals"][k[len("signal_") :]])
+    out.add_episode(
+        episode,
+        {
+            "source": "augmented",
+            **ep_attrs,
+            "seed": parent.get("seed"),
+            "parent_episode": int(i),
+            "parent_mode": parent.get("mode"),
+            "env_id": parent.get("env_id"),
+        },
+    )
 
 
 def _add_demo(report: AugmentReport, parent: dict[str, Any], res: DemoResult) -> None:
@@ -176,3 +199,19 @@ def _add_demo(report: AugmentReport, parent: dict[str, Any], res: DemoResult) ->
         report.rejected_by_mode[m] = report.rejected_by_mode.get(m, 0) + 1
     report.worker_seconds += res.seconds
     report.optimise_seconds += res.optimise_seconds
+
+
+def _set_demo_means(report: AugmentReport, figures: dict[str, list], demos: EpisodeStore, indices: list[int]) -> None:
+    """Set the report's means over demonstrations: diversity, and behaviour modes per start state before/after."""
+    div_c, div_r, div_s = figures["div_candidates"], figures["div_random"], figures["div_selected"]
+    modes_after = figures["modes_after"]
+    report.div_candidates = float(np.mean(div_c)) if div_c else 0.0
+    report.div_random = float(np.mean(div_r)) if div_r else 0.0
+    report.div_selected = float(np.mean(div_s)) if div_s else 0.0
+    # Start states are env seeds: how many distinct modes the demonstrations show from each one.
+    by_seed: dict[Any, set] = {}
+    for i in indices:
+        a = demos.episode_attrs(i)
+        by_seed.setdefault(a.get("seed", ("episode", i)), set()).add(a.get("mode"))
+    report.modes_per_demo_before = float(np.mean([len(m) for m in by_seed.values()])) if by_seed else 0.0
+    report.modes_per_demo_after = float(np.mean(modes_after)) if modes_after else 0.0
