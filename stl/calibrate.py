@@ -188,13 +188,48 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
         tol: relative tolerance of the threshold bisection before snapping onto a data value.
         options: ``until``/``end`` of :func:`stlflow.stl.semantics.robustness_trace`.
     """
+    mode = _checked_mode(mode, q)
+    fixed = dict(fixed or {})
+    names = _calibrated_names(spec, params, fixed)
+    margins = {n: float(margin.get(n, 0.0)) if isinstance(margin, Mapping) else float(margin) for n in names}
+    problem = _Problem.build(spec, signals, dt, names, options)
+    scale = _threshold_scale(spec, problem.sig)
+    current: dict[str, Any] = {**fixed, **{n: problem.loosest(n) for n in names}}
+    tightest: dict[str, np.ndarray] = {}
+    dataset: dict[str, float] = {}
+    for n in names:
+        d = problem.direction[n]
+        t = _tightest(problem, n, current, scale, tol)
+        tightest[n] = t
+        if mode == "tightest":
+            val = np.where(np.isfinite(t), t + d * margins[n], t)
+            current[n] = np.where(np.isnan(val), problem.loosest(n), val)
+        else:
+            dataset[n] = current[n] = _dataset_value(spec, n, t, d, q, margins[n])
+        if n in problem.interval_params:
+            current[n] = np.maximum(np.round(np.asarray(current[n], dtype=np.float64) / dt), 0.0) * dt
+            if mode == "dataset":
+                dataset[n] = float(current[n])
+    values = {n: np.broadcast_to(np.asarray(current[n], dtype=np.float64), (problem.B,)).copy() for n in names}
+    with torch.no_grad():
+        final = problem.rho(dict(current)).numpy()
+    return Calibration(values=values, satisfied=final >= 0, robustness=final, tightest=tightest,
+                       direction=problem.direction, mode=mode, q=q, margin=margins, dataset=dataset)
+
+
+def _checked_mode(mode: str, q: float) -> str:
+    """The calibration mode with its alias resolved, after checking it and ``q``."""
     if mode == "quantile":  # an earlier name of "dataset", still accepted
         mode = "dataset"
     if mode not in ("tightest", "dataset"):
         raise ValueError(f"mode={mode!r}: expected 'tightest' or 'dataset' (alias 'quantile')")
     if not 0 < q <= 1:
         raise ValueError(f"q={q!r}: expected 0 < q <= 1")
-    fixed = dict(fixed or {})
+    return mode
+
+
+def _calibrated_names(spec: Formula, params: Sequence[str] | None, fixed: dict[str, Any]) -> list[str]:
+    """The parameters to calibrate, in order, checked: each is one of ``spec``'s, and every other one is fixed."""
     names = list(params) if params is not None else sorted(spec.params - set(fixed))
     unknown = [n for n in names if n not in spec.params]
     if unknown:
@@ -202,72 +237,85 @@ def calibrate(spec: Formula, signals: Mapping[str, Any], dt: float, params: Sequ
     missing = sorted(spec.params - set(names) - set(fixed))
     if missing:
         raise STLInputError(f"parameter(s) {missing} are neither calibrated nor given in `fixed`")
-    margins = {n: float(margin.get(n, 0.0)) if isinstance(margin, Mapping) else float(margin) for n in names}
-    sig = {k: as_tensor(v, f"signal {k!r}").detach().to(torch.float64) for k, v in signals.items()}
-    T = max(x.shape[-1] for x in sig.values())
-    B = max((x.shape[0] for x in sig.values() if x.ndim == 2), default=1)
-    direction = {n: parameter_direction(spec, n) for n in names}
-    interval_params = spec.interval_params
+    return names
+
+
+def _threshold_scale(spec: Formula, sig: dict[str, torch.Tensor]) -> float:
+    """Initial bisection half-width: 1 + the largest finite signal magnitude + the largest constant in ``spec``."""
     scale = 1.0 + max(float(x[torch.isfinite(x)].abs().max()) if torch.isfinite(x).any() else 0.0 for x in sig.values())
     scale += max([abs(n.value) for node in spec.walk() for e in node.exprs() for n in _nums(e)] + [0.0])
+    return scale
 
-    def loosest(n: str) -> float:
-        if n in interval_params:
-            return T * dt if direction[n] > 0 else 0.0
-        return direction[n] * math.inf
 
-    current: dict[str, Any] = {**fixed, **{n: loosest(n) for n in names}}
+@dataclass
+class _Problem:
+    """The demonstrations (B rows of T samples) and the formula whose robustness is searched over."""
 
-    def rho(values: dict[str, Any], grad_of: str | None = None):
+    spec: Formula
+    sig: dict[str, torch.Tensor]
+    dt: float
+    T: int
+    B: int
+    direction: dict[str, int]
+    interval_params: set[str]
+    options: dict[str, Any]
+
+    @classmethod
+    def build(cls, spec: Formula, signals: Mapping[str, Any], dt: float, names: list[str],
+              options: dict[str, Any]) -> _Problem:
+        """The signals as float64 tensors, their length and batch size, and each parameter's loosening direction."""
+        sig = {k: as_tensor(v, f"signal {k!r}").detach().to(torch.float64) for k, v in signals.items()}
+        T = max(x.shape[-1] for x in sig.values())
+        B = max((x.shape[0] for x in sig.values() if x.ndim == 2), default=1)
+        direction = {n: parameter_direction(spec, n) for n in names}
+        return cls(spec, sig, dt, T, B, direction, spec.interval_params, options)
+
+    def loosest(self, n: str) -> float:
+        """The value of parameter ``n`` that loosens the rule most (the whole signal for an interval bound)."""
+        if n in self.interval_params:
+            return self.T * self.dt if self.direction[n] > 0 else 0.0
+        return self.direction[n] * math.inf
+
+    def rho(self, values: dict[str, Any]) -> torch.Tensor:
+        """(B,) robustness at parameter ``values`` (−inf for every demo where an interval is empty)."""
         p = {}
         for k, v in values.items():
             if isinstance(v, np.ndarray | torch.Tensor):
                 p[k] = torch.as_tensor(v, dtype=torch.float64)
-            elif k in interval_params or math.isfinite(v):
+            elif k in self.interval_params or math.isfinite(v):
                 p[k] = v
             else:  # ±inf threshold: the largest finite value keeps products with 0 finite
                 p[k] = math.copysign(1e300, v)
         try:
-            return robustness(spec, sig, dt, p, **options).cpu()
+            return robustness(self.spec, self.sig, self.dt, p, **self.options).cpu()
         except STLInputError as err:
             if "empty interval" in str(err):
-                return torch.full((B,), -math.inf, dtype=torch.float64)
+                return torch.full((self.B,), -math.inf, dtype=torch.float64)
             raise
 
-    tightest: dict[str, np.ndarray] = {}
-    dataset: dict[str, float] = {}
-    for n in names:
-        d = direction[n]
-        def rho_at(v, n=n):
-            return rho({**current, n: v})
 
-        if n in interval_params:
-            t = _scan_bound(rho_at, d, T, dt, B)
-        else:
-            cands = _root_candidates(spec, n, sig, dt, _finite(current), B, options)
-            t = _bisect_threshold(rho_at, d, B, scale, tol, cands)
-        tightest[n] = t
-        if mode == "tightest":
-            val = np.where(np.isfinite(t), t + d * margins[n], t)
-            current[n] = np.where(np.isnan(val), loosest(n), val)
-        else:
-            ok = t[~np.isnan(t)]
-            if ok.size == 0:
-                raise ValueError(f"no value of {{{n}}} satisfies any demonstration of {spec}")
-            order = np.sort(ok) if d > 0 else -np.sort(-ok)  # from tightest to loosest
-            v = float(order[max(math.ceil(q * ok.size) - 1, 0)])
-            v = v + d * margins[n] if math.isfinite(v) else v
-            dataset[n] = v
-            current[n] = v
-        if n in interval_params:
-            current[n] = np.maximum(np.round(np.asarray(current[n], dtype=np.float64) / dt), 0.0) * dt
-            if mode == "dataset":
-                dataset[n] = float(current[n])
-    values = {n: np.broadcast_to(np.asarray(current[n], dtype=np.float64), (B,)).copy() for n in names}
-    with torch.no_grad():
-        final = rho(dict(current)).numpy()
-    return Calibration(values=values, satisfied=final >= 0, robustness=final, tightest=tightest, direction=direction,
-                       mode=mode, q=q, margin=margins, dataset=dataset)
+def _tightest(problem: _Problem, n: str, current: dict[str, Any], scale: float, tol: float) -> np.ndarray:
+    """Each demo's tightest value of parameter ``n``, the others at ``current``: scanned for an interval bound,
+    bisected and snapped onto a data value for a threshold."""
+    d = problem.direction[n]
+
+    def rho_at(v):
+        return problem.rho({**current, n: v})
+
+    if n in problem.interval_params:
+        return _scan_bound(rho_at, d, problem.T, problem.dt, problem.B)
+    cands = _root_candidates(problem.spec, n, problem.sig, problem.dt, _finite(current), problem.B, problem.options)
+    return _bisect_threshold(rho_at, d, problem.B, scale, tol, cands)
+
+
+def _dataset_value(spec: Formula, n: str, t: np.ndarray, d: int, q: float, margin: float) -> float:
+    """The dataset value of parameter ``n``: the tightest value that a fraction ``q`` of the demos satisfy, loosened."""
+    ok = t[~np.isnan(t)]
+    if ok.size == 0:
+        raise ValueError(f"no value of {{{n}}} satisfies any demonstration of {spec}")
+    order = np.sort(ok) if d > 0 else -np.sort(-ok)  # from tightest to loosest
+    v = float(order[max(math.ceil(q * ok.size) - 1, 0)])
+    return v + d * margin if math.isfinite(v) else v
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
