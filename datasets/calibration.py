@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from stlflow.stl import Formula
 
 __all__ = ["Calibration", "calibrate_store", "episode_signals", "summary_table"]
 
@@ -102,19 +105,7 @@ def calibrate_store(
         q: fraction of demonstrations the dataset-level values must satisfy.
         episodes: indices to use (default all).
     """
-    from stlflow import stl
-
-    texts = _rule_texts(rules)
-    specs = [stl.parse(t) for t in texts]
-    full = stl.parse(" & ".join(f"({t})" for t in texts)) if len(texts) > 1 else specs[0]
-    unknown = set(params) - set(full.params)
-    if unknown:
-        raise ValueError(
-            f"parameter(s) {sorted(unknown)} do not occur in the rules; their parameters: {sorted(full.params)}"
-        )
-    missing = set(full.params) - set(params) - set(defaults)
-    if missing:
-        raise ValueError(f"no default value for parameter(s) {sorted(missing)}; defaults given: {dict(defaults)}")
+    specs, full = _parse_rules(_rule_texts(rules), params, defaults)
     idx = list(range(store.n_episodes)) if episodes is None else [int(i) for i in episodes]
     if not idx:
         raise ValueError(f"no episodes to calibrate in {store.path}")
@@ -132,39 +123,92 @@ def calibrate_store(
         fixed = {k: float(defaults[k]) for k in spec.params if k not in mine}
         sig = {k: padded[k] for k in spec.signals}
         for name in mine:  # one at a time: a non-monotone parameter must not take the others down with it
-            try:
-                tight = stl.calibrate(
-                    spec, sig, dt, params=[name], mode="tightest", margin=_margin_for(margin, name), fixed=fixed
-                )
-                whole = stl.calibrate(
-                    spec, sig, dt, params=[name], mode="dataset", q=q, margin=_margin_for(margin, name), fixed=fixed
-                )
-            except ValueError as err:  # not monotone, or no demonstration satisfies the rule at any value
-                notes.append(
-                    f"{{{name}}} in {spec}: not calibrated ({err}); episodes keep the default {defaults.get(name)}"
-                )
-                continue
-            values = np.asarray(tight.values[name], dtype=np.float64)
-            bad = ~np.isfinite(values) | np.isnan(np.asarray(tight.tightest[name], dtype=np.float64))
-            if bad.any():
-                notes.append(
-                    f"{{{name}}} in {spec}: {int(bad.sum())} episode(s) satisfy it at no finite value or at every "
-                    f"value; they keep the default {defaults.get(name)}"
-                )
-            for j in range(len(idx)):
-                per_episode[j][name] = float(defaults[name]) if bad[j] else float(values[j])
-            dataset[name] = float(whole.dataset[name])
+            _calibrate_param(spec, sig, dt, name, fixed, defaults, margin, q, per_episode, dataset, notes)
 
-    rho = np.empty(len(idx))
-    for j, s in enumerate(signals):
-        theta = {**{k: float(defaults[k]) for k in full.params if k not in params}, **per_episode[j]}
-        rho[j] = float(full.robustness({k: s[k] for k in full.signals}, dt=dt, params=theta))
+    rho = _own_theta_robustness(full, signals, dt, params, defaults, per_episode)
     satisfied = rho >= 0
     if not satisfied.all():
         bad = [idx[j] for j in np.nonzero(~satisfied)[0]]
         notes.append(f"{len(bad)} episode(s) do not satisfy the rules at their own θ (e.g. {bad[:5]})")
     modes = [str(store.episode_attrs(i).get("mode", "?")) for i in idx]
     return Calibration(list(params), per_episode, dataset, rho, satisfied, modes, notes)
+
+
+def _parse_rules(
+    texts: list[str], params: Sequence[str], defaults: Mapping[str, float]
+) -> tuple[list[Formula], Formula]:
+    """The parsed rules and their conjunction, checked: every parameter is calibrated or has a default."""
+    from stlflow import stl
+
+    specs = [stl.parse(t) for t in texts]
+    full = stl.parse(" & ".join(f"({t})" for t in texts)) if len(texts) > 1 else specs[0]
+    unknown = set(params) - set(full.params)
+    if unknown:
+        raise ValueError(
+            f"parameter(s) {sorted(unknown)} do not occur in the rules; their parameters: {sorted(full.params)}"
+        )
+    missing = set(full.params) - set(params) - set(defaults)
+    if missing:
+        raise ValueError(f"no default value for parameter(s) {sorted(missing)}; defaults given: {dict(defaults)}")
+    return specs, full
+
+
+def _calibrate_param(
+    spec: Formula,
+    sig: dict[str, np.ndarray],
+    dt: float,
+    name: str,
+    fixed: dict[str, float],
+    defaults: Mapping[str, float],
+    margin: float | Mapping[str, float],
+    q: float,
+    per_episode: list[dict[str, float]],
+    dataset: dict[str, float],
+    notes: list[str],
+) -> None:
+    """Calibrate parameter ``name`` of one rule into ``per_episode`` and ``dataset``; what went wrong into ``notes``.
+
+    An episode that satisfies the rule at no finite value (or at every value) keeps the default, and so do all
+    episodes when the parameter cannot be calibrated at all.
+    """
+    from stlflow import stl
+
+    try:
+        tight = stl.calibrate(
+            spec, sig, dt, params=[name], mode="tightest", margin=_margin_for(margin, name), fixed=fixed
+        )
+        whole = stl.calibrate(
+            spec, sig, dt, params=[name], mode="dataset", q=q, margin=_margin_for(margin, name), fixed=fixed
+        )
+    except ValueError as err:  # not monotone, or no demonstration satisfies the rule at any value
+        notes.append(f"{{{name}}} in {spec}: not calibrated ({err}); episodes keep the default {defaults.get(name)}")
+        return
+    values = np.asarray(tight.values[name], dtype=np.float64)
+    bad = ~np.isfinite(values) | np.isnan(np.asarray(tight.tightest[name], dtype=np.float64))
+    if bad.any():
+        notes.append(
+            f"{{{name}}} in {spec}: {int(bad.sum())} episode(s) satisfy it at no finite value or at every "
+            f"value; they keep the default {defaults.get(name)}"
+        )
+    for j in range(len(per_episode)):
+        per_episode[j][name] = float(defaults[name]) if bad[j] else float(values[j])
+    dataset[name] = float(whole.dataset[name])
+
+
+def _own_theta_robustness(
+    full: Formula,
+    signals: list[dict[str, np.ndarray]],
+    dt: float,
+    params: Sequence[str],
+    defaults: Mapping[str, float],
+    per_episode: list[dict[str, float]],
+) -> np.ndarray:
+    """(N,) exact robustness of all the rules at each episode's own θ (defaults for the parameters not calibrated)."""
+    rho = np.empty(len(signals))
+    for j, s in enumerate(signals):
+        theta = {**{k: float(defaults[k]) for k in full.params if k not in params}, **per_episode[j]}
+        rho[j] = float(full.robustness({k: s[k] for k in full.signals}, dt=dt, params=theta))
+    return rho
 
 
 def summary_table(cal: Calibration) -> str:
