@@ -85,6 +85,17 @@ class SequenceSampler:
         episodes: Sequence[int] | np.ndarray | None = None,
         episode_ends: Sequence[int] | np.ndarray | None = None,
     ):
+        self._set_window_geometry(horizon, n_obs_steps, n_action_steps, pad_after)
+        all_keys, ends = _keys_and_episode_ends(store, episode_ends)
+        self._set_keys(all_keys, keys, key_horizons)
+        starts, lengths, ep_idx = _episode_table(ends, episodes)
+        self.episodes = ep_idx
+        sel_starts, sel_lengths = starts[ep_idx], lengths[ep_idx]
+        self._load_episodes(store, sel_starts, sel_lengths, ep_idx, take_all=episodes is None)
+        self._index_windows(sel_lengths, ep_idx)
+
+    def _set_window_geometry(self, horizon: int, n_obs_steps: int, n_action_steps: int, pad_after: int | None) -> None:
+        """Check and set ``Tp``, ``To``, ``Ta`` and how far a window may reach before and after its episode."""
         if int(horizon) < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         if not 1 <= int(n_obs_steps) <= int(horizon):
@@ -99,14 +110,10 @@ class SequenceSampler:
         if not 0 <= self.pad_after < self.horizon:
             raise ValueError(f"pad_after must be in [0, horizon - 1 = {self.horizon - 1}], got {pad_after}")
 
-        if isinstance(store, EpisodeStore):
-            all_keys = store.keys
-            ends = store.episode_ends
-        else:
-            if episode_ends is None:
-                raise ValueError("episode_ends is required when the sampler is given a mapping of arrays")
-            all_keys = list(store)
-            ends = np.asarray(episode_ends, dtype=np.int64)
+    def _set_keys(
+        self, all_keys: Sequence[str], keys: Sequence[str] | None, key_horizons: Mapping[str, int] | None
+    ) -> None:
+        """Check and set the keys to load (default: all) and each key's horizon (default: ``Tp``)."""
         self.keys = list(all_keys if keys is None else keys)
         for k in self.keys:
             if k not in all_keys:
@@ -119,19 +126,15 @@ class SequenceSampler:
                 raise ValueError(f"key_horizons[{k!r}] must be in [1, horizon={self.horizon}], got {h}")
             self.key_horizons[k] = int(h)
 
-        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-        lengths = ends - starts
-        if np.any(lengths <= 0):
-            raise ValueError("episode_ends must be strictly increasing")
-        n_ep = len(ends)
-        ep_idx = np.arange(n_ep) if episodes is None else np.asarray(episodes, dtype=np.int64).reshape(-1)
-        if len(ep_idx) and (ep_idx.min() < 0 or ep_idx.max() >= n_ep):
-            raise IndexError(f"episodes must be in [0, {n_ep}), got min {ep_idx.min()} max {ep_idx.max()}")
-        self.episodes = ep_idx
-
-        # Load the selected episodes into memory, compacted: (sum of selected lengths, ...) per key.
-        sel_starts, sel_lengths = starts[ep_idx], lengths[ep_idx]
-        take_all = episodes is None
+    def _load_episodes(
+        self,
+        store: EpisodeStore | Mapping[str, np.ndarray],
+        sel_starts: np.ndarray,
+        sel_lengths: np.ndarray,
+        ep_idx: np.ndarray,
+        take_all: bool,
+    ) -> None:
+        """Load the selected episodes into memory, compacted: (sum of selected lengths, ...) per key."""
         if not take_all:
             step_idx = (
                 np.concatenate([np.arange(s, s + n) for s, n in zip(sel_starts, sel_lengths)])
@@ -149,7 +152,8 @@ class SequenceSampler:
         )
         self._ep_length = sel_lengths.astype(np.int64)
 
-        # Window table: window w belongs to compacted episode e(w) and starts at s(w) (relative).
+    def _index_windows(self, sel_lengths: np.ndarray, ep_idx: np.ndarray) -> None:
+        """Window table: window w belongs to compacted episode e(w) and starts at s(w) (relative)."""
         counts = np.maximum(0, sel_lengths - self.horizon + self.pad_before + self.pad_after + 1)
         self._win_ep = np.repeat(np.arange(len(ep_idx)), counts)
         first = np.repeat(np.cumsum(counts) - counts, counts)
@@ -184,6 +188,32 @@ class SequenceSampler:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.sample_batch([i]).items()}
+
+
+def _keys_and_episode_ends(
+    store: EpisodeStore | Mapping[str, np.ndarray], episode_ends: Sequence[int] | np.ndarray | None
+) -> tuple[Sequence[str], np.ndarray]:
+    """The data's keys and episode end indices, from an EpisodeStore or from a mapping plus ``episode_ends``."""
+    if isinstance(store, EpisodeStore):
+        return store.keys, store.episode_ends
+    if episode_ends is None:
+        raise ValueError("episode_ends is required when the sampler is given a mapping of arrays")
+    return list(store), np.asarray(episode_ends, dtype=np.int64)
+
+
+def _episode_table(
+    ends: np.ndarray, episodes: Sequence[int] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, lengths, ep_idx)``: every episode's first step and length, and the episodes to sample (checked)."""
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    lengths = ends - starts
+    if np.any(lengths <= 0):
+        raise ValueError("episode_ends must be strictly increasing")
+    n_ep = len(ends)
+    ep_idx = np.arange(n_ep) if episodes is None else np.asarray(episodes, dtype=np.int64).reshape(-1)
+    if len(ep_idx) and (ep_idx.min() < 0 or ep_idx.max() >= n_ep):
+        raise IndexError(f"episodes must be in [0, {n_ep}), got min {ep_idx.min()} max {ep_idx.max()}")
+    return starts, lengths, ep_idx
 
 
 class SequenceDataset(torch.utils.data.Dataset):
