@@ -123,7 +123,9 @@ def calibrate_store(
         fixed = {k: float(defaults[k]) for k in spec.params if k not in mine}
         sig = {k: padded[k] for k in spec.signals}
         for name in mine:  # one at a time: a non-monotone parameter must not take the others down with it
-            _calibrate_param(spec, sig, dt, name, fixed, defaults, margin, q, per_episode, dataset, notes)
+            others = {k: float(defaults[k]) for k in mine if k != name}  # the rule's other parameters at defaults
+            _calibrate_param(spec, sig, dt, name, {**fixed, **others}, defaults, margin, q, per_episode, dataset,
+                             notes)
 
     rho = _own_theta_robustness(full, signals, dt, params, defaults, per_episode)
     satisfied = rho >= 0
@@ -182,6 +184,9 @@ def _calibrate_param(
         )
     except ValueError as err:  # not monotone, or no demonstration satisfies the rule at any value
         notes.append(f"{{{name}}} in {spec}: not calibrated ({err}); episodes keep the default {defaults.get(name)}")
+        for theta in per_episode:
+            theta[name] = float(defaults[name])
+        dataset[name] = float(defaults[name])
         return
     values = np.asarray(tight.values[name], dtype=np.float64)
     bad = ~np.isfinite(values) | np.isnan(np.asarray(tight.tightest[name], dtype=np.float64))

@@ -120,6 +120,20 @@ def demos(tmp_path_factory):
     return path, cal
 
 
+def test_rules_as_one_text_calibrate_each_parameter_with_the_others_at_their_defaults(demos):
+    """The rules given as one conjunction (a task without a rule list): every parameter is calibrated, each with
+    the others held at their defaults, and each demo satisfies its own θ."""
+    from stlflow.datasets import EpisodeStore
+    from stlflow.datasets.calibration import calibrate_store
+    from stlflow.envs.crossing import RULE_DEFAULTS, RULES
+
+    path, by_rule = demos
+    cal = calibrate_store(EpisodeStore.open(path), RULES, ["v_max", "d_safe"], RULE_DEFAULTS, margin=0.05)
+    assert cal.satisfied.all() and not [n for n in cal.notes if "not calibrated" in n]
+    for theta, own in zip(cal.per_episode, by_rule.per_episode):
+        assert theta["v_max"] == pytest.approx(own["v_max"]) and theta["v_max"] < RULE_DEFAULTS["v_max"]
+
+
 def test_calibrated_theta_makes_each_demo_satisfy_its_rules(demos):
     from stlflow.datasets import EpisodeStore
     from stlflow.envs.crossing import RULES
