@@ -23,6 +23,17 @@ Timing (lock-step, one action executed per tick)::
     obs_t --act--> a_t = chunk_t[To-1]  --env.step--> obs_{t+1} --act--> a_{t+1} = chunk_{t+1}[To-1] ...
     chunk_t[To-1+j] plans time t+j, so chunk_{t+1}'s guess is chunk_t shifted left by one.
 
+Elapsed ticks (a controller off the control loop's thread, :mod:`stlflow.control.inference`): the worker plans
+on the newest observation only, so two consecutive calls may be n ticks apart. ``act(obs, elapsed=n)`` shifts the
+previous chunk by n ticks (``n * shift`` actions) instead of one; ``elapsed=None`` (the default) is the lock-step
+case, one tick per call (none right after a plan made in ``reset``). When the shift runs past the end of the
+previous chunk (``n * shift >= horizon``: nothing of it is left) the tick is cold (reason ``"expired"``).
+:meth:`RTIController.plan` returns the newest chunk's actions from the executed index on, in physical units, with
+the tick and the caller's timestamp of the observation it was planned from::
+
+    act(obs_s, t=t_s) --> plan(): actions[j] = the action planned for tick s + j  (j = 0 .. Tp - 1 - exec_offset)
+    act(obs_{s+3}, elapsed=3): warm start = that chunk shifted by 3, the last action repeated 3 times
+
 With ``plan_at_reset=True`` and the episode's first observation given to ``reset(obs=...)``, the cold denoise runs
 inside ``reset`` (before the control loop's first deadline, as a robot plans while it stands still) and tick 0
 is a warm tick from that plan, unshifted: every tick then costs k evaluations. The plan's wall time and network
@@ -53,13 +64,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_K", "DISCRETE_MODES", "ObservationHistory", "RTIController", "exec_offset_of",
+__all__ = ["DEFAULT_K", "DISCRETE_MODES", "ChunkPlan", "ObservationHistory", "RTIController", "exec_offset_of",
            "latency_summary"]
 
 DEFAULT_K = 2  # solver steps per warm tick (k) when none is given
@@ -98,6 +110,24 @@ class ObservationHistory:
         else:
             self._frames.append(frame)
         return np.stack(self._frames)[None]
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The newest chunk of an :class:`RTIController`, as the control loop reads it.
+
+    ``actions`` (n, Da) float32, physical units, discrete channels thresholded: ``actions[j]`` = ``chunk[exec_offset
+    + j]``, the action to execute ``j`` ticks after the observation the chunk was planned from (``actions[0]`` is
+    what ``act`` returned; with ``lookahead`` L it was planned for L + j ticks after that observation);
+    ``tick``: that observation's tick since ``reset`` (the sum of the elapsed ticks); ``t``: the timestamp the caller
+    gave ``act`` (None when none); ``cold``: planned from noise; ``nfe``: network evaluations of that tick.
+    """
+
+    actions: np.ndarray
+    tick: int
+    t: float | None
+    cold: bool
+    nfe: int
 
 
 def exec_offset_of(policy: Any) -> int:
@@ -196,6 +226,7 @@ class RTIController:
             self._discrete_levels = policy.normalize_action(levels).float()
         self._chunk: torch.Tensor | None = None  # last clean chunk, normalised, (1, Tp, Da)
         self._unshifted = False  # the chunk was planned at reset for the next tick's own time: no shift
+        self._tick, self._t = 0, None  # the chunk's observation: tick since reset, the caller's timestamp
         self.last_nfe = 0
         self.last_reset_nfe, self.last_reset_latency_s = 0, 0.0  # the plan made in reset (0 when none)
         self.last_residual = float("nan")
@@ -224,6 +255,7 @@ class RTIController:
         given: then the cold plan is made here, timed and counted in ``stats["reset"]``, and tick 0 is warm.
         """
         self._chunk, self._unshifted = None, False
+        self._tick, self._t = 0, None
         self.history.reset()
         if seed is not None:
             self.seed = int(seed)
@@ -270,13 +302,27 @@ class RTIController:
 
     # ------------------------------------------------------------------ one tick
     @torch.no_grad()
-    def act(self, obs: Any) -> np.ndarray:
-        """One control tick: observation (Do,) physical -> action (Da,) physical, discrete channels thresholded."""
+    def act(self, obs: Any, elapsed: int | None = None, *, t: float | None = None) -> np.ndarray:
+        """One control tick: observation (Do,) physical -> action (Da,) physical, discrete channels thresholded.
+
+        ``elapsed``: ticks since the observation of the previous chunk (the warm start is shifted by
+        ``elapsed * shift``); None: one tick, or none right after a plan made in ``reset`` (lock-step). ``t``: a
+        timestamp of ``obs`` kept with the chunk (:meth:`plan`).
+        """
         t0 = time.perf_counter()
         frame = np.asarray(obs, dtype=np.float32).reshape(-1)
+        if elapsed is None:
+            ticks = 0 if self._unshifted else 1
+        elif int(elapsed) != elapsed or int(elapsed) < 0:
+            raise ValueError(f"elapsed must be a whole number of ticks >= 0, got {elapsed!r}")
+        else:
+            ticks = int(elapsed)
+        shift = ticks * self.shift
         reason = ""
         if self._chunk is None:
             reason = "reset"
+        elif shift >= self.policy.horizon:
+            reason = "expired"  # nothing of the previous chunk is left to warm-start from
         elif self.obs_jump is not None and self.history.last is not None:
             jump = float(np.max(np.abs(frame - self.history.last)))
             if jump > self.obs_jump:
@@ -287,7 +333,7 @@ class RTIController:
         gfn = None if self.guidance is None else self.guidance.bind(self.policy, history, self.stl_params)
         nfe, residual = 0, float("nan")
         if not reason:
-            guess = self.warm_start(self._chunk, shift=0 if self._unshifted else None)
+            guess = self.warm_start(self._chunk, shift=shift)
             x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
                 else guess
             chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
@@ -302,6 +348,7 @@ class RTIController:
             chunk = self._cold_plan(cond, gfn)
             nfe += self.policy.nfe(self.cold_steps)
         self._chunk, self._unshifted = chunk.detach(), False
+        self._tick, self._t = (0 if reason == "reset" else self._tick + ticks), t
         action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
         if bool(self.discrete_mask.any()):
             action = self.policy.threshold_discrete(action)
@@ -314,6 +361,21 @@ class RTIController:
         self.log["reason"].append(reason)
         return action
 
+    @torch.no_grad()
+    def plan(self) -> ChunkPlan | None:
+        """The newest chunk from the executed index on (see :class:`ChunkPlan`); None before the first plan."""
+        if self._chunk is None:
+            return None
+        actions = self.policy.unnormalize_action(self._chunk[0, self.exec_offset:])
+        if bool(self.discrete_mask.any()):
+            actions = self.policy.threshold_discrete(actions)
+        actions = np.asarray(actions.detach().cpu().numpy() if torch.is_tensor(actions) else actions,
+                             dtype=np.float32)
+        actions.setflags(write=False)
+        cold = bool(self.log["cold"][-1]) if self.log["cold"] and not self._unshifted else True
+        return ChunkPlan(actions, self._tick, self._t, cold, self.last_nfe if not self._unshifted
+                         else self.last_reset_nfe)
+
     # ------------------------------------------------------------------ telemetry
     @property
     def stats(self) -> dict[str, Any]:
@@ -321,7 +383,8 @@ class RTIController:
 
         ``latency`` (p50/p95/p99/max/mean in ms, wall time of ``act``), ``nfe_per_tick`` (mean network
         evaluations per ``act``), ``nfe_per_action`` (the same divided by the actions executed per tick, here 1),
-        ``cold_ticks``, ``fallbacks`` (by reason), ``residual_mean`` / ``residual_max`` over warm ticks and the raw
+        ``cold_ticks``, ``fallbacks`` (by reason), ``expired_ticks`` (cold because the elapsed ticks ran past the end
+        of the previous chunk), ``residual_mean`` / ``residual_max`` over warm ticks and the raw
         per-tick ``residuals`` (NaN on cold ticks); ``reset``: the plans made in ``reset`` (count, latency
         summary, network evaluations), which ``nfe_per_action`` includes.
         """
@@ -335,6 +398,7 @@ class RTIController:
             "nfe_per_action": float((nfe.sum() + sum(self.log["reset_nfe"])) / nfe.size) if nfe.size
             else float("nan"),
             "cold_ticks": int(np.sum(self.log["cold"])),
+            "expired_ticks": int(sum(r == "expired" for r in self.log["reason"])),
             "fallbacks": dict(self.fallbacks),
             "residual_mean": float(warm.mean()) if warm.size else float("nan"),
             "residual_max": float(warm.max()) if warm.size else float("nan"),

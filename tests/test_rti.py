@@ -362,3 +362,87 @@ def test_default_k():
     policy = tiny_policy("flow")
     assert DEFAULT_K == 2 and RTIController(policy).k == DEFAULT_K
     assert "k=3" in repr(RTIController(policy, k=3))
+
+
+# ---------------------------------------------------------------------------------------------- elapsed ticks
+def test_default_elapsed_is_one_tick_and_bit_identical():
+    policy = tiny_policy("ddpm")
+    obs = observations(6)
+    for plan_at_reset in (False, True):
+        a, b = (RTIController(policy, k=2, plan_at_reset=plan_at_reset) for _ in range(2))
+        a.reset(seed=3, obs=obs[0])
+        b.reset(seed=3, obs=obs[0])
+        legacy = np.stack([a.act(o) for o in obs])
+        explicit = np.stack([b.act(o, elapsed=0 if (i == 0 and plan_at_reset) else 1) for i, o in enumerate(obs)])
+        np.testing.assert_array_equal(legacy, explicit)
+        assert a.log["nfe"] == b.log["nfe"] and a.log["cold"] == b.log["cold"]
+        np.testing.assert_array_equal(a.log["residual"], b.log["residual"])
+
+
+def test_elapsed_two_shifts_the_warm_start_by_two_ticks():
+    policy = tiny_policy("flow")
+    spy = Spy(policy)
+    obs = observations(3)
+    ctrl = RTIController(policy, k=2, t_start=0.3, renoise=False)
+    ctrl.reset(seed=0)
+    ctrl.act(obs[0])
+    a = ctrl.act(obs[2], elapsed=2)  # tick 1 was skipped: its observation never reached the controller
+    prev, warm = spy.calls[0]["out"], spy.calls[1]
+    torch.testing.assert_close(warm["x_init"], torch.cat([prev[:, 2:], prev[:, -1:], prev[:, -1:]], dim=1),
+                               rtol=0, atol=0)
+    assert not ctrl.last_cold and ctrl.last_nfe == policy.nfe(2, 0.3)
+    # the same as one call of a controller that shifts by two actions per tick (the shifted chunk's plan)
+    other = RTIController(policy, k=2, t_start=0.3, renoise=False, shift=2)
+    other.reset(seed=0)
+    other.act(obs[0])
+    np.testing.assert_array_equal(a, other.act(obs[2]))
+    np.testing.assert_array_equal(ctrl.plan().actions, other.plan().actions)
+
+
+@pytest.mark.parametrize("renoise", [False, True])
+def test_elapsed_beyond_the_chunk_falls_back_to_a_cold_plan(renoise):
+    policy = tiny_policy("flow")
+    obs = observations(3)
+    ctrl = RTIController(policy, k=2, renoise=renoise)
+    ctrl.reset(seed=0)
+    ctrl.act(obs[0])
+    ctrl.act(obs[1], elapsed=TP - 1)  # the last action of the chunk is still there to start from
+    assert not ctrl.last_cold and ctrl.last_nfe == policy.nfe(2, ctrl.t_start)
+    a = ctrl.act(obs[2], elapsed=TP)  # nothing of the chunk is left
+    assert ctrl.last_cold and ctrl.last_nfe == policy.nfe() and ctrl.log["reason"][-1] == "expired"
+    assert ctrl.stats["expired_ticks"] == 1 and ctrl.stats["fallbacks"] == {"obs_jump": 0, "residual": 0}
+    # a cold plan is a cold plan: the same action as a fresh controller whose generator is in the same state
+    fresh = RTIController(policy, k=2, renoise=renoise)
+    fresh.reset(seed=0)
+    fresh.act(obs[0])
+    fresh.act(obs[1], elapsed=TP - 1)
+    fresh.reset(seed=None)  # keeps the generator's state, forgets the chunk and the history
+    fresh.history.push(obs[1])
+    np.testing.assert_array_equal(a, fresh.act(obs[2]))
+    with pytest.raises(ValueError, match="elapsed"):
+        ctrl.act(obs[2], elapsed=-1)
+    with pytest.raises(ValueError, match="elapsed"):
+        ctrl.act(obs[2], elapsed=1.5)
+
+
+def test_plan_reads_the_chunk_with_its_tick_and_timestamp():
+    policy = tiny_policy("flow", da=3, discrete=True)
+    spy = Spy(policy)
+    ctrl = RTIController(policy, k=2, lookahead=1)
+    ctrl.reset(seed=0)
+    assert ctrl.plan() is None
+    obs = observations(3)
+    a0 = ctrl.act(obs[0], t=10.0)
+    p0 = ctrl.plan()
+    assert p0.actions.shape == (TP - TO, 3) and p0.tick == 0 and p0.t == 10.0 and p0.cold
+    assert p0.nfe == policy.nfe() and not p0.actions.flags.writeable
+    np.testing.assert_array_equal(p0.actions[0], a0)  # actions[0] is what act returned
+    want = policy.threshold_discrete(policy.unnormalize_action(spy.calls[0]["out"][0, TO:])).numpy()
+    np.testing.assert_array_equal(p0.actions, want)
+    assert set(np.unique(p0.actions[:, -1])) <= {-1.0, 1.0}
+    a2 = ctrl.act(obs[2], elapsed=2, t=10.2)
+    p2 = ctrl.plan()
+    assert (p2.tick, p2.t, p2.cold, p2.nfe) == (2, 10.2, False, policy.nfe(2, ctrl.t_start))
+    np.testing.assert_array_equal(p2.actions[0], a2)
+    ctrl.reset(seed=0, obs=obs[0])
+    assert ctrl.plan() is None  # plan_at_reset is off: reset planned nothing
