@@ -12,6 +12,7 @@ chunk that holds committed steps is always either its old or its new version, an
 committed prefix. A process killed with SIGKILL at any point therefore leaves a store that opens with
 every previously committed episode bit-identical. This protects against process death; power loss
 also needs the data on disk before the commit, which ``durable=True`` buys with an ``fsync`` per file.
+
 One writer at a time, enforced: ``create`` and ``open(path, "a")`` take an exclusive lock on
 ``<store>/.writer.lock`` (``fcntl.flock``), held until :meth:`EpisodeStore.close` (or the end of a ``with``
 block, or garbage collection of the store object) and dropped by the kernel when the process dies, so a
@@ -21,6 +22,11 @@ instead. The repair of an uncommitted tail runs only under the lock. Readers (mo
 never repair and never block the writer: they see the episodes committed when they opened the store. Writers
 of one store within one process share the lock, and their writes are serialised. On platforms without
 ``fcntl`` (Windows) there is no lock: nothing stops two writers there. Linux is what is tested.
+
+Files that contradict each other (a commit record that does not parse, ``meta/episode_ends`` that is not
+an increasing integer array ending at the committed steps, arrays shorter than the commit or of another
+shape or dtype than it records) raise :class:`StoreCorruptError` naming the store and the problem; such a
+store is never repaired or truncated.
 
 Diffusion Policy's zarr v2 stores (``data/<key>``, ``meta/episode_ends``, optionally ``.zarr.zip``)
 open read-only: ``dt`` is ``None`` and every episode's attributes are empty.
@@ -217,16 +223,17 @@ class EpisodeStore:
         (released here if opening fails). The commit record is read after the lock is taken: a writer that waited
         for the lock sees what the previous one committed."""
         try:
-            record = read_commit_record(path)
-            zstore = AtomicLocalStore(path, read_only=(mode == "r"))
-            zstore.durable = bool(record.get("durable", False))
-            try:
-                root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
-            except Exception as err:
-                raise StoreCorruptError(f"{path}: cannot open the zarr group: {err}") from err
-            store = cls(path, root, record, mode, "stlflow", lock)
-            if mode == "a":
-                with lock.mutex:
+            # a writer of this store in another thread of this process may be appending: wait for its commit
+            with lock.mutex if lock is not None else contextlib.nullcontext():
+                record = read_commit_record(path)
+                zstore = AtomicLocalStore(path, read_only=(mode == "r"))
+                zstore.durable = bool(record.get("durable", False))
+                try:
+                    root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+", zarr_format=3)
+                except Exception as err:
+                    raise StoreCorruptError(f"{path}: cannot open the zarr group: {err}") from err
+                store = cls(path, root, record, mode, "stlflow", lock)
+                if mode == "a":
                     store._repair()
             return store
         except BaseException:
@@ -568,4 +575,9 @@ class EpisodeStore:
         """Total size in bytes of the files under the store's path."""
         if self._path.is_file():
             return self._path.stat().st_size
-        return sum(p.stat().st_size for p in self._path.rglob("*") if p.is_file())
+        total = 0
+        for folder, _, files in os.walk(self._path):  # os.walk skips folders that vanish (a writer's repair)
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # a writer's temporary file, renamed meanwhile
+                    total += os.stat(os.path.join(folder, name)).st_size
+        return total

@@ -162,14 +162,14 @@ class _Held:
 
 
 _HELD: dict[tuple[int, int], _Held] = {}
-_HELD_MUTEX = threading.Lock()
+_HELD_MUTEX = threading.RLock()  # re-entrant: garbage collection may release a lock (WriterLock.__del__) inside
 
 
 def _forget_locks_in_child() -> None:
     # A forked child shares the parent's open file description: closing the child's copy leaves the parent's lock
     # in place (and lets the kernel drop it when the parent dies); the child's writers can no longer write.
     global _HELD_MUTEX
-    _HELD_MUTEX = threading.Lock()
+    _HELD_MUTEX = threading.RLock()
     for held in _HELD.values():
         held.lost = True
         held.mutex = threading.RLock()
@@ -320,7 +320,7 @@ def acquire_writer_lock(folder: Path, timeout: float | None = 0.0) -> WriterLock
     pause = 0.002
     while True:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = _open_lock_file(lock_path)
         except FileNotFoundError:
             raise FileNotFoundError(f"no EpisodeStore at {folder}: the folder does not exist") from None
         except OSError as err:
@@ -355,8 +355,11 @@ def acquire_writer_lock(folder: Path, timeout: float | None = 0.0) -> WriterLock
                 if same:
                     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": stamp})
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, info.encode(), 0)
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, info.encode(), 0)
+                    except OSError:  # a lock file this user may lock but not write (another user's store)
+                        pass
                     held = _Held(fd, key)
                     _HELD[key] = held
                     return WriterLock(held, folder)
@@ -374,6 +377,16 @@ def acquire_writer_lock(folder: Path, timeout: float | None = 0.0) -> WriterLock
         pause = min(pause * 2, 0.05)
 
 
+def _open_lock_file(lock_path: Path) -> int:
+    """A descriptor on ``lock_path`` (created, mode 0666 less the umask, so that every user who may write the store
+    may lock it); read-only if this user may not write the file (``flock`` needs no write access)."""
+    flags = getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+    except PermissionError:
+        return os.open(lock_path, os.O_RDONLY | flags)
+
+
 def remove_if_abandoned(folder: Path, pid: int | None) -> bool:
     """Delete ``folder`` (a staging or build folder of another process) if its owner is gone; True if deleted.
 
@@ -384,7 +397,7 @@ def remove_if_abandoned(folder: Path, pid: int | None) -> bool:
     lock_path = folder / LOCK_FILE
     if fcntl is not None and lock_path.is_file():
         try:
-            fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             return False
         try:

@@ -251,6 +251,7 @@ def writer(path, log, out):
         ep = episode_for(i)
         store.add_episode(ep, attrs=attrs_for(i))
         os.write(fd, f"{i} {checksum(ep)}\n".encode())  # one write: a line is complete or absent
+        os.write(out, b"committed\n")
         if i % 2 == 0:
             store.set_episode_attrs(i, calibrated_attrs_for(i))
 
@@ -270,24 +271,27 @@ for trial in range(job["trials"]):
             os.write(w, ("error " + traceback.format_exc().replace(chr(10), " | ") + "\n").encode())
         os._exit(1)
     os.close(w)
-    if rnd.random() < 0.2:  # a kill that may strike while the writer opens the store and repairs it
+    pipe = os.fdopen(r, "rb", buffering=0)
+    rest = b""
+    if trial % 3 != 1 and rnd.random() < 0.2:  # a kill that may strike while the writer opens and repairs
         time.sleep(rnd.uniform(0.0, 0.01))
-        os.kill(pid, signal.SIGKILL)
     else:
-        first = os.read(r, 6)  # b"ready\n" (or the start of an error line)
+        first = pipe.readline()
         if first == b"ready\n":
             set_status(job["status"], phase="alive", trial=trial, pid=pid)
-            time.sleep(rnd.uniform(0.0, 0.12))
-        os.kill(pid, signal.SIGKILL)
+            if trial % 3 == 1:  # after a first commit (a slow machine still commits something), during the next
+                line = pipe.readline()
+                rest += b"" if line == b"committed\n" else line
+                time.sleep(rnd.uniform(0.0, 0.05))
+            else:  # at a random moment: opening, appending, committing, rewriting attrs
+                time.sleep(rnd.uniform(0.0, 0.12))
+        else:
+            rest += first
+    os.kill(pid, signal.SIGKILL)
     _, st = os.waitpid(pid, 0)
-    rest = b""
-    while True:
-        chunk = os.read(r, 65536)
-        if not chunk:
-            break
-        rest += chunk
-    os.close(r)
-    if b"error" in rest or not (os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL):
+    rest += pipe.read()
+    pipe.close()
+    if b"error" in rest or not (os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL):  # it died of the kill
         print(json.dumps({"error": rest.decode(errors="replace"), "trial": trial}), flush=True)
         sys.exit(1)
     kills += 1
