@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -396,23 +397,35 @@ class Policy(nn.Module):
         file, an empty / truncated / garbage safetensors file, an empty, invalid or non-mapping YAML, unknown or
         missing settings, dimensions that disagree with the weights, a hash mismatch, non-finite weights -- raises
         :class:`~stlflow.policy.checkpoint.CheckpointError` (a ``ValueError``) naming the folder and the problem;
-        a missing folder or file is also a ``FileNotFoundError``.
+        a missing folder or file is also a ``FileNotFoundError``. A load that overlaps a save by another process
+        (``policy.yaml`` swapped while the files were read) reads the checkpoint again, up to five times.
         """
-        d = Path(directory)
-        for attempt in range(3):
+        d, tries = Path(directory), 0
+        while True:
             cfg, files, raw = read_config(d)
             try:
-                policy = cls._from_checkpoint(d, cfg, files)
-            except CheckpointError:
-                # policy.yaml replaced while we read (another process saving here): read the new checkpoint
-                if attempt == 2 or not (d / CONFIG_FILE).is_file() or (d / CONFIG_FILE).read_bytes() == raw:
-                    raise
-                continue
-            return policy.to(map_location).eval()
-        raise AssertionError("unreachable")
+                contents, err = cls._read_checkpoint(d, cfg, files), None
+            except CheckpointError as e:
+                contents, err = None, e
+            try:
+                unchanged = (d / CONFIG_FILE).read_bytes() == raw
+            except OSError:
+                unchanged = False
+            if unchanged:  # nothing was swapped while we read: the files read are the ones policy.yaml describes
+                if err is not None:
+                    raise err
+                return cls._build(d, cfg, *contents).to(map_location).eval()
+            tries += 1  # another process is saving here: read the checkpoint again, after a short pause
+            if tries == 10:
+                raise err or CheckpointError(d, f"{CONFIG_FILE} kept changing while it was read (another process is "
+                                                f"writing this checkpoint)")
+            time.sleep(0.01 * tries)
 
     @classmethod
-    def _from_checkpoint(cls, d: Path, cfg: dict[str, Any], files: dict[str, dict[str, Any]] | None) -> Policy:
+    def _read_checkpoint(
+        cls, d: Path, cfg: dict[str, Any], files: dict[str, dict[str, Any]] | None,
+    ) -> tuple[Normalizer, dict[str, Tensor]]:
+        """Check the settings' names and read the normaliser and the weights, verified (nothing built yet)."""
         from safetensors.torch import load_file
 
         version = cfg.pop("format_version", None)
@@ -435,6 +448,15 @@ class Policy(nn.Module):
         except Exception as err:  # noqa: BLE001 -- safetensors, key and value errors alike: a damaged file
             raise CheckpointError(d, f"{NORMALIZER_FILE} cannot be read: {type(err).__name__}: {err}") from err
         try:
+            weights = load_file(str(weights_path), device="cpu")
+        except Exception as err:  # noqa: BLE001 -- a truncated, empty or garbage file
+            raise CheckpointError(d, f"{WEIGHTS_FILE} cannot be read: {type(err).__name__}: {err}") from err
+        return normalizer, weights
+
+    @classmethod
+    def _build(cls, d: Path, cfg: dict[str, Any], normalizer: Normalizer, weights: dict[str, Tensor]) -> Policy:
+        """The policy ``cfg`` describes, with ``weights``; settings that disagree with the files are refused."""
+        try:
             policy = cls(**cfg, normalizer=normalizer)
         except (TypeError, ValueError, KeyError) as err:
             raise CheckpointError(d, f"{CONFIG_FILE} does not describe a valid policy: {err}") from err
@@ -442,10 +464,6 @@ class Policy(nn.Module):
             shape = tuple(normalizer.stats(key)["scale"].shape)
             if shape not in ((), (dim,)):
                 raise CheckpointError(d, f"{NORMALIZER_FILE} has {shape[0]} {key} features, {CONFIG_FILE} says {dim}")
-        try:
-            weights = load_file(str(weights_path), device="cpu")
-        except Exception as err:  # noqa: BLE001 -- a truncated, empty or garbage file
-            raise CheckpointError(d, f"{WEIGHTS_FILE} cannot be read: {type(err).__name__}: {err}") from err
         bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise CheckpointError(d, f"{WEIGHTS_FILE} holds non-finite values (NaN or inf) in {bad[:5]}")

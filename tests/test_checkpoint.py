@@ -346,3 +346,47 @@ def test_a_kill_during_save_leaves_the_previous_or_the_new_checkpoint(tmp_path):
             assert _same(Policy.load(d), b)
     assert interrupted > 0, "no kill landed inside a save: the test did not test anything"
     print("after each kill:", seen)
+
+
+def _alternate_forever(src_a: str, src_b: str, path: str) -> None:
+    """Subprocess body: save A and B over ``path`` in turn, until killed."""
+    torch.set_num_threads(1)
+    a, b = Policy.load(src_a), Policy.load(src_b)
+    print("ready", flush=True)
+    while True:
+        for policy in (a, b):
+            policy.save(path)
+            time.sleep(0.05)
+
+
+def test_loads_that_overlap_saves_by_another_process_read_one_whole_checkpoint(tmp_path):
+    # Same network, different weights and normalisers: a load mixing the two checkpoints' files would go unnoticed
+    # by the shapes; every load must be all A or all B.
+    a, b = _policy(BIG_NET, seed=0), _policy(BIG_NET, seed=1)
+    b.normalizer = Normalizer.fit({"obs": np.random.default_rng(1).normal(size=(100, 3)) * 3,
+                                   "action": np.random.default_rng(2).uniform(-5, 5, (100, 2))})
+    a.save(tmp_path / "a_src")
+    b.save(tmp_path / "b_src")
+    path = tmp_path / "ckpt"
+    a.save(path)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_checkpoint import _alternate_forever; "
+            f"_alternate_forever({str(tmp_path / 'a_src')!r}, {str(tmp_path / 'b_src')!r}, {str(path)!r})")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and not (time.monotonic() - t0 > 3 and len(seen) >= 4 and 0 < sum(seen)
+                                                   < len(seen)):
+            loaded = Policy.load(path)
+            want = a if _same(loaded, a) else b
+            assert _same(loaded, want)
+            ns, nw = loaded.normalizer.state_dict(), want.normalizer.state_dict()
+            assert all(torch.equal(ns[k], nw[k]) for k in nw)
+            seen.append(want is b)
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert len(seen) >= 4 and 0 < sum(seen) < len(seen), seen  # both checkpoints were read
