@@ -37,10 +37,11 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def store(path: Path, episodes: list[dict], env_id: str = "stlflow/Crossing-v0") -> Path:
+def store(path: Path, episodes: list[dict], task: str = "crossing") -> Path:
+    from stlflow.control.tasks import get_task
     from stlflow.datasets import EpisodeStore
 
-    s = EpisodeStore.create(str(path), dt=0.1, attrs={"env_id": env_id})
+    s = EpisodeStore.create(str(path), dt=0.1, attrs={"env_id": get_task(task).env_id})
     for ep in episodes:
         s.add_episode(ep)
     return path
