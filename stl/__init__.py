@@ -11,7 +11,9 @@ Modules, from the bottom up (each imports only the ones before it):
 kernels), :mod:`~stlflow.stl.semantics` (robustness; the semantics and conventions are stated there),
 :mod:`~stlflow.stl.online` and :mod:`~stlflow.stl.monitor` (online monitor), :mod:`~stlflow.stl.calibrate`
 (parameter fitting), :mod:`~stlflow.stl.formula` (the evaluation methods of every formula node).
-Depends only on torch and numpy.
+Depends only on torch and numpy. Bad input raises :class:`STLSyntaxError` (formula text, with a caret under the
+offending column) or :class:`STLInputError` (signals, parameters, ``dt``, ``smooth``), both ``ValueError``
+subclasses whose message names the input; ``stlflow stl check`` turns them into exit status 2.
 """
 
 from .calibrate import Calibration, calibrate

@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
-from .inputs import check_options
+from .inputs import STLInputError, as_number, check_dt, check_options, interval_steps
 from .online import build_online, pad_horizon
 from .semantics import horizon, robustness_bounds, robustness_trace
-from .syntax import Formula
+from .syntax import BinaryTemporal, Formula
 
-__all__ = ["Monitor", "MonitorOutput"]
+__all__ = ["Monitor", "MonitorOutput", "MAX_SAMPLES"]
+
+MAX_SAMPLES = 10**8
+"""The most samples a monitor holds (the look-ahead of its bounds, the window of a bounded ``S``)."""
 
 
 class MonitorOutput:
@@ -88,16 +91,25 @@ class Monitor:
     def __init__(self, formula: Formula, dt: float, params: Mapping[str, Any] | None = None, *,
                  until: str = "strict", end: str = "truncate"):
         check_options(until, end)
-        try:
-            params = {k: float(v) for k, v in (params or {}).items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"monitor parameters must be single numbers (one trajectory), got {params!r}") from None
+        dt = check_dt(dt)
+        if params is not None and not isinstance(params, Mapping):
+            raise STLInputError(f"params must be a mapping parameter name -> number, or None; got {params!r}")
+        params = {k: as_number(v, f"monitor parameter {k!r} (one trajectory: a single number)")
+                  for k, v in (params or {}).items()}
         missing = sorted(formula.params - set(params))
         if missing:
-            raise ValueError(f"missing parameter(s) {missing} for {formula}; given parameters: {sorted(params)}")
-        self.formula, self.dt, self.params, self.until, self.end = formula, float(dt), params, until, end
+            raise STLInputError(f"missing parameter(s) {missing} for {formula}; given parameters: {sorted(params)}")
+        self.formula, self.dt, self.params, self.until, self.end = formula, dt, params, until, end
         self.h = horizon(formula, dt, params)
         self._pad = pad_horizon(formula, dt, params) + 1
+        held = max([self._pad] + [b if b is not None else a for node in formula.walk()
+                                  if isinstance(node, BinaryTemporal) and node.op == "S"
+                                  for a, b in [interval_steps(node.interval, dt, params, node)]])
+        if held > MAX_SAMPLES:
+            raise STLInputError(
+                f"{formula} needs {float(held):.4g} samples of memory in the online monitor at dt={dt:g} (at most "
+                f"{MAX_SAMPLES} are supported); use shorter intervals or a larger dt, or evaluate the recorded signal "
+                "offline")
         self._root = build_online(formula, dt, params, until == "inclusive")
         self._signals = frozenset(formula.signals)
         self.reset()
@@ -110,10 +122,19 @@ class Monitor:
         self._final: tuple[float, float, float] | None = None
 
     def update(self, sample: Mapping[str, float]) -> MonitorOutput:
-        """Take the next sample (signal name -> value) and return a :class:`MonitorOutput`."""
+        """Take the next sample (signal name -> value) and return a :class:`MonitorOutput`.
+
+        Raises :class:`STLInputError` (before changing any state) when ``sample`` is not a mapping, lacks a signal
+        of the formula, or holds a value that is not a single number.
+        """
+        if not isinstance(sample, Mapping):
+            raise STLInputError(f"a sample must be a mapping signal name -> number, got {sample!r}")
         if not self._signals <= sample.keys():
-            raise KeyError(f"missing signal(s) {sorted(self._signals - set(sample))} in the sample; "
-                           f"given signals: {sorted(sample)}")
+            raise STLInputError(f"missing signal(s) {sorted(self._signals - set(sample))} in the sample; "
+                                f"given signals: {sorted(sample)}")
+        for name in self._signals:
+            if type(sample[name]) is not float:
+                as_number(sample[name], f"signal {name!r} in the sample")
         self._t = t = self._t + 1
         if t <= self.h:  # samples beyond the horizon never change ρ(0)
             for name, values in self._hist.items():

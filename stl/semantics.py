@@ -20,7 +20,9 @@ Semantics (the default; every operator is tested against a brute-force evaluator
   −inf (missing samples count as a violation); every other operator keeps the truncation rule, so the
   G/F duality holds only under the default ``end="truncate"``.
 - NaN in any sample an operator reads makes its result NaN, wherever the NaN sits in the window.
-  Inputs are never modified; a one-sample signal works.
+  Inputs are never modified; a one-sample signal works. Bad input (``dt``, ``smooth``, a parameter or signal
+  that is not numbers, a missing name, an interval bound that is not a whole number of samples) raises
+  :class:`~stlflow.stl.inputs.STLInputError` naming it, never another exception or a NaN.
 
 Smooth mode (``smooth=τ``): every min and max, including ``&``, ``|`` and ``->``, becomes a log-sum-exp at
 temperature τ: max_τ(x₁..x_k) = log Σ exp(τ xᵢ) / τ and min_τ = −max_τ(−x). For an operator of arity k
@@ -43,13 +45,23 @@ log-sum-exp over the window instead of the trace's pairwise log-add-exp; same ±
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from .inputs import STLInputError, check_inputs, interval_groups, interval_steps, prepare_batch
+from .inputs import (
+    STLInputError,
+    as_param,
+    check_dt,
+    check_inputs,
+    check_smooth,
+    interval_groups,
+    interval_steps,
+    prepare_batch,
+)
 from .kernels import cumulative, filled, future_window, logsumexp_rows, nary, sliding_until
 from .syntax import (
     Abs,
@@ -174,16 +186,21 @@ def robustness_trace(formula: Formula, signals: Mapping[str, Any], dt: float, pa
     """Robustness of ``formula`` at every sample.
 
     Args:
-        signals: name -> array or tensor, shape (T,) or (B, T), float32/float64, any device (shared by all).
-        dt: sample period in seconds (the unit of interval bounds).
-        params: name -> float, 0-d tensor, or (B,) array/tensor (one value per trajectory). Gradients flow to
+        signals: name -> array, tensor or list, shape (T,) or (B, T), float32/float64 (integers and bools are
+            computed in float64), any device (shared by all).
+        dt: sample period in seconds (the unit of interval bounds): a positive number, Python, numpy or 0-d torch.
+        params: name -> number, 0-d tensor, or (B,) array/tensor/list (one value per trajectory). Gradients flow to
             tensors used in thresholds. Interval-bound parameters may differ per trajectory; the batch is then
             evaluated in groups of equal bounds.
-        smooth: None for exact min/max, or the log-sum-exp temperature τ > 0 (error ≤ log(k)/τ per operator).
+        smooth: None for exact min/max, or the log-sum-exp temperature τ > 0, finite and within the normal range
+            of the signals' dtype (error ≤ log(k)/τ per operator).
         until: "strict" (φ on [t, t')) or "inclusive" (φ on [t, t']).
         end: "truncate" or "violate" (see the module docstring).
 
     Returns: (B, T) tensor with the signals' dtype and device; B = 1 for (T,) inputs.
+
+    Raises :class:`STLInputError` (a ``ValueError``) naming the input, for every bad one (see
+    :mod:`stlflow.stl.inputs`).
     """
     return _trace(formula, signals, dt, params, smooth, until, end)
 
@@ -198,6 +215,8 @@ def robustness_bounds(formula: Formula, signals: Mapping[str, Any], dt: float, p
     bounds hold for any values of the unknown samples. Arguments as :func:`robustness_trace` (exact only, one
     value per interval parameter). Returns two (B, T) tensors, lower then upper (the online monitor's bounds).
     """
+    if isinstance(known, bool) or not isinstance(known, numbers.Integral) or known < 0:
+        raise STLInputError(f"known must be a number of samples, an integer >= 0; got {known!r}")
     lo, hi = (_trace(formula, signals, dt, params, None, until, end, known=known, side=side) for side in ("lo", "hi"))
     return lo, hi
 
@@ -208,10 +227,11 @@ def _trace(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapp
     """:func:`robustness_trace`; with ``side`` one bound of :func:`robustness_bounds`; ``memo`` collects the trace
     of every node (:func:`first_violation`)."""
     signals, params = check_inputs(signals, params, smooth, until, end)
+    dt, smooth = check_dt(dt), check_smooth(smooth)
     groups = interval_groups(formula, params) if side is None else None
     if groups is not None:
         return _per_group(groups, signals, lambda sig, p: _trace(formula, sig, dt, p, smooth, until, end))
-    xs, real, B, T, _, _ = prepare_batch(formula, signals, params, dt)
+    xs, real, B, T, _, _ = prepare_batch(formula, signals, params, dt, smooth)
     ev = _Evaluator(xs, real, B, T, dt, smooth, until, end, known=known, memo=memo)
     return ev(formula, side)
 
@@ -285,13 +305,26 @@ def _robustness0(formula: Formula, signals: Mapping[str, Any], dt: float, params
                  smooth: float | None, until: str, end: str) -> torch.Tensor:
     """ρ at sample 0 in point mode (see :func:`_point`); per-trajectory interval bounds evaluated in groups."""
     signals, params = check_inputs(signals, params, smooth, until, end)
+    dt, smooth = check_dt(dt), check_smooth(smooth)
     groups = interval_groups(formula, params)
     if groups is not None:
         return _per_group(groups, signals, lambda sig, p: _robustness0(formula, sig, dt, p, smooth, until, end))
-    xs, real, B, T, _, _ = prepare_batch(formula, signals, params, dt)
+    xs, real, B, T, _, _ = prepare_batch(formula, signals, params, dt, smooth)
     ev = _Evaluator(xs, real, B, T, dt, smooth, until, end)
     ev0 = _Evaluator({k: v[:, :1] for k, v in xs.items()}, real, B, 1, dt, smooth, until, end)
     return _point(ev, formula, ev0)
+
+
+def _array_or_self(v: Any) -> Any:
+    """``v`` as an array when it is a tensor, an array or converts to one of numbers; else ``v`` (the trace reports
+    what is wrong with it)."""
+    if isinstance(v, torch.Tensor | np.ndarray):
+        return v
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError):
+        return v
+    return a if a.dtype.kind in "biuf" else v
 
 
 def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: Mapping[str, Any] | None = None,
@@ -306,12 +339,12 @@ def robustness(formula: Formula, signals: Mapping[str, Any], dt: float, params: 
     computing its own trace. Operands of temporal nodes still get full traces; a top-level ``U`` falls back
     to its trace.
     """
+    signals, params = check_inputs(signals, params, smooth, until, end)  # lists as arrays; bad input reported
     try:
         h = horizon(formula, dt, params)
-    except (STLInputError, KeyError, TypeError):  # per-trajectory interval bounds or bad input: let the trace report
+    except STLInputError:  # per-trajectory interval bounds or bad input: let the trace report
         h = INF
-    arrays = {k: v if isinstance(v, torch.Tensor | np.ndarray) else np.asarray(v)
-              for k, v in signals.items() if k in formula.signals}
+    arrays = {k: _array_or_self(v) for k, v in signals.items() if k in formula.signals}
     lengths = {np.shape(v)[-1] if np.ndim(v) else 0 for v in arrays.values()}
     if math.isfinite(h) and len(lengths) == 1 and len(arrays) == len(formula.signals):  # else the trace reports
         signals = {k: v[..., : int(h) + 1] if np.ndim(v) else v for k, v in arrays.items()}
@@ -325,14 +358,23 @@ def horizon(formula: Formula, dt: float, params: Mapping[str, Any] | None = None
     For U[a,b] this is b + max(horizons of both operands) (strict Until reads its left operand one sample less).
     Per-trajectory interval parameters count with their largest value.
     """
+    dt = check_dt(dt)
+    if params is not None and not isinstance(params, Mapping):
+        raise STLInputError(f"params must be a mapping parameter name -> value, or None; got {params!r}")
+    params = {k: as_param(v, k) for k, v in (params or {}).items()}
     params = {k: float(np.max(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)))
-              if k in formula.interval_params and np.ndim(v) > 0 else v for k, v in (params or {}).items()}
-    node = formula
+              if k in formula.interval_params and (v.numel() if isinstance(v, torch.Tensor) else np.size(v)) > 1 else v
+              for k, v in params.items()}
+    return _horizon(formula, dt, params)
+
+
+def _horizon(node: Formula, dt: float, params: Mapping[str, Any]) -> float:
+    """:func:`horizon` on checked arguments."""
     if isinstance(node, Predicate):
         return 0
     if isinstance(node, Not | And | Or | Implies):
-        return max(horizon(c, dt, params) for c in node.children())
-    child = max(horizon(c, dt, params) for c in node.children())
+        return max(_horizon(c, dt, params) for c in node.children())
+    child = max(_horizon(c, dt, params) for c in node.children())
     if node.op in ("H", "O", "S"):  # type: ignore[attr-defined]
         return child
     _, b = interval_steps(node.interval, dt, params, node)  # type: ignore[attr-defined]
@@ -342,11 +384,19 @@ def horizon(formula: Formula, dt: float, params: Mapping[str, Any] | None = None
 def smooth_error_bound(formula: Formula, n: int, dt: float, smooth: float, params: Mapping[str, Any] | None = None
                        ) -> float:
     """Sum over the deepest path of log(k)/τ, k the arity of each smoothed min/max, for signals of n samples."""
-    params = params or {}
-    node = formula
+    dt, tau = check_dt(dt), check_smooth(smooth)
+    if tau is None:
+        raise STLInputError("smooth must be a finite temperature > 0 (the bound of exact min/max is 0)")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise STLInputError(f"n must be the number of samples, an integer >= 1; got {n!r}")
+    return _smooth_error_bound(formula, int(n), dt, tau, params or {})
+
+
+def _smooth_error_bound(node: Formula, n: int, dt: float, smooth: float, params: Mapping[str, Any]) -> float:
+    """:func:`smooth_error_bound` on checked arguments."""
     if isinstance(node, Predicate):
         return 0.0
-    child = max(smooth_error_bound(c, n, dt, smooth, params) for c in node.children())
+    child = max(_smooth_error_bound(c, n, dt, smooth, params) for c in node.children())
     if isinstance(node, Not):
         return child
     if isinstance(node, And | Or):
@@ -370,12 +420,28 @@ def first_violation(formula: Formula, signals: Mapping[str, Any], dt: float, par
     explanation comes first, for ``G``/``H`` the earliest violated sample of the window; a violated predicate,
     ``|``, ``->``, ``F``, ``O``, ``U``, ``S`` or ``!`` is reported itself.
     """
+    signals, params = check_inputs(signals, params, None, until, end)
+    dt = check_dt(dt)
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+        raise STLInputError(f"batch must be the index of a trajectory, an int; got {batch!r}")
+    groups = interval_groups(formula, params)
+    if groups is not None:  # per-trajectory interval bounds: explain within the group of trajectory `batch`
+        B = sum(len(g[0]) for g in groups)
+        if not -B <= batch < B:
+            raise STLInputError(f"batch={batch} is out of range for {B} trajectories")
+        b = batch % B
+        idx, p = next((idx, p) for idx, p in groups if bool((idx == b).any()))
+        signals = {k: _rows(v, idx, B, 2) for k, v in signals.items()}
+        params = {k: _rows(v, idx, B, 1) for k, v in p.items()}
+        batch = int((idx == b).nonzero()[0, 0])
     memo: dict = {}
     with torch.no_grad():
         _trace(formula, signals, dt, params, None, until, end, memo=memo)
+    B = memo[formula].shape[0]
+    if not -B <= batch < B:
+        raise STLInputError(f"batch={batch} is out of range for {B} trajectories")
     traces = {k: v[batch].cpu().numpy() for k, v in memo.items()}
     n = len(traces[formula])
-    params = params or {}
 
     def explain(node: Formula, t: int) -> tuple[Formula, int, float]:
         r = float(traces[node][t])

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stlflow.stl import parse
+from stlflow.stl import STLInputError, parse
 from stlflow.stl.syntax import And, BinaryTemporal, BinOp, Implies, Interval, Not, Num, Or, Predicate, Signal, Temporal
 
 torch.set_num_threads(1)
@@ -121,5 +121,5 @@ def test_unbounded_future_has_no_delayed_value_and_missing_signal_is_named():
     mon = parse("G(x < 1) & F[0,2](y > 0)").monitor(0.5)
     out = mon.update({"x": 0.0, "y": 1.0})
     assert out.delayed is None and out.so_far == 1.0 and out.upper == 1.0 and out.lower == -math.inf
-    with pytest.raises(KeyError, match=r"missing signal\(s\) \['y'\].*given signals: \['x'\]"):
+    with pytest.raises(STLInputError, match=r"missing signal\(s\) \['y'\].*given signals: \['x'\]"):
         mon.update({"x": 0.0})
