@@ -119,11 +119,15 @@ def augment_store(
     with _one_torch_thread() if workers == 1 else contextlib.nullcontext():
         try:
             figures = _write_results(results, out, keys, report)
+        except BaseException:
+            out.close()  # release the writer lock; the committed episodes stay readable
+            raise
         finally:
             _WORKER.clear()
     _set_demo_means(report, figures, demos, indices)
     report.seconds = time.perf_counter() - t0
     out.set_attrs({"augment_report": report.as_dict()})
+    out.close()
     return report
 
 

@@ -54,7 +54,8 @@ def jsonable(value: Any) -> Any:
 
 def collect(job: CollectJob) -> Any:
     """Record ``job.episodes`` expert episodes (seeds ``job.seed ..``) of ``job.task`` into a new EpisodeStore at
-    ``job.out`` (an existing store is replaced only with ``job.overwrite``). Returns the open EpisodeStore."""
+    ``job.out`` (an existing store is replaced only with ``job.overwrite``). Returns the store opened for reading
+    (the writer lock is released: another process may calibrate it at once)."""
     from stlflow.datasets import EpisodeStore
 
     if job.episodes < 1:
@@ -81,10 +82,13 @@ def collect(job: CollectJob) -> Any:
 
     chunk = max(1, min(8, job.episodes // (4 * job.workers)))  # fewer round trips for many short episodes
     # results arrive in seed order, so the store is the same for any number of workers
-    for episode in parallel_map(collect_episode, jobs, workers=job.workers, desc=f"collect {task.env_id}",
-                                unit="ep", progress=job.progress, chunksize=chunk):
-        batch.append(episode)
-        if len(batch) >= WRITE_BATCH:
-            flush()
-    flush()
-    return store
+    try:
+        for episode in parallel_map(collect_episode, jobs, workers=job.workers, desc=f"collect {task.env_id}",
+                                    unit="ep", progress=job.progress, chunksize=chunk):
+            batch.append(episode)
+            if len(batch) >= WRITE_BATCH:
+                flush()
+        flush()
+    finally:
+        store.close()  # release the writer lock (committed batches stay readable after a failure)
+    return EpisodeStore.open(out)

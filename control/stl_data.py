@@ -62,12 +62,19 @@ class CalibrationReport:
 def calibrate(job: CalibrateJob) -> CalibrationReport:
     """Calibrate θ on the store ``job.data`` and write it there (see the module docstring)."""
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.calibration import calibrate_store, summary_table
 
     try:
         store = EpisodeStore.open(job.data, mode="a")
     except (FileNotFoundError, ValueError) as err:
         raise JobError(f"cannot open data={job.data}: {err}") from err
+    with store:  # the writer lock is held while θ is written, released after
+        return _calibrate_into(store, job)
+
+
+def _calibrate_into(store: Any, job: CalibrateJob) -> CalibrationReport:
+    """Fit θ on ``store`` (open for writing) and write it there."""
+    from stlflow.datasets.calibration import calibrate_store, summary_table
+
     task = store_task(store, job.task, job.data)
     stl_cfg = job.stl if job.stl is not None else task.stl_config()
     rules, defaults = rule_set(store, task)

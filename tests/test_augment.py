@@ -115,8 +115,11 @@ def demos(tmp_path_factory):
     store = collect(CollectJob("crossing", 3, path, seed=0, progress=False))
     cal = calibrate_store(store, RULE_LIST, ["v_max", "d_safe", "w", "T"], RULE_DEFAULTS,
                           margin={"v_max": 0.05, "d_safe": 0.05, "w": 0.05, "T": 1.0})
-    for i, theta in enumerate(cal.per_episode):
-        store.set_episode_attrs(i, {"stl_params": {**RULE_DEFAULTS, **theta}})
+    from stlflow.datasets import EpisodeStore
+
+    with EpisodeStore.open(path, mode="a") as writable:
+        for i, theta in enumerate(cal.per_episode):
+            writable.set_episode_attrs(i, {"stl_params": {**RULE_DEFAULTS, **theta}})
     return path, cal
 
 

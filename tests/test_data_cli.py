@@ -47,9 +47,9 @@ def test_info(demo_store, capsys):
 
 def test_info_on_non_store(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
-    assert cli.main(["data", "info", str(tmp_path / "junk")]) == 1
+    assert cli.main(["data", "info", str(tmp_path / "junk")]) == 2
     assert "junk" in capsys.readouterr().err
-    assert cli.main(["data", "info", str(tmp_path / "missing.zarr")]) == 1
+    assert cli.main(["data", "info", str(tmp_path / "missing.zarr")]) == 2
     assert "missing.zarr" in capsys.readouterr().err
 
 
@@ -94,13 +94,13 @@ def test_import_d4rl_with_console_script(tmp_path):
 
     # a second import onto an existing store fails without --overwrite, and a broken file leaves nothing
     proc = subprocess.run([stlflow_exe(), "data", "import", "d4rl", str(src), str(out)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "already exists" in proc.stderr
+    assert proc.returncode == 2 and "already exists" in proc.stderr
     broken = tmp_path / "broken.hdf5"
     broken.write_bytes(src.read_bytes()[:900])
     proc = subprocess.run(
         [stlflow_exe(), "data", "import", "d4rl", str(broken), str(tmp_path / "b.zarr")], capture_output=True, text=True
     )
-    assert proc.returncode == 1 and "broken.hdf5" in proc.stderr
+    assert proc.returncode == 2 and "broken.hdf5" in proc.stderr
     assert not (tmp_path / "b.zarr").exists()
 
 

@@ -359,7 +359,7 @@ def test_cli_d4rl_nan_terminals_one_line(tmp_path, capsys):
     arrays = d4rl_arrays()
     arrays["terminals"] = np.full(60, np.nan)
     src = write_d4rl(tmp_path / "nan.hdf5", arrays)
-    assert cli.main(["data", "import", "d4rl", str(src), str(tmp_path / "o.zarr"), "--no-progress"]) == 1
+    assert cli.main(["data", "import", "d4rl", str(src), str(tmp_path / "o.zarr"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "nan.hdf5" in err and "'terminals' holds NaN" in err
 

@@ -174,7 +174,7 @@ def main(argv: list[str]) -> int:
         if _debugging():
             raise
         print(f"stlflow data {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as for every verb
 
 
 def _debugging() -> bool:
