@@ -175,6 +175,13 @@ def cases() -> list[Case]:
             d4rl_file(d / "x.hdf5", terminals=np.array([0.0] * 9 + [np.nan] + [0.0] * 10, np.float32))),
             str(d / "out.zarr")]),
         Case("data info: not a store", lambda d: ["data", "info", str(write(d / "x.zarr", "x"))]),
+        Case("data info: episode_ends not increasing", lambda d: ["data", "info", str(_edit_ends(
+            store(d / "s.zarr", [episode(steps=12), episode(steps=30)]), [12, 10]))]),
+        Case("data info: Diffusion Policy store with float episode_ends", lambda d: ["data", "info", str(
+            _dp_store(d / "dp.zarr", np.array([10.0, 20.5])))]),
+        Case("train resume=true: every kept training state truncated", lambda d: [
+            "train", "resume=true", "train.progress=false", "train.steps=4", "train.batch_size=16",
+            f"data={store(d / 's.zarr', [episode(steps=60)] * 3)}", f"out={_damaged_run(d)}"]),
         # checkpoints
         Case("Policy.load: truncated weights", lambda d: load_policy(corrupt(policy_dir(d / "p"), "model.safetensors",
                                                                              "truncate"))),
@@ -204,6 +211,35 @@ def _plain_zarr(path: Path) -> Path:
 
     zarr.open_group(str(path), mode="w")
     return path
+
+
+def _edit_ends(path: Path, ends: list[int]) -> Path:
+    import zarr
+
+    zarr.open_group(str(path), mode="r+")["meta"]["episode_ends"][:] = ends
+    return path
+
+
+def _dp_store(path: Path, ends: np.ndarray) -> Path:
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w")
+    root.create_group("data").create_array("obs", data=np.zeros((21, 3), np.float32))
+    root.create_group("meta").create_array("episode_ends", data=ends)
+    return path
+
+
+def _damaged_run(folder: Path) -> Path:
+    """A finished tiny training run whose kept training states are all truncated."""
+    data = store(folder / "run.zarr", [episode(steps=60)] * 3)
+    out = folder / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "stlflow", "train", f"data={data}", f"out={out}", "train.steps=4",
+                    "train.ckpt_every=2", "train.batch_size=16", "train.progress=false", "train.tensorboard=false",
+                    "eval_episodes=0"], check=True, capture_output=True, env=env)
+    for state in out.glob("checkpoints/step_*/training_state.pt"):
+        state.write_bytes(state.read_bytes()[:100])
+    return out
 
 
 def _yaml(path: Path, text: str) -> Path:
