@@ -1,5 +1,8 @@
 """What every task's augmentation shares: replaying a control sequence in MuJoCo through the control loop, and the
-behaviour modes of ``conf/stl/<task>.yaml`` as :class:`~stlflow.datasets.augment.ModeSpec` s."""
+behaviour modes of ``conf/stl/<task>.yaml`` as :class:`~stlflow.datasets.augment.ModeSpec` s.
+
+The augmentation types are imported where they are used: looking a task up in the registry must not import torch
+(a sim twin or a data tool does not need it)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-
-from stlflow.datasets.augment import ModeSpec, ReplayResult
 
 
 class Playback:
@@ -27,13 +28,14 @@ class Playback:
         return u
 
 
-def replay_controls(env: Any, seed: int, controls: np.ndarray) -> tuple[ReplayResult, Any]:
+def replay_controls(env: Any, seed: int, controls: np.ndarray) -> tuple[Any, Any]:
     """Replay ``controls`` (H, Du) from ``env.reset(seed)`` in the real env, through the control loop.
 
     Stops early when the env terminates or truncates. Returns the augmentation's ``ReplayResult`` and the loop's
     ``EpisodeResult`` (for task-specific extras such as signals computed from the observations reached).
     """
     from stlflow.control.loop import run_episode
+    from stlflow.datasets.augment import ReplayResult  # imports torch: only when augmenting
 
     episode = run_episode(env, Playback(controls), int(seed), max_steps=len(controls))
     result = ReplayResult(
@@ -46,9 +48,11 @@ def replay_controls(env: Any, seed: int, controls: np.ndarray) -> tuple[ReplayRe
     return result, episode
 
 
-def mode_specs(stl_cfg: Mapping[str, Any], only: Sequence[str] | None = None, task: str = "") -> list[ModeSpec]:
+def mode_specs(stl_cfg: Mapping[str, Any], only: Sequence[str] | None = None, task: str = "") -> list[Any]:
     """The behaviour modes of a task's STL settings (no modes: the rules alone, as one mode named ``rules``);
     ``only`` restricts them to these names (an unknown name is an error listing the known ones)."""
+    from stlflow.datasets.augment import ModeSpec
+
     modes = stl_cfg.get("modes") or {"rules": {}}
     specs = [ModeSpec(name, (m or {}).get("formula"),
                       {k: tuple(v) for k, v in ((m or {}).get("param_ranges") or {}).items()})
