@@ -18,6 +18,12 @@
 - :mod:`stlflow.control.training` -- :func:`train_policy` (``stlflow train``)
 - :mod:`stlflow.control.samples` -- closed-loop samples per start state and the diversity measures
 - :mod:`stlflow.control.workers` -- :func:`parallel_map`, the one worker pool (spawn, one thread per worker)
+- :mod:`stlflow.control.robot` -- the ``Robot`` protocol a hardware driver implements (``RobotSpec``,
+  ``Observation``); :mod:`stlflow.control.sim_robot` (a MuJoCo task in this process) and
+  :mod:`stlflow.control.zmq_robot` (the client of the sim twin, :mod:`stlflow.control.twin`, ``stlflow serve-sim``)
+- :mod:`stlflow.control.realtime` -- ``RealtimeLoop``: fixed-rate wall-clock (or virtual-clock) control of a
+  ``Robot``, inference on its own thread (:mod:`stlflow.control.inference`), the safety layer
+  (:mod:`stlflow.control.safety`)
 
 Importing this package does not import torch; the controller, evaluation and training modules do.
 """
