@@ -85,6 +85,9 @@ import msgpack
 import numpy as np
 import zmq
 
+from stlflow.control.robot import HOLD_ACTIONS
+from stlflow.control.robot import hold_action as _robot_hold_action
+
 PROTOCOL = 1
 MODES = ("realtime", "lockstep")
 ROLES = ("req", "obs", "cmd")
@@ -125,36 +128,17 @@ def unpack(data: bytes) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ hold actions
-def crossing_hold(obs: np.ndarray) -> np.ndarray:
-    """Crossing's action is a velocity command (v m/s, omega rad/s), so holding still is (0, 0): the drive brakes at
-    its acceleration limits (2 m/s^2, 4 rad/s^2) to a standstill and stays there."""
-    return np.zeros(2)
-
-
-def pickplace_hold(obs: np.ndarray) -> np.ndarray:
-    """PickPlace's action is an absolute TCP target plus a gripper command, so holding still is the current servo
-    set-point and the current gripper command, both in the observation (``ee_target`` obs[18:21], ``grip_cmd``
-    obs[21]): the TCP settles where it was commanded to be and a held cube stays held (zero would drive the TCP
-    to the workspace origin and open the gripper)."""
-    from stlflow.envs.pickplace import OBS_INDEX
-
-    return np.concatenate([obs[OBS_INDEX["ee_target"]], obs[OBS_INDEX["grip_cmd"]]]).astype(np.float64)
-
-
-# Task name -> hold action of an observation. How to find one for a new task: read its env's action: for a velocity
-# (or torque) command, hold is zero; for an absolute position target, hold is the last commanded target, which the
-# observation must then carry (a measured position would let a servo's lag drift or sag); a gripper keeps its state.
-HOLDS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"crossing": crossing_hold, "pickplace": pickplace_hold}
+HOLDS = HOLD_ACTIONS
+"""Task name -> hold action of an observation: the one table, :data:`stlflow.control.robot.HOLD_ACTIONS`."""
 
 
 def hold_action(task: Any, obs: np.ndarray) -> np.ndarray:
-    """The action that keeps ``task``'s robot still at observation ``obs`` (Do,): the task's own ``hold_action(obs)``
-    method when it has one, else :data:`HOLDS` by task name; a task with neither is a :class:`TwinError`."""
-    fn = getattr(task, "hold_action", None) or HOLDS.get(getattr(task, "name", task))
-    if fn is None:
-        raise TwinError(f"no hold action known for task {getattr(task, 'name', task)!r}: give the task a "
-                        f"hold_action(obs) method or add it to stlflow.control.twin.HOLDS (known: {sorted(HOLDS)})")
-    return np.asarray(fn(np.asarray(obs)), dtype=np.float64).reshape(-1)
+    """The action that keeps ``task``'s robot still at observation ``obs`` (Do,):
+    :func:`stlflow.control.robot.hold_action`; a task with none is a :class:`TwinError`."""
+    try:
+        return _robot_hold_action(task, obs)
+    except ValueError as err:
+        raise TwinError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------ the server
