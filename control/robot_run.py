@@ -1,0 +1,441 @@
+"""Running a policy on a robot: the work of ``stlflow control`` (robot construction, episodes, recording, report).
+
+::
+
+    job = RobotJob(task="crossing", robot="sim", policy="ckpt/", controller=ControllerSpec.create("rti", k=2),
+                   episodes=5, seed=0, out="control_out", rate_hz=10.0, mode="lockstep", record=True)
+    check(job)          # refusals (JobError) before anything connects: robot kind, dimensions, rate
+    result = run(job)   # episodes through RealtimeLoop; report.json / report.md / lateness_hist.png; episodes.zarr
+
+Robots: ``sim`` is :class:`~stlflow.control.sim_robot.SimRobot` in this process (``mode=lockstep`` on a virtual
+clock, ``mode=realtime`` on its own thread at ``dt / speed`` wall seconds per step); ``zmq`` is
+:class:`~stlflow.control.zmq_robot.ZmqRobot`, a client of a running ``stlflow serve-sim`` at ``addr``.
+
+The rate: the loop ticks every ``dt / speed`` seconds of its clock, so ``rate_hz`` must equal ``speed / dt`` (for
+Crossing, dt = 0.1 s: 10 Hz at speed 1, 50 Hz at speed 5); a mismatch is refused.
+
+Each episode is one :meth:`RealtimeLoop.run`; SIGINT / SIGTERM latch the loop's e-stop (the robot holds) and end
+the episode, which is still reported and recorded, with ``complete=false`` and its end reason. Any e-stop ends the
+run (no further episode starts). Recording happens on :class:`~stlflow.control.record_writer.RecordWriter`'s
+thread after each episode, never on the loop's thread during a tick.
+
+Stored keys of one recorded episode (T ticks): ``obs`` (T, Do) the observation each tick used, ``action`` (T, Da)
+the action commanded (the task's hold action on held ticks), ``tick_index`` / ``tick_lateness_s`` /
+``tick_missed`` / ``tick_late`` / ``obs_age_s`` / ``obs_seq`` / ``plan_seq`` / ``elapsed`` (ticks since the plan's
+observation: the command's age) / ``infer_s`` / ``nfe`` / ``busy_s`` / ``source`` (index into
+:data:`stlflow.control.realtime.SOURCES`: 0 fresh, 1 chunk, 2 hold, 3 estop) / ``clamped`` / ``rate_limited`` /
+``nonfinite`` / ``stale``; attributes ``seed``, ``success``, ``complete``, ``end_reason``, ``estop``, ``robot``,
+``controller``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stlflow.control.controllers import EXPERT, ControllerSpec
+from stlflow.control.jobs import JobError
+from stlflow.control.realtime import SOURCES
+from stlflow.control.robot import RobotError, hold_action
+from stlflow.control.safety import SafetyConfig
+
+__all__ = ["MODES", "ROBOTS", "RobotJob", "RunResult", "check", "make_robot", "markdown", "run", "write_outputs"]
+
+ROBOTS = ("sim", "zmq")
+MODES = ("realtime", "lockstep")
+RATE_TOLERANCE = 1e-3  # relative
+
+
+@dataclass(frozen=True)
+class RobotJob:
+    """One ``stlflow control`` run.
+
+    Args:
+        task: task name (``stlflow.control.tasks`` registry).
+        robot: ``sim`` or ``zmq``.
+        policy: checkpoint directory or a Policy (None for ``controller=expert``).
+        controller: the controller spec (``rti``, ``receding``, ..., ``expert`` on ``robot=sim`` only).
+        episodes / seed: episode i runs with seed ``seed + i`` (robot reset and the controller's noise).
+        out: report folder (``report.json``, ``report.md``, ``lateness_hist.png``, ``episodes.zarr``).
+        rate_hz: the loop's rate (None: ``speed / dt``); refused unless ``rate_hz * dt == speed``.
+        speed: robot seconds per wall second (sim: the SimRobot's; zmq: must match the twin's).
+        mode: ``lockstep`` or ``realtime`` (sim: virtual clock or wall clock; zmq: wait for every plan or not).
+        addr: the twin's address (zmq).
+        record: write ``out/episodes.zarr``.
+        rt_priority: SCHED_FIFO priority of the loop's thread (None: normal).
+        stl_params: θ for a conditioned policy (over the task's defaults).
+        env_kwargs: the env's keyword arguments (sim).
+        safety: the safety layer's settings.
+        delay: injected observation-to-action delay in ticks.
+        max_ticks: cap on ticks per episode (None: until the robot ends the episode).
+        obs_wait: seconds each tick waits for a fresh observation (None: 0 in lock-step, else 30% of the period).
+        stale_timeout: zmq: seconds of silence from the twin after which the robot counts as lost.
+        connect_timeout: zmq: seconds to wait for the twin's answer.
+        handle_signals: SIGINT / SIGTERM latch the e-stop during an episode (needs the main thread).
+    """
+
+    task: str
+    robot: str = "sim"
+    policy: Any = None
+    controller: ControllerSpec = field(default_factory=lambda: ControllerSpec.create("rti"))
+    episodes: int = 1
+    seed: int = 0
+    out: str | Path = "control_out"
+    rate_hz: float | None = None
+    speed: float = 1.0
+    mode: str = "lockstep"
+    addr: str | None = None
+    record: bool = True
+    rt_priority: int | None = None
+    stl_params: Mapping[str, float] = field(default_factory=dict)
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    delay: int = 0
+    max_ticks: int | None = None
+    obs_wait: float | None = None
+    stale_timeout: float = 1.0
+    connect_timeout: float = 5.0
+    handle_signals: bool = True
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` did: the report dict (``report.json``), the paths written, the episode indices recorded,
+    and ``interrupted`` (a SIGINT / SIGTERM ended the run: the verb exits 130)."""
+
+    report: dict[str, Any]
+    paths: dict[str, Path]
+    recorded: list[int]
+    interrupted: bool = False
+
+    @property
+    def estop(self) -> str | None:
+        return self.report["aggregate"]["estop"]
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def make_robot(job: RobotJob) -> Any:
+    """The robot of ``job``, not yet connected (a ZmqRobot asks the twin for its spec, which needs an answer)."""
+    if job.robot not in ROBOTS:
+        raise JobError(f"unknown robot {job.robot!r}; choose one of {list(ROBOTS)}")
+    if job.mode not in MODES:
+        raise JobError(f"unknown mode {job.mode!r}; choose one of {list(MODES)}")
+    if not (isinstance(job.speed, (int, float)) and math.isfinite(job.speed) and job.speed > 0):
+        raise JobError(f"speed must be a number > 0 (robot seconds per wall second); got {job.speed!r}")
+    if job.robot == "sim":
+        from stlflow.control.sim_robot import SimRobot
+
+        return SimRobot(job.task, env_kwargs=job.env_kwargs, realtime=job.mode == "realtime", speed=float(job.speed))
+    from stlflow.control.zmq_robot import ZmqRobot
+
+    if not job.addr:
+        raise JobError("robot=zmq needs addr= (the address given to `stlflow serve-sim`, e.g. ipc:///tmp/stlflow-twin)")
+    try:
+        return ZmqRobot(str(job.addr), connect_timeout=job.connect_timeout, stale_timeout=job.stale_timeout)
+    except RobotError as err:
+        raise JobError(f"addr={job.addr}: {err}") from err
+
+
+def _policy_of(job: RobotJob) -> Any:
+    if job.controller.name == EXPERT:
+        return None
+    if job.policy is None:
+        raise JobError(f"controller {job.controller.name!r} needs ckpt=DIR (or controller=expert on robot=sim)")
+    from stlflow.control.evaluate import load_policy
+
+    return load_policy(job.policy)
+
+
+def check(job: RobotJob, robot: Any = None, policy: Any = None) -> tuple[Any, Any]:
+    """Every refusal before the robot connects (:class:`JobError`): robot kind and mode, a controller the robot
+    cannot run, a twin that does not answer (naming its address), the policy's dimensions against the robot's, the
+    rate against ``speed / dt``, θ names. Returns ``(robot, policy)`` (robot not connected)."""
+    from stlflow.control.evaluate import policy_theta
+    from stlflow.control.tasks import get_task
+
+    if int(job.episodes) < 1:
+        raise JobError(f"episodes must be >= 1, got {job.episodes}")
+    if job.robot not in ROBOTS:
+        raise JobError(f"unknown robot {job.robot!r}; choose one of {list(ROBOTS)}")
+    if job.controller.name == EXPERT and job.robot != "sim":
+        raise JobError("controller=expert reads the simulator's state: it runs on robot=sim only")
+    task = get_task(job.task)
+    theta = task.resolve_theta(dict(job.stl_params or {}))
+    policy = policy if policy is not None else _policy_of(job)
+    robot = robot if robot is not None else make_robot(job)
+    try:
+        spec = robot.spec()
+    except RobotError as err:
+        raise JobError(str(err)) from err
+    if spec.task is not None and spec.task != task.name:
+        raise JobError(f"the robot runs task {spec.task!r}, not env={task.name}: give env={spec.task}")
+    if policy is not None:
+        if (policy.obs_dim, policy.action_dim) != (spec.obs_dim, spec.action_dim):
+            raise JobError(f"the checkpoint's dimensions (obs {policy.obs_dim}, action {policy.action_dim}) differ "
+                           f"from the robot's (obs {spec.obs_dim}, action {spec.action_dim}): a policy of another task")
+        policy_theta(policy, theta)
+    if job.robot == "zmq" and abs(spec.speed - float(job.speed)) > RATE_TOLERANCE * spec.speed:
+        raise JobError(f"speed={job.speed:g} but the twin at {job.addr} runs at {spec.speed:g}x: "
+                       f"give speed={spec.speed:g}")
+    if job.rate_hz is not None:
+        rate = float(job.rate_hz)
+        if not (math.isfinite(rate) and rate > 0):
+            raise JobError(f"rate_hz must be a number > 0; got {job.rate_hz!r}")
+        if abs(rate * spec.dt - spec.speed) > RATE_TOLERANCE * spec.speed:
+            raise JobError(f"rate_hz={rate:g} does not match the task: dt {spec.dt:g} s at speed {spec.speed:g} "
+                           f"ticks at {spec.speed / spec.dt:g} Hz (rate_hz * dt must equal speed)")
+    return robot, policy
+
+
+# ------------------------------------------------------------------------------------------------ episodes
+def _summary(x: np.ndarray, scale: float = 1e3) -> dict[str, float]:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)] * scale
+    if x.size == 0:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    p50, p99 = np.percentile(x, [50, 99])
+    return {"p50": float(p50), "p99": float(p99), "max": float(x.max())}
+
+
+def _end_reason(res: Any, max_ticks: int | None) -> str:
+    if res.estop is not None:
+        return f"estop: {res.estop}"
+    if res.done:
+        info = res.final_obs.info if res.final_obs is not None else {}
+        if info.get("success"):
+            return "success"
+        return "terminated" if info.get("terminated") else ("truncated" if info.get("truncated") else "done")
+    return "max_ticks" if max_ticks is not None and res.length >= max_ticks else "stopped"
+
+
+def episode_record(res: Any, job: RobotJob, seed: int, twin_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One episode's entry of ``report.json``."""
+    t = res.ticks
+    src = np.asarray(t["source"])
+    used = np.isin(src, (0, 1))
+    elapsed = np.asarray(t["elapsed"], np.float64)[used]
+    reason = _end_reason(res, job.max_ticks)
+    rec = {
+        "seed": int(seed), "success": bool(res.success), "complete": res.estop is None,
+        "end_reason": reason, "estop": res.estop, "ticks": int(res.length), "period_s": float(res.period),
+        "lateness_ms": _summary(t["lateness"]), "overruns": int(np.sum(t["late"])), "missed": int(np.sum(t["missed"])),
+        "obs_age_ms": _summary(t["obs_age"]),
+        "command_age_ticks": {"p50": float(np.percentile(elapsed, 50)) if elapsed.size else float("nan"),
+                              "max": float(elapsed.max()) if elapsed.size else float("nan")},
+        "infer_ms": _summary(np.where(t["plan_seq"] >= 0, t["infer_s"], np.nan)),
+        "busy_ms": _summary(t["busy_s"]),
+        "sources": {name: int(np.sum(src == i)) for i, name in enumerate(SOURCES)},
+        "safety": {k: (bool(v) if isinstance(v, bool) else int(v)) for k, v in res.counters.items()},
+        "violations": list(res.violations),
+        "failure": res.failure,
+    }
+    if twin_stats is not None:
+        rec["twin"] = {k: twin_stats.get(k) for k in ("ticks", "holds", "holds_timeout", "holds_no_command",
+                                                       "command_age", "applied_age", "overruns", "dropped")}
+    return rec
+
+
+def episode_arrays(res: Any, task: Any) -> dict[str, np.ndarray]:
+    """One episode's stored arrays (see the module docstring)."""
+    t = res.ticks
+    obs = np.asarray(t["obs"], np.float32)
+    action = np.array(t["action"], np.float64)
+    for i in np.flatnonzero(~np.all(np.isfinite(action), axis=1)):
+        action[i] = hold_action(task, obs[i])
+    return {
+        "obs": obs, "action": action.astype(np.float32),
+        "tick_index": t["index"].astype(np.int64), "tick_lateness_s": t["lateness"].astype(np.float64),
+        "tick_missed": t["missed"].astype(np.int32), "tick_late": t["late"].astype(bool),
+        "obs_age_s": t["obs_age"].astype(np.float64), "obs_seq": t["obs_seq"].astype(np.int64),
+        "plan_seq": t["plan_seq"].astype(np.int64), "elapsed": t["elapsed"].astype(np.int32),
+        "infer_s": t["infer_s"].astype(np.float64), "nfe": t["nfe"].astype(np.int32),
+        "busy_s": t["busy_s"].astype(np.float64), "source": t["source"].astype(np.int8),
+        "clamped": t["clamped"].astype(np.int16), "rate_limited": t["rate_limited"].astype(np.int16),
+        "nonfinite": t["nonfinite"].astype(bool), "stale": t["stale"].astype(bool),
+    }
+
+
+def aggregate(records: list[dict[str, Any]], lateness: np.ndarray, elapsed: np.ndarray,
+              obs_age: np.ndarray | None = None) -> dict[str, Any]:
+    """The aggregate over episodes (``report.json["aggregate"]``)."""
+    n = len(records)
+    estops = [r["estop"] for r in records if r["estop"] is not None]
+    return {
+        "episodes": n, "success_rate": (sum(r["success"] for r in records) / n) if n else float("nan"),
+        "complete": sum(r["complete"] for r in records), "estops": len(estops),
+        "estop": estops[0] if estops else None, "ticks": int(sum(r["ticks"] for r in records)),
+        "lateness_ms": _summary(lateness), "obs_age_ms": _summary(np.zeros(0) if obs_age is None else obs_age),
+        "overruns": int(sum(r["overruns"] for r in records)),
+        "missed": int(sum(r["missed"] for r in records)),
+        "command_age_ticks_p50": float(np.percentile(elapsed, 50)) if elapsed.size else float("nan"),
+        "sources": {s: int(sum(r["sources"][s] for r in records)) for s in SOURCES},
+        "safety": {k: int(sum(int(r["safety"].get(k, 0)) for r in records))
+                   for k in ("nonfinite", "clamped", "rate_limited", "stale", "violations", "fallbacks", "estops")},
+    }
+
+
+def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None = None,
+        robot: Any = None, policy: Any = None, on_episode: Callable[[dict[str, Any]], None] | None = None
+        ) -> RunResult:
+    """Check ``job`` (:func:`check`), connect the robot, run the episodes, write the outputs.
+
+    ``controller_factory(robot, seed)`` overrides the controller ``job.controller`` builds (benchmarks inject
+    faults with it); ``on_episode(record)`` is called after each episode (progress)."""
+    import torch
+
+    from stlflow.control.evaluate import policy_theta
+    from stlflow.control.realtime import RealtimeLoop
+    from stlflow.control.record_writer import RecordWriter
+    from stlflow.control.tasks import get_task
+
+    torch.set_num_threads(1)
+    robot, policy = check(job, robot, policy)
+    task = get_task(job.task)
+    theta = policy_theta(policy, task.resolve_theta(dict(job.stl_params or {}))) if policy is not None else None
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        robot.connect()
+    except RobotError as err:
+        raise JobError(str(err)) from err
+    spec = robot.spec()
+    lockstep = job.mode == "lockstep"
+    obs_wait = job.obs_wait if job.obs_wait is not None else (0.0 if lockstep and job.robot == "sim"
+                                                              else 0.3 * spec.period)
+    writer = None
+    records: list[dict[str, Any]] = []
+    lateness, elapsed, ages = [], [], []
+    interrupted = False
+    pending_signal: list[int] = []
+    previous: dict[int, Any] = {}
+    main_thread = threading.current_thread() is threading.main_thread()
+
+    def on_signal(signum: int, frame: Any) -> None:  # between episodes: end the run after this one
+        pending_signal.append(signum)
+
+    try:
+        if job.handle_signals and main_thread:
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if job.record:
+            writer = RecordWriter(out / "episodes.zarr", spec.dt,
+                                  {"task": task.name, "source": "stlflow control", "robot": job.robot})
+        for i in range(int(job.episodes)):
+            if pending_signal:
+                interrupted = True
+                break
+            seed = int(job.seed) + i
+            if controller_factory is not None:
+                ctrl = controller_factory(robot, seed)
+            elif job.controller.name == EXPERT:
+                ctrl = job.controller.build(None, expert=robot.env.unwrapped.make_expert(seed))
+            else:
+                ctrl = job.controller.build(policy, seed=seed, stl_params=theta)
+            loop = RealtimeLoop(robot, ctrl, safety=job.safety, delay=int(job.delay),
+                                lockstep=lockstep if job.robot == "zmq" else None, obs_wait=obs_wait,
+                                rt_priority=job.rt_priority, handle_signals=job.handle_signals and main_thread)
+            if job.robot == "zmq":
+                _twin_stats(robot, clear=True)
+            res = loop.run(seed, max_ticks=job.max_ticks)
+            stats = _twin_stats(robot) if job.robot == "zmq" else None
+            rec = episode_record(res, job, seed, stats)
+            records.append(rec)
+            lateness.append(np.asarray(res.ticks["lateness"]))
+            ages.append(np.asarray(res.ticks["obs_age"]))
+            src = np.asarray(res.ticks["source"])
+            elapsed.append(np.asarray(res.ticks["elapsed"], np.float64)[np.isin(src, (0, 1))])
+            if writer is not None and res.length > 0:
+                writer.put(episode_arrays(res, task), {
+                    "seed": seed, "success": rec["success"], "complete": rec["complete"],
+                    "end_reason": rec["end_reason"], "estop": rec["estop"], "robot": job.robot,
+                    "controller": job.controller.label(), "length": rec["ticks"]})
+            if on_episode is not None:
+                on_episode(rec)
+            if res.estop is not None:
+                interrupted = res.estop in ("SIGINT", "SIGTERM")
+                break
+        if pending_signal:
+            interrupted = True
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        recorded = writer.close() if writer is not None else []
+        try:
+            robot.close()
+        except Exception:  # noqa: BLE001 -- a lost robot: the report says so
+            pass
+    report = {
+        "task": task.name, "robot": job.robot, "mode": job.mode, "addr": job.addr, "speed": float(spec.speed),
+        "dt": float(spec.dt), "rate_hz": float(spec.speed / spec.dt), "controller": job.controller.as_dict(),
+        "label": job.controller.label(), "ckpt": None if job.policy is None or not isinstance(job.policy, (str, Path))
+        else str(job.policy), "seed": int(job.seed), "delay": int(job.delay), "rt_priority": job.rt_priority,
+        "safety": {k: v for k, v in job.safety.__dict__.items()}, "interrupted": interrupted,
+        "episodes": records,
+        "aggregate": aggregate(records, np.concatenate(lateness) if lateness else np.zeros(0),
+                               np.concatenate(elapsed) if elapsed else np.zeros(0),
+                               np.concatenate(ages) if ages else np.zeros(0)),
+        "recorded": str(out / "episodes.zarr") if job.record else None,
+    }
+    paths = write_outputs(report, out, lateness)
+    return RunResult(report, paths, recorded, interrupted)
+
+
+def _twin_stats(robot: Any, clear: bool = False) -> dict[str, Any] | None:
+    try:
+        return robot.stats(clear=clear)
+    except RobotError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: one row per episode and the aggregate."""
+    head = ("| seed | success | complete | end | ticks | lateness p50 ms | p99 ms | max ms | overruns | "
+            "obs age p50 ms | cmd age p50 | fresh | chunk | hold | estop | nonfinite | clamped |")
+    rows = [f"# stlflow control: {report['task']} on robot={report['robot']} ({report['mode']}, "
+            f"{report['rate_hz']:g} Hz, {report['label']})", "", head, "|" + "---|" * 17]
+
+    def row(name: str, r: dict[str, Any], age: float) -> str:
+        lat, s, c = r["lateness_ms"], r["sources"], r["safety"]
+        return (f"| {name} | {r['success'] if 'success' in r else r['success_rate']} | {r['complete']} | "
+                f"{r.get('end_reason', '-')} | {r['ticks']} | {lat['p50']:.3f} | {lat['p99']:.3f} | "
+                f"{lat['max']:.3f} | {r['overruns']} | "
+                f"{r['obs_age_ms']['p50'] if 'obs_age_ms' in r else float('nan'):.3f} | {age:.0f} | {s['fresh']} | "
+                f"{s['chunk']} | {s['hold']} | {s['estop']} | {c.get('nonfinite', 0)} | {c.get('clamped', 0)} |")
+
+    for r in report["episodes"]:
+        rows.append(row(str(r["seed"]), r, r["command_age_ticks"]["p50"]))
+    agg = report["aggregate"]
+    rows.append(row("all", {**agg, "success": f"{agg['success_rate']:.1%}"}, agg["command_age_ticks_p50"]))
+    if agg["estop"]:
+        rows += ["", f"e-stop: {agg['estop']}"]
+    return "\n".join(rows) + "\n"
+
+
+def write_outputs(report: dict[str, Any], out: Path, lateness: list[np.ndarray]) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and ``lateness_hist.png`` in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stlflow.control.evaluate import json_default, plot_latency_hist
+
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "lateness_hist": out / "lateness_hist.png"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=json_default))
+    paths["markdown"].write_text(markdown(report))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_latency_hist(ax, [(f"seed {r['seed']}", np.asarray(x) * 1e3) for r, x in zip(report["episodes"], lateness)],
+                      xlabel="tick lateness (ms after the deadline)")
+    ax.set_title(f"tick lateness ({report['rate_hz']:g} Hz, robot={report['robot']}, {report['mode']})")
+    fig.tight_layout()
+    fig.savefig(paths["lateness_hist"], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,101 @@
+"""Run a policy in the fixed-rate robot control loop, on the in-process simulator or a sim twin over ZeroMQ.
+
+    stlflow control ckpt=DIR env=crossing controller=rti k=2 episodes=5 robot=sim mode=lockstep out=DIR
+    stlflow control ckpt=DIR robot=sim mode=realtime speed=10 rate_hz=100 rt_priority=1
+    stlflow control ckpt=DIR robot=zmq addr=ipc:///tmp/stlflow-twin speed=5 rate_hz=50 mode=realtime
+    stlflow control controller=expert robot=sim env.kwargs.max_steps=50
+
+Every episode runs through stlflow.control.realtime.RealtimeLoop: the controller on its inference thread, actions
+through the safety layer (NaN hold, clamp, rate limit, stale-observation watchdog, e-stop latch). `robot=sim` is the
+MuJoCo task in this process (`mode=lockstep`: a virtual clock, reproducible; `mode=realtime`: the wall clock at
+dt/speed seconds per tick); `robot=zmq` drives a running `stlflow serve-sim` at `addr`. `rate_hz` must equal
+speed/dt. Writes OUT/report.json (per episode: success, e-stop and reason, lateness, overruns, observation and
+command age, action sources, safety counters; and the aggregate), OUT/report.md, OUT/lateness_hist.png and, with
+record=true, OUT/episodes.zarr (obs, action, per-tick timing keys, written off the loop's thread).
+Exit status: 0; 2 for a refusal before connecting (dimensions, rate, robot kind, a twin that does not answer);
+130 after SIGINT / SIGTERM (the robot held, the partial episode saved with complete=false); 1 after an e-stop.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stlflow.config import compose, plain, run_job
+
+VERB = "control"
+
+
+def _config(argv: list[str]):
+    from omegaconf import OmegaConf
+
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("controller=")]
+    argv = [*argv, *(f"control={c}" for c in chosen[-1:])]
+    if any(a in ("-h", "--help") for a in argv):
+        overrides = [a for a in argv if a not in ("-h", "--help")]
+        print(f"usage: stlflow {VERB} [hydra overrides]\n\n{__doc__.strip()}\n\nconfiguration (override key=value):")
+        print(OmegaConf.to_yaml(compose("run", overrides)))
+        return None
+    try:
+        return compose("run", argv)
+    except Exception as err:  # hydra's message names the bad override
+        print(f"stlflow {VERB}: bad configuration: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+def main(argv: list[str]) -> int:
+    cfg = _config(argv)
+    if cfg is None:
+        return 0
+    return run_job(VERB, lambda: control_from_config(cfg))
+
+
+def job_from_config(cfg):
+    from stlflow.control.controllers import EXPERT, ControllerSpec
+    from stlflow.control.jobs import JobError
+    from stlflow.control.robot_run import RobotJob
+    from stlflow.control.safety import SafetyConfig
+
+    control = plain(cfg.control)
+    if cfg.k is not None:
+        if "k" not in control:
+            raise JobError(f"controller {control['name']!r} takes no k")
+        control["k"] = int(cfg.k)
+    if control["name"] != EXPERT and cfg.ckpt is None:
+        raise JobError("ckpt=DIR is required (or controller=expert on robot=sim)")
+    safety = plain(cfg.safety) or {}
+    return RobotJob(
+        task=str(cfg.env.name), robot=str(cfg.robot), policy=None if control["name"] == EXPERT else str(cfg.ckpt),
+        controller=ControllerSpec.from_dict(control), episodes=int(cfg.episodes), seed=int(cfg.seed), out=str(cfg.out),
+        rate_hz=opt(cfg.rate_hz, float), speed=float(cfg.speed), mode=str(cfg.mode), addr=opt(cfg.addr, str),
+        record=bool(cfg.record), rt_priority=opt(cfg.rt_priority, int), stl_params=plain(cfg.stl_params) or {},
+        env_kwargs=plain(cfg.env.get("kwargs") or {}), safety=SafetyConfig(**safety), delay=int(cfg.delay),
+        max_ticks=opt(cfg.max_ticks, int), obs_wait=opt(cfg.obs_wait, float),
+        stale_timeout=float(cfg.stale_timeout), connect_timeout=float(cfg.connect_timeout))
+
+
+def opt(value, kind):
+    """``kind(value)``, or None for None."""
+    return None if value is None else kind(value)
+
+
+def control_from_config(cfg) -> int:
+    from stlflow.control.robot_run import run
+
+    job = job_from_config(cfg)
+
+    def progress(rec) -> None:
+        print(f"episode seed {rec['seed']}: {rec['end_reason']}, {rec['ticks']} ticks, lateness p99 "
+              f"{rec['lateness_ms']['p99']:.3f} ms, overruns {rec['overruns']}", flush=True)
+
+    result = run(job, on_episode=progress)
+    print(result.paths["markdown"].read_text())
+    print(f"report: {result.paths['json']}  plot: {result.paths['lateness_hist']}"
+          + (f"  episodes: {result.report['recorded']}" if job.record else ""), flush=True)
+    if result.interrupted:
+        print(f"stlflow {VERB}: interrupted ({result.estop or 'signal'}); the robot holds, the partial episode is "
+              f"saved", file=sys.stderr)
+        return 130
+    if result.estop is not None:
+        print(f"stlflow {VERB}: e-stop: {result.estop}", file=sys.stderr)
+        return 1
+    return 0
