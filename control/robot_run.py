@@ -283,16 +283,16 @@ def aggregate(records: list[dict[str, Any]], lateness: np.ndarray, elapsed: np.n
 
 
 def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None = None,
-        robot: Any = None, policy: Any = None, on_episode: Callable[[dict[str, Any]], None] | None = None
-        ) -> RunResult:
+        robot: Any = None, policy: Any = None, on_episode: Callable[[dict[str, Any]], None] | None = None,
+        on_start: Callable[[int], None] | None = None) -> RunResult:
     """Check ``job`` (:func:`check`), connect the robot, run the episodes, write the outputs.
 
     ``controller_factory(robot, seed)`` overrides the controller ``job.controller`` builds (benchmarks inject
-    faults with it); ``on_episode(record)`` is called after each episode (progress)."""
+    faults with it); ``on_start(seed)`` before and ``on_episode(record)`` after each episode (progress)."""
     import torch
 
     from stlflow.control.evaluate import policy_theta
-    from stlflow.control.realtime import RealtimeLoop
+    from stlflow.control.realtime import EStopLatched, RealtimeLoop
     from stlflow.control.record_writer import RecordWriter
     from stlflow.control.tasks import get_task
 
@@ -318,8 +318,12 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     previous: dict[int, Any] = {}
     main_thread = threading.current_thread() is threading.main_thread()
 
-    def on_signal(signum: int, frame: Any) -> None:  # between episodes: end the run after this one
+    current: list[Any] = []
+
+    def on_signal(signum: int, frame: Any) -> None:  # outside a loop's run: end the run, stop a loop about to run
         pending_signal.append(signum)
+        if current:
+            current[0].safety.latch(signal.Signals(signum).name)
 
     try:
         if job.handle_signals and main_thread:
@@ -341,9 +345,16 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
             loop = RealtimeLoop(robot, ctrl, safety=job.safety, delay=int(job.delay),
                                 lockstep=lockstep if job.robot == "zmq" else None, obs_wait=obs_wait,
                                 rt_priority=job.rt_priority, handle_signals=job.handle_signals and main_thread)
+            current[:] = [loop]
             if job.robot == "zmq":
                 _twin_stats(robot, clear=True)
-            res = loop.run(seed, max_ticks=job.max_ticks)
+            if on_start is not None:
+                on_start(seed)
+            try:
+                res = loop.run(seed, max_ticks=job.max_ticks)
+            except EStopLatched:  # a signal came between the episodes
+                interrupted = True
+                break
             stats = _twin_stats(robot) if job.robot == "zmq" else None
             rec = episode_record(res, job, seed, stats)
             records.append(rec)

@@ -87,7 +87,10 @@ def control_from_config(cfg) -> int:
         print(f"episode seed {rec['seed']}: {rec['end_reason']}, {rec['ticks']} ticks, lateness p99 "
               f"{rec['lateness_ms']['p99']:.3f} ms, overruns {rec['overruns']}", flush=True)
 
-    result = run(job, on_episode=progress)
+    def start(seed) -> None:
+        print(f"episode seed {seed}: running on robot={job.robot} ({job.mode})", flush=True)
+
+    result = run(job, on_episode=progress, on_start=start)
     print(result.paths["markdown"].read_text())
     print(f"report: {result.paths['json']}  plot: {result.paths['lateness_hist']}"
           + (f"  episodes: {result.report['recorded']}" if job.record else ""), flush=True)
