@@ -47,7 +47,7 @@ class StageError(RuntimeError):
     """A pipeline stage failed: ``stage`` names it, the message says why."""
 
     def __init__(self, stage: str, cause: BaseException | str) -> None:
-        self.stage = stage
+        self.stage, self.cause = stage, cause
         why = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
         super().__init__(f"stage '{stage}' failed: {why}")
 

@@ -77,13 +77,14 @@ def test_demo_tiny_end_to_end(tmp_path):
 
 
 def test_demo_names_the_failing_stage(tmp_path, capsys):
-    """In process (the end-to-end test above covers the real command line): exit 1, the stage and the cause."""
+    """In process (the end-to-end test above covers the real command line): the stage and the cause; exit 2 when
+    a setting is wrong (the stage refused its input), 1 when a stage breaks."""
     from stlflow.verbs.demo import main
 
-    assert main([f"out={tmp_path / 'demo'}", "budget=tiny", "budgets.tiny.demos=0", "progress=false"]) == 1
+    assert main([f"out={tmp_path / 'demo'}", "budget=tiny", "budgets.tiny.demos=0", "progress=false"]) == 2
     err = capsys.readouterr().err
     assert "stage 'collect demonstrations (scripted expert)' failed" in err and "episodes must be >= 1" in err
-    assert main([f"out={tmp_path / 'demo'}", "budget=huge"]) == 1
+    assert main([f"out={tmp_path / 'demo'}", "budget=huge"]) == 2
     assert "budget='huge'" in capsys.readouterr().err
 
 

@@ -22,13 +22,17 @@ def main(argv: list[str]) -> int:
     cfg = verb_config("demo", argv, __doc__)
     if cfg is None:
         return 0
+    from stlflow.config import INPUT_ERRORS, debugging
     from stlflow.pipeline import StageError, run_demo
 
     try:
         summary = run_demo(cfg)
     except StageError as err:
+        if debugging():
+            raise
         print(f"stlflow demo: {err}", file=sys.stderr)
-        return 1
+        # a stage refused its input (a setting): 2, as every verb; a stage that broke: 1
+        return 2 if err.stage == "config" or isinstance(err.cause, INPUT_ERRORS) else 1
     print()
     print(summary["table"])
     print(f"total {summary['total_seconds']:.0f} s; results in {cfg.out}/ (report.json, results.md, plots, videos/)")
