@@ -355,7 +355,8 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
             except EStopLatched:  # a signal came between the episodes
                 interrupted = True
                 break
-            stats = _twin_stats(robot) if job.robot == "zmq" else None
+            lost = res.estop is not None and res.estop.startswith("robot lost")
+            stats = _twin_stats(robot) if job.robot == "zmq" and not lost else None
             rec = episode_record(res, job, seed, stats)
             records.append(rec)
             lateness.append(np.asarray(res.ticks["lateness"]))

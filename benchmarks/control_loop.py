@@ -1,0 +1,348 @@
+"""The robot control loop (`stlflow control`): timing, equivalence with lock-step evaluation, and faults.
+
+    python benchmarks/control_loop.py [--seconds 60] [--seeds 50] [--ckpt DIR] [--train-steps 1500] [--skip a,b,c]
+
+(a) timing: Crossing on the in-process SimRobot in realtime mode at 100 Hz (speed 10: dt/speed = 10 ms) and 50 Hz,
+    RTI (k=2) on the inference worker, for --seconds each, with and without SCHED_FIFO (rt_priority=1): lateness
+    p99 / max and overruns (ticks later than 10% of the period). "refused" where the OS refuses SCHED_FIFO.
+(b) equivalence: the same policy over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))` against
+    `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz): success rates, command
+    age p50, e-stops. The policy is --ckpt, or one trained here (expert demos + a short flow training run).
+(c) faults, each with the time to a safe state: the twin killed, the control process SIGKILLed, the inference
+    worker raising, a NaN action, SIGINT.
+
+Figures are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stlflow.control.controllers import ControllerSpec
+from stlflow.control.realtime import RealtimeLoop
+from stlflow.control.robot_run import RobotJob, run
+from stlflow.control.sim_robot import SimRobot
+from stlflow.control.zmq_robot import ZmqRobot
+
+TASK = "crossing"
+PY = [sys.executable, "-m", "stlflow"]
+ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def slow_policy(seed: int = 0):
+    """A small untrained flow policy whose actions are slow (the episode outlasts a timing run)."""
+    from stlflow.datasets import Normalizer
+    from stlflow.policy import Policy
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    norm = Normalizer.fit({"obs": rng.normal(size=(100, 20)), "action": rng.uniform((0, -0.1), (0.2, 0.1), (100, 2))})
+    return Policy(20, 2, n_obs_steps=2, horizon=8, n_action_steps=4, head={"kind": "flow"},
+                  net={"name": "mlp", "width": 64, "n_blocks": 2, "time_embed_dim": 16}, normalizer=norm).eval()
+
+
+def trained_policy(folder: Path, steps: int) -> str:
+    """Expert demonstrations and a short training run; returns the checkpoint folder."""
+    from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob, TrainJob, policy_config
+    from stlflow.control.training import train_policy
+
+    data = folder / "demos.zarr"
+    collect(CollectJob(TASK, 60, data, seed=0, workers=min(8, os.cpu_count() or 1), progress=False))
+    train = {"steps": steps, "batch_size": 128, "warmup_steps": min(100, steps // 10), "ckpt_every": 0,
+             "eval_every": 0, "val_every": max(1, steps // 2), "progress": False, "tensorboard": False,
+             "threads": min(8, os.cpu_count() or 1)}
+    train_policy(TrainJob(TASK, data, folder / "ckpt", policy=policy_config(), train=train, log=lambda *_: None))
+    return str(folder / "ckpt")
+
+
+def start_twin(addr: str, *overrides: str) -> subprocess.Popen:
+    proc = subprocess.Popen([*PY, "serve-sim", f"env={TASK}", f"addr={addr}", *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    wait_for(lines, "serving", proc)
+    proc.lines = lines  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{text!r} never came (rc {proc.poll()}):\n{''.join(lines)}")
+        time.sleep(0.01)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ (a) timing
+def timing(seconds: float) -> None:
+    from stlflow.policy.rti import RTIController
+
+    print(f"(a) timing: Crossing SimRobot realtime, RTI k=2 on its worker, {seconds:g} s per row")
+    print(f"{'rate':>6} {'rt_priority':>12} {'ticks':>6} {'late p99 ms':>12} {'late max ms':>12} {'overruns':>9} "
+          f"{'missed':>7} {'infer p50 ms':>13}")
+    policy = slow_policy()
+    for rate in (100, 50):
+        for prio in (None, 1):
+            speed = rate * 0.1
+            with SimRobot(TASK, realtime=True, speed=speed, env_kwargs={"max_steps": 10**7}) as robot:
+                period = robot.spec().period
+                loop = RealtimeLoop(robot, RTIController(policy, k=2, seed=0), obs_wait=0.3 * period,
+                                    rt_priority=prio)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    res = loop.run(0, duration=seconds)
+            s = res.summary()
+            granted = "off" if prio is None else ("SCHED_FIFO 1" if res.counters["rt_priority"] else "refused")
+            print(f"{rate:>4}Hz {granted:>12} {res.length:>6} {s['lateness_ms']['p99']:>12.3f} "
+                  f"{s['lateness_ms']['max']:>12.3f} {res.counters['late']:>9} {res.counters['missed']:>7} "
+                  f"{s['infer_ms']['p50']:>13.3f}" + (f"  e-stop: {res.estop}" if res.estop else ""))
+
+
+# ------------------------------------------------------------------------------------------------ (b) equivalence
+def equivalence(ckpt: str, seeds: int, folder: Path, what: str) -> None:
+    from stlflow.control.evaluate import evaluate
+    from stlflow.control.jobs import EvalJob
+
+    print(f"\n(b) equivalence over {seeds} seeds, policy: {what}")
+    spec = ControllerSpec.create("rti", k=2)
+    t0 = time.perf_counter()
+    rep = evaluate(EvalJob(TASK, ckpt, spec, seeds, seed=1000, delay=1, progress=False,
+                           workers=min(8, os.cpu_count() or 1)))
+    t_eval = time.perf_counter() - t0
+    addr = f"ipc://{folder}/eq"
+    twin = start_twin(addr, "mode=realtime", "speed=5")
+    try:
+        t0 = time.perf_counter()
+        out = folder / "eq_out"
+        r = subprocess.run([*PY, "control", f"ckpt={ckpt}", "robot=zmq", f"addr={addr}", "mode=realtime", "speed=5",
+                            "rate_hz=50", "controller=rti", "k=2", f"episodes={seeds}", "seed=1000", f"out={out}"],
+                           capture_output=True, text=True, env=ENV)
+        t_zmq = time.perf_counter() - t0
+    finally:
+        stop(twin)
+    if r.returncode != 0:
+        print(f"  stlflow control failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+        return
+    agg = json.loads((out / "report.json").read_text())["aggregate"]
+    print(f"{'run':<44} {'success':>8} {'cmd age p50':>12} {'e-stops':>8} {'wall s':>7}")
+    print(f"{'evaluate lock-step, delay=1':<44} {rep.metrics['success_rate']:>8.1%} {'1 (fixed)':>12} {'-':>8} "
+          f"{t_eval:>7.1f}")
+    print(f"{'stlflow control robot=zmq, twin 5x (50 Hz)':<44} {agg['success_rate']:>8.1%} "
+          f"{agg['command_age_ticks_p50']:>12.0f} {agg['estops']:>8} {t_zmq:>7.1f}")
+
+
+# ------------------------------------------------------------------------------------------------ (c) faults
+class Faulty:
+    """An RTI controller that raises (``mode='raise'``) on its ``at``-th call, or a one-action controller that
+    returns NaN for calls ``at .. at+n-1`` (``mode='nan'``); ``when`` is the perf_counter time of the fault."""
+
+    def __init__(self, inner, mode: str, at: int, n: int = 3) -> None:
+        self.inner, self.mode, self.at, self.n, self.calls, self.when = inner, mode, at, n, 0, None
+        if mode == "raise":
+            self.plan = inner.plan
+
+    def reset(self, seed=None, obs=None):
+        self.calls = 0
+        return self.inner.reset(seed=seed, obs=obs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class Raising(Faulty):
+    def act(self, obs, elapsed=0, t=None):
+        self.calls += 1
+        if self.calls == self.at:
+            self.when = time.perf_counter()
+            raise RuntimeError("injected inference failure")
+        return self.inner.act(obs, elapsed=elapsed, t=t)
+
+
+class NaNs(Faulty):
+    def act(self, obs):
+        self.calls += 1
+        a = np.asarray(self.inner.act(obs), np.float64)
+        if self.at <= self.calls < self.at + self.n:
+            self.when = self.when or time.perf_counter()
+            return np.full_like(a, np.nan)
+        return a
+
+
+def _episodes(out: Path) -> int:
+    from stlflow.datasets import EpisodeStore
+
+    with EpisodeStore.open(out / "episodes.zarr") as store:
+        return len(store)
+
+
+def faults(folder: Path, ckpt: str) -> None:
+    from stlflow.control.evaluate import load_policy
+    from stlflow.policy.rti import RTIController
+
+    print("\n(c) faults (time to a safe state)")
+    rows = []
+    policy = load_policy(ckpt)
+
+    # 1. the twin killed: the loop's robot is lost -> e-stop; time from the kill to the e-stop tick
+    addr = f"ipc://{folder}/kill"
+    twin = start_twin(addr, "mode=realtime", "speed=1", "env.kwargs.max_steps=100000")
+    box: dict = {}
+    stale = 0.5
+    job = RobotJob(TASK, robot="zmq", addr=addr, policy=policy, controller=ControllerSpec.create("rti", k=2),
+                   out=folder / "f_kill", rate_hz=10, speed=1, mode="realtime", stale_timeout=stale,
+                   handle_signals=False)
+    th = threading.Thread(target=lambda: box.update(result=run(
+        job, policy=policy, on_start=lambda s: box.update(started=time.perf_counter()),
+        on_episode=lambda rec: box.update(ended=time.perf_counter()))))
+    th.start()
+    while "started" not in box:
+        time.sleep(0.01)
+    time.sleep(1.5)
+    t_kill = time.perf_counter()
+    twin.kill()
+    twin.wait()
+    th.join(30)
+    res = box["result"]
+    ep = res.report["episodes"][0]
+    # the episode's end (just after its e-stop tick) bounds the time to the safe state from above
+    t_safe = box["ended"] - t_kill
+    n = _episodes(folder / "f_kill")
+    rows.append(("twin SIGKILLed", f"e-stop ({ep['estop'][:60]}...)", f"<= {t_safe:.3f} s (stale_timeout {stale} "
+                 f"+ 1 tick = {stale + 0.1:.1f} s)", f"store opens, {n} episode"))
+
+    # 2. the control process SIGKILLed: the twin holds after its command timeout
+    addr = f"ipc://{folder}/ctl"
+    cmd_timeout = 0.3
+    twin = start_twin(addr, "mode=realtime", "speed=1", f"command_timeout={cmd_timeout}",
+                      "env.kwargs.max_steps=100000")
+    try:
+        watcher = ZmqRobot(addr)
+        watcher.connect()
+        ctl = subprocess.Popen([*PY, "control", f"ckpt={ckpt}", "robot=zmq", f"addr={addr}", "mode=realtime",
+                                "speed=1", "rate_hz=10", f"out={folder / 'f_ctl'}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=ENV)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(ctl.stdout.readline, "")), daemon=True).start()
+        wait_for(lines, "running on robot=zmq", ctl)
+        time.sleep(1.5)
+        t_kill = time.perf_counter()
+        ctl.kill()
+        ctl.wait()
+        held = None
+        while time.perf_counter() - t_kill < 5:
+            o = watcher.observe(0.2)
+            if o is not None and o.info.get("held") == "timeout":
+                held = time.perf_counter() - t_kill
+                break
+        watcher.close()
+        rows.append(("control process SIGKILLed", "twin holds (command timeout)",
+                     f"{held:.3f} s (command_timeout {cmd_timeout} + 1 tick = {cmd_timeout + 0.1:.1f} s)"
+                     if held is not None else "no hold seen in 5 s", "-"))
+    finally:
+        stop(twin)
+
+    # 3. the inference worker raising: e-stop on the next tick, traceback in the report
+    holder: dict = {}
+
+    def raising(robot, seed):
+        holder["c"] = Raising(RTIController(policy, k=2, seed=seed), "raise", at=20)
+        return holder["c"]
+
+    job = RobotJob(TASK, robot="sim", policy=policy, out=folder / "f_raise", rate_hz=10, speed=1, mode="realtime",
+                   env_kwargs={"max_steps": 100000}, handle_signals=False)
+    ended: list[float] = []
+    res = run(job, policy=policy, controller_factory=raising, on_episode=lambda rec: ended.append(time.perf_counter()))
+    ep = res.report["episodes"][0]
+    t_safe = ended[0] - holder["c"].when
+    rows.append(("inference worker raises", f"e-stop ({ep['estop'][:50]})",
+                 f"<= {t_safe:.3f} s (period 0.1 s)",
+                 "traceback in report" if ep["failure"] and "Traceback" in ep["failure"] else "NO traceback"))
+
+    # 4. a NaN action: held on that tick, counted, the run goes on
+    def nans(robot, seed):
+        return NaNs(robot.env.unwrapped.make_expert(seed), "nan", at=10, n=3)
+
+    job = RobotJob(TASK, robot="sim", controller=ControllerSpec.create("expert"), out=folder / "f_nan", rate_hz=10,
+                   mode="lockstep", env_kwargs={"max_steps": 40}, handle_signals=False)
+    ep = run(job, controller_factory=nans).report["episodes"][0]
+    rows.append(("NaN action (3 ticks)", f"hold ({ep['sources']['hold']} ticks held, {ep['safety']['nonfinite']} "
+                 f"non-finite counted)", "0 ticks (the same tick holds)",
+                 f"complete={ep['complete']}, {ep['ticks']} ticks"))
+
+    # 5. SIGINT: exit 130, partial episode saved
+    out = folder / "f_int"
+    proc = subprocess.Popen([*PY, "control", f"ckpt={ckpt}", "robot=sim", "mode=realtime", "rate_hz=10",
+                             "episodes=3", f"out={out}", "env.kwargs.max_steps=100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    wait_for(lines, "running on robot=sim", proc)
+    time.sleep(1.5)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(60)
+    t_exit = time.perf_counter() - t0
+    from stlflow.datasets import EpisodeStore
+
+    with EpisodeStore.open(out / "episodes.zarr") as store:
+        attrs = store.episode_attrs(len(store) - 1) if len(store) else {}
+    rows.append(("SIGINT", f"exit {rc}", f"e-stop on the next tick; process exit after {t_exit:.2f} s",
+                 f"partial episode saved: complete={attrs.get('complete')}, {attrs.get('length')} ticks"))
+
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in [("fault", "reaction", "time to safe state", "after"), *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, width)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60.0, help="seconds per timing row (a)")
+    ap.add_argument("--seeds", type=int, default=50, help="seeds of the equivalence run (b)")
+    ap.add_argument("--ckpt", default=None, help="policy checkpoint (default: one trained here)")
+    ap.add_argument("--train-steps", type=int, default=1500, help="training steps when no --ckpt is given")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    skip = set(filter(None, args.skip.split(",")))
+    folder = Path(tempfile.mkdtemp(prefix="ctlb-", dir="/tmp"))
+    if "a" not in skip:
+        timing(args.seconds)
+    ckpt, what = args.ckpt, f"--ckpt {args.ckpt}"
+    if ckpt is None and not {"b", "c"} <= skip:
+        t0 = time.perf_counter()
+        ckpt = trained_policy(folder, args.train_steps)
+        what = (f"trained here ({args.train_steps} steps on 60 expert demos, {time.perf_counter() - t0:.0f} s; "
+                f"no --ckpt given)")
+    if "b" not in skip:
+        equivalence(ckpt, args.seeds, folder, what)
+    if "c" not in skip:
+        faults(folder, ckpt)
+
+
+if __name__ == "__main__":
+    main()
