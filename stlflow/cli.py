@@ -21,7 +21,8 @@ VERBS: dict[str, str] = {
     "eval": "closed-loop evaluation of a checkpoint (success, STL satisfaction, latency)",
     "control": "run a policy in the fixed-rate robot control loop",
     "serve-sim": "serve a MuJoCo task as a sim twin over a network transport",
-    "data": "inspect and import datasets: `data info PATH`, `data import {d4rl,minari,dp} SRC OUT`",
+    "data": "inspect, import and export datasets: `data info PATH`, `data import {d4rl,minari,dp,rosbag} SRC OUT`, "
+            "`data export rosbag STORE OUT`",
     "stl": "STL tools: `stl check FORMULA --signals FILE --dt DT [--param k=v]`",
     "d4rl": "offline RL on D4RL / Minari data with normalised scores",
     "demo": "the whole pipeline on the default task in minutes on a CPU (table, plots, video)",
