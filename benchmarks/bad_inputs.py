@@ -269,6 +269,7 @@ def run_case(case: Case, folder: Path) -> dict:
         said = [line for line in err if line.startswith("stlflow")] or err
         row.update(status=f"exit {proc.returncode}", message=(said[0] if said else proc.stdout.strip()[:120]),
                    traceback="Traceback" in proc.stderr, named=proc.returncode == 2)
+    row["message"] = row["message"].replace(str(folder), "<case>")  # the table names inputs, not temp folders
     left = sorted(str(p.relative_to(folder)) for p in set(folder.rglob("*")) - before)
     row["left"] = ", ".join(left) if left else "-"
     row["ok"] = bool(row["named"] and not row["traceback"] and not left)
