@@ -6,7 +6,8 @@ Pieces (each usable on its own):
 - :class:`MonotonicClock` (the wall clock: sleep until shortly before a deadline, then spin) and
   :class:`VirtualClock` (time moves only when the loop sleeps on it: lock-step runs and tests);
 - :class:`Ticker`: absolute deadlines ``t0 + k * period`` (no drift); a late tick is counted once and the deadlines
-  that passed meanwhile are skipped, never fired back to back;
+  that passed meanwhile are skipped, never fired back to back (the clocks and the ticker live in
+  :mod:`stlflow.control.clock` and are importable from here too);
 - :class:`RealtimeLoop`: the loop; :class:`LoopResult`: what one run recorded, one row per tick.
 
 The controller runs on :class:`stlflow.control.inference.InferenceWorker`'s thread on the newest observation only;
@@ -57,169 +58,27 @@ import contextlib
 import math
 import os
 import sys
-import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from stlflow.control.clock import Clock, MonotonicClock, Tick, Ticker, VirtualClock
 from stlflow.control.robot import Observation, RobotError
 from stlflow.control.safety import SafetyConfig, SafetyLayer
 
-__all__ = ["Clock", "EStopLatched", "LoopResult", "MonotonicClock", "RealtimeLoop", "SOURCES", "TickLog", "Ticker",
-           "VirtualClock"]
+__all__ = ["Clock", "EStopLatched", "LoopResult", "MonotonicClock", "RealtimeLoop", "SOURCES", "Tick", "TickLog",
+           "Ticker", "VirtualClock"]
 
 SOURCES = ("fresh", "chunk", "hold", "estop")
 """Where a tick's action came from: ``fresh`` (a plan's action for its own observation's tick), ``chunk`` (a
 plan's action for a later tick, or a one-action plan held), ``hold`` (no usable action: the robot held still),
 ``estop`` (the e-stop latched on this tick; the robot held and the run ended)."""
 FRESH, CHUNK, HOLD, ESTOP = range(4)
-
-
-# ------------------------------------------------------------------------------------------------ clocks
-class Clock(Protocol):
-    """A clock in seconds: ``now()`` and ``sleep_until(t)``."""
-
-    def now(self) -> float: ...
-
-    def sleep_until(self, t: float) -> None: ...
-
-
-class MonotonicClock:
-    """The wall clock (``time.perf_counter``, monotonic). ``sleep_until`` sleeps until ``spin_s`` before the
-    deadline, then spins on the clock for the rest (the OS wakes a sleeping thread late by up to a scheduler slice)."""
-
-    def __init__(self, spin_s: float = 5e-4) -> None:
-        if spin_s < 0:
-            raise ValueError(f"spin_s must be >= 0, got {spin_s}")
-        self.spin_s = float(spin_s)
-
-    def now(self) -> float:
-        return time.perf_counter()
-
-    def sleep_until(self, t: float) -> None:
-        while True:
-            remaining = t - time.perf_counter()
-            if remaining <= 0:
-                return
-            if remaining > self.spin_s:
-                time.sleep(remaining - self.spin_s)
-            else:
-                while time.perf_counter() < t:
-                    pass
-                return
-
-    def sleep(self, dt: float) -> None:
-        self.sleep_until(self.now() + dt)
-
-
-class VirtualClock:
-    """A clock whose time moves only when someone sleeps on it or advances it (lock-step runs, tests).
-
-    ``sleep_until(t)`` sets the time to ``t`` at once (when later) and calls the subscribers, in order, with the
-    new time: a lock-step :class:`~stlflow.control.sim_robot.SimRobot` steps its env there. Advances are serialised;
-    ``now()`` takes no lock.
-    """
-
-    def __init__(self, t0: float = 0.0) -> None:
-        self._t = float(t0)
-        self._lock = threading.RLock()
-        self._subscribers: list[Callable[[float], None]] = []
-
-    def now(self) -> float:
-        return self._t
-
-    def sleep_until(self, t: float) -> None:
-        with self._lock:
-            if t <= self._t:
-                return
-            self._t = float(t)
-            for fn in list(self._subscribers):
-                fn(self._t)
-
-    def advance(self, dt: float) -> None:
-        """Move the time forward by ``dt`` seconds (>= 0)."""
-        if dt < 0:
-            raise ValueError(f"a virtual clock does not go back (dt={dt})")
-        with self._lock:
-            self.sleep_until(self._t + dt)
-
-    sleep = advance
-
-    def subscribe(self, fn: Callable[[float], None]) -> None:
-        """Call ``fn(now)`` after every advance."""
-        with self._lock:
-            self._subscribers.append(fn)
-
-    def unsubscribe(self, fn: Callable[[float], None]) -> None:
-        with self._lock:
-            if fn in self._subscribers:
-                self._subscribers.remove(fn)
-
-
-# ------------------------------------------------------------------------------------------------ deadlines
-@dataclass(frozen=True)
-class Tick:
-    """One wake-up of a :class:`Ticker`: deadline ``index`` k, ``scheduled`` = t0 + k * period, ``wake`` (clock time
-    it woke), ``lateness`` = wake - scheduled, ``late`` (lateness beyond the tolerance, or deadlines skipped),
-    ``missed`` (deadlines skipped just before this one)."""
-
-    index: int
-    scheduled: float
-    wake: float
-    lateness: float
-    late: bool
-    missed: int
-
-
-class Ticker:
-    """Absolute deadlines ``t0 + k * period`` on ``clock``: no drift, however long each tick's work takes.
-
-    :meth:`wait` sleeps until the next deadline. When the work of a tick ran past the following deadline(s), those
-    are skipped (``missed``) and the newest one that passed fires at once, late, counted once: the ticker never
-    fires twice in a row to catch up. ``late_tolerance`` (s, default a tenth of the period): lateness above it
-    counts a tick as late.
-    """
-
-    def __init__(self, clock: Clock, period: float, t0: float | None = None,
-                 late_tolerance: float | None = None) -> None:
-        if not period > 0:
-            raise ValueError(f"period must be > 0 seconds, got {period}")
-        self.clock, self.period = clock, float(period)
-        self.t0 = float(clock.now() if t0 is None else t0)
-        self.late_tolerance = 0.1 * self.period if late_tolerance is None else float(late_tolerance)
-        self.index = -1  # the last deadline fired
-        self.late = 0
-        self.missed = 0
-
-    def deadline(self, k: int) -> float:
-        return self.t0 + k * self.period
-
-    def wait(self) -> Tick:
-        """Sleep until the next deadline (see the class docstring) and return it."""
-        k = self.index + 1
-        now = self.clock.now()
-        skipped = 0
-        if now >= self.deadline(k + 1):  # the work ran past at least one more deadline: fire the newest passed one
-            j = max(k, int((now - self.t0) // self.period))
-            while self.deadline(j + 1) <= now:
-                j += 1
-            while j > k and self.deadline(j) > now:
-                j -= 1
-            skipped, k = j - k, j
-        scheduled = self.deadline(k)
-        self.clock.sleep_until(scheduled)
-        wake = self.clock.now()
-        lateness = wake - scheduled
-        late = skipped > 0 or lateness > self.late_tolerance
-        self.index = k
-        self.missed += skipped
-        self.late += int(late)
-        return Tick(k, scheduled, wake, lateness, late, skipped)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -496,6 +355,8 @@ class RealtimeLoop:
 
     def _run(self, seed: int | None, max_ticks: int | None, duration: float | None, spec: Any, period: float,
              worker: Any, shared_clock: bool, log: TickLog, state: _RunState) -> None:
+        """Start (:meth:`_start`), then one tick per deadline until the episode ends, ``max_ticks`` / ``duration``
+        is reached or the e-stop latches."""
         robot, clock, safety = self.robot, self.clock, self.safety
 
         def stamp(o: Observation) -> Observation:  # observation times on the loop's clock
@@ -503,23 +364,14 @@ class RealtimeLoop:
                 return o
             return replace(o, t=clock.now(), info={**o.info, "robot_t": o.t})
 
-        obs = stamp(robot.reset(seed))
-        state.obs = obs
-        state.observations = 1
-        violation = safety.check_signals(obs.signals)  # the newest observation's verdict, until a newer one
-        worker.start()
-        worker.begin(seed, obs)
-        if worker.wait_for(obs.seq, self.first_plan_timeout) is None:
-            safety.latch(self._no_plan_reason(worker, "the first plan"))
+        started, violation = self._start(seed, worker, stamp, state)
+        if not started:
             return
+        obs = state.obs
         pending: deque = deque()
         current = None
         nfe_seen = 0
-        now = clock.now()
-        t0 = now
-        if shared_clock:  # deadlines on the robot's observation grid (the first observation's time + whole periods)
-            t0 = obs.t + max(0, math.ceil((now - obs.t) / period - 1e-9)) * period
-        ticker = state.ticker = Ticker(clock, period, t0=t0, late_tolerance=self.late_tolerance)
+        ticker = state.ticker = self._ticker(obs, period, shared_clock)
         acted = 0
         while True:
             tick = ticker.wait()
@@ -532,47 +384,18 @@ class RealtimeLoop:
                 state.observations += 1
                 violation = safety.check_signals(obs.signals)
                 if not obs.done and not last:
-                    worker.submit(obs)
-                    if self.lockstep and worker.wait_for(obs.seq, self.plan_timeout) is None:
-                        safety.latch(self._no_plan_reason(worker, f"the plan of observation {obs.seq}"))
+                    self._submit(worker, obs)
             if obs.done or last:
                 return
             if worker.failure is not None and not safety.latched:
                 safety.latch(f"inference failed: {worker.failure.summary}")
-            # the newest plan visible at this tick (``delay`` ticks after its observation; the first plan at once)
-            latest = worker.latest()
-            if latest is not None and (current is None or latest.index > current.index) and \
-                    (not pending or latest.index > pending[-1].index):
-                pending.append(latest)
-            while pending and (pending[0].index == 0 or
-                               pending[0].obs_t + self.delay * period <= tick.scheduled + 1e-9 * period):
-                current = pending.popleft()
+            current = self._visible_plan(worker, pending, current, tick, period)
             nfe_total = worker.nfe_total
             nfe, nfe_seen = nfe_total - nfe_seen, nfe_total
             age = tick.wake - obs.t
             watch = safety.watchdog(age)
             elapsed = -1 if current is None else max(0, math.floor((tick.scheduled - current.obs_t) / period + 1e-6))
-            raw = None
-            if current is not None and (self.max_plan_age is None or elapsed <= self.max_plan_age):
-                raw = current.action_at(elapsed)
-            action, clamped, limited, nonfinite = None, 0, 0, False
-            if safety.latched or watch == "estop":
-                source = ESTOP
-            elif watch == "hold" or (violation and safety.config.hold_on_violation) or raw is None:
-                source = HOLD
-            else:
-                action, clamped, limited, nonfinite = safety.filter(raw)
-                source = HOLD if action is None else (FRESH if elapsed == 0 else CHUNK)
-            if source == HOLD and safety.fallback(True):
-                source = ESTOP
-            elif source in (FRESH, CHUNK):
-                safety.fallback(False)
-            if source == ESTOP:
-                robot.hold()
-            elif source == HOLD:
-                robot.hold()
-            else:
-                robot.send(action, current.obs_seq)
+            action, source, clamped, limited, nonfinite = self._act(current, elapsed, watch, violation)
             log.append(action, obs.values, index=tick.index, scheduled=tick.scheduled, wake=tick.wake,
                        lateness=tick.lateness, late=tick.late, missed=tick.missed, obs_seq=obs.seq, obs_t=obs.t,
                        obs_age=age, plan_seq=-1 if current is None else current.obs_seq, elapsed=elapsed,
@@ -582,6 +405,76 @@ class RealtimeLoop:
             if source == ESTOP:
                 return
             acted += 1
+
+    # -------------------------------------------------------------------------------------------- the run's steps
+    def _start(self, seed: int | None, worker: Any, stamp: Callable[[Observation], Observation],
+               state: _RunState) -> tuple[bool, bool]:
+        """Reset the robot (``seed``), start the worker on the first observation and wait for the first plan (the
+        e-stop latches when none comes). Returns ``(started, the first observation's rule verdict)``."""
+        obs = stamp(self.robot.reset(seed))
+        state.obs = obs
+        state.observations = 1
+        violation = self.safety.check_signals(obs.signals)  # the newest observation's verdict, until a newer one
+        worker.start()
+        worker.begin(seed, obs)
+        if worker.wait_for(obs.seq, self.first_plan_timeout) is None:
+            self.safety.latch(self._no_plan_reason(worker, "the first plan"))
+            return False, violation
+        return True, violation
+
+    def _ticker(self, obs: Observation, period: float, shared_clock: bool) -> Ticker:
+        """The run's deadlines: from now, or on a shared clock on the robot's observation grid (the first
+        observation's time + whole periods)."""
+        now = self.clock.now()
+        t0 = now
+        if shared_clock:
+            t0 = obs.t + max(0, math.ceil((now - obs.t) / period - 1e-9)) * period
+        return Ticker(self.clock, period, t0=t0, late_tolerance=self.late_tolerance)
+
+    def _submit(self, worker: Any, obs: Observation) -> None:
+        """Hand ``obs`` to the worker; in lock-step wait for its plan (the e-stop latches when none comes)."""
+        worker.submit(obs)
+        if self.lockstep and worker.wait_for(obs.seq, self.plan_timeout) is None:
+            self.safety.latch(self._no_plan_reason(worker, f"the plan of observation {obs.seq}"))
+
+    def _visible_plan(self, worker: Any, pending: deque, current: Any, tick: Tick, period: float) -> Any:
+        """The newest plan visible at ``tick`` (``delay`` ticks after its observation; the first plan at once):
+        the worker's newest plan joins ``pending``, and the plans due by the tick's deadline leave it in order."""
+        latest = worker.latest()
+        if latest is not None and (current is None or latest.index > current.index) and \
+                (not pending or latest.index > pending[-1].index):
+            pending.append(latest)
+        while pending and (pending[0].index == 0 or
+                           pending[0].obs_t + self.delay * period <= tick.scheduled + 1e-9 * period):
+            current = pending.popleft()
+        return current
+
+    def _act(self, current: Any, elapsed: int, watch: str, violation: bool) -> tuple[Any, int, int, int, bool]:
+        """Choose the tick's action (plan, hold or e-stop, through the safety layer) and command the robot.
+        Returns ``(action sent or None, source, clamped, rate-limited, non-finite)``."""
+        safety = self.safety
+        raw = None
+        if current is not None and (self.max_plan_age is None or elapsed <= self.max_plan_age):
+            raw = current.action_at(elapsed)
+        action, clamped, limited, nonfinite = None, 0, 0, False
+        if safety.latched or watch == "estop":
+            source = ESTOP
+        elif watch == "hold" or (violation and safety.config.hold_on_violation) or raw is None:
+            source = HOLD
+        else:
+            action, clamped, limited, nonfinite = safety.filter(raw)
+            source = HOLD if action is None else (FRESH if elapsed == 0 else CHUNK)
+        if source == HOLD and safety.fallback(True):
+            source = ESTOP
+        elif source in (FRESH, CHUNK):
+            safety.fallback(False)
+        if source == ESTOP:
+            self.robot.hold()
+        elif source == HOLD:
+            self.robot.hold()
+        else:
+            self.robot.send(action, current.obs_seq)
+        return action, source, clamped, limited, nonfinite
 
     @staticmethod
     def _no_plan_reason(worker: Any, what: str) -> str:

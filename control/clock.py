@@ -1,0 +1,160 @@
+"""Clocks and deadlines of the control loop (:mod:`stlflow.control.realtime`).
+
+- :class:`Clock`: the protocol (``now()``, ``sleep_until(t)``);
+- :class:`MonotonicClock` (the wall clock: sleep until shortly before a deadline, then spin) and
+  :class:`VirtualClock` (time moves only when the loop sleeps on it: lock-step runs and tests);
+- :class:`Ticker`: absolute deadlines ``t0 + k * period`` (no drift); a late tick is counted once and the deadlines
+  that passed meanwhile are skipped, never fired back to back; each wake-up is a :class:`Tick`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Clock", "MonotonicClock", "Tick", "Ticker", "VirtualClock"]
+
+
+# ------------------------------------------------------------------------------------------------ clocks
+class Clock(Protocol):
+    """A clock in seconds: ``now()`` and ``sleep_until(t)``."""
+
+    def now(self) -> float: ...
+
+    def sleep_until(self, t: float) -> None: ...
+
+
+class MonotonicClock:
+    """The wall clock (``time.perf_counter``, monotonic). ``sleep_until`` sleeps until ``spin_s`` before the
+    deadline, then spins on the clock for the rest (the OS wakes a sleeping thread late by up to a scheduler slice)."""
+
+    def __init__(self, spin_s: float = 5e-4) -> None:
+        if spin_s < 0:
+            raise ValueError(f"spin_s must be >= 0, got {spin_s}")
+        self.spin_s = float(spin_s)
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def sleep_until(self, t: float) -> None:
+        while True:
+            remaining = t - time.perf_counter()
+            if remaining <= 0:
+                return
+            if remaining > self.spin_s:
+                time.sleep(remaining - self.spin_s)
+            else:
+                while time.perf_counter() < t:
+                    pass
+                return
+
+    def sleep(self, dt: float) -> None:
+        self.sleep_until(self.now() + dt)
+
+
+class VirtualClock:
+    """A clock whose time moves only when someone sleeps on it or advances it (lock-step runs, tests).
+
+    ``sleep_until(t)`` sets the time to ``t`` at once (when later) and calls the subscribers, in order, with the
+    new time: a lock-step :class:`~stlflow.control.sim_robot.SimRobot` steps its env there. Advances are serialised;
+    ``now()`` takes no lock.
+    """
+
+    def __init__(self, t0: float = 0.0) -> None:
+        self._t = float(t0)
+        self._lock = threading.RLock()
+        self._subscribers: list[Callable[[float], None]] = []
+
+    def now(self) -> float:
+        return self._t
+
+    def sleep_until(self, t: float) -> None:
+        with self._lock:
+            if t <= self._t:
+                return
+            self._t = float(t)
+            for fn in list(self._subscribers):
+                fn(self._t)
+
+    def advance(self, dt: float) -> None:
+        """Move the time forward by ``dt`` seconds (>= 0)."""
+        if dt < 0:
+            raise ValueError(f"a virtual clock does not go back (dt={dt})")
+        with self._lock:
+            self.sleep_until(self._t + dt)
+
+    sleep = advance
+
+    def subscribe(self, fn: Callable[[float], None]) -> None:
+        """Call ``fn(now)`` after every advance."""
+        with self._lock:
+            self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Callable[[float], None]) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+
+# ------------------------------------------------------------------------------------------------ deadlines
+@dataclass(frozen=True)
+class Tick:
+    """One wake-up of a :class:`Ticker`: deadline ``index`` k, ``scheduled`` = t0 + k * period, ``wake`` (clock time
+    it woke), ``lateness`` = wake - scheduled, ``late`` (lateness beyond the tolerance, or deadlines skipped),
+    ``missed`` (deadlines skipped just before this one)."""
+
+    index: int
+    scheduled: float
+    wake: float
+    lateness: float
+    late: bool
+    missed: int
+
+
+class Ticker:
+    """Absolute deadlines ``t0 + k * period`` on ``clock``: no drift, however long each tick's work takes.
+
+    :meth:`wait` sleeps until the next deadline. When the work of a tick ran past the following deadline(s), those
+    are skipped (``missed``) and the newest one that passed fires at once, late, counted once: the ticker never
+    fires twice in a row to catch up. ``late_tolerance`` (s, default a tenth of the period): lateness above it
+    counts a tick as late.
+    """
+
+    def __init__(self, clock: Clock, period: float, t0: float | None = None,
+                 late_tolerance: float | None = None) -> None:
+        if not period > 0:
+            raise ValueError(f"period must be > 0 seconds, got {period}")
+        self.clock, self.period = clock, float(period)
+        self.t0 = float(clock.now() if t0 is None else t0)
+        self.late_tolerance = 0.1 * self.period if late_tolerance is None else float(late_tolerance)
+        self.index = -1  # the last deadline fired
+        self.late = 0
+        self.missed = 0
+
+    def deadline(self, k: int) -> float:
+        return self.t0 + k * self.period
+
+    def wait(self) -> Tick:
+        """Sleep until the next deadline (see the class docstring) and return it."""
+        k = self.index + 1
+        now = self.clock.now()
+        skipped = 0
+        if now >= self.deadline(k + 1):  # the work ran past at least one more deadline: fire the newest passed one
+            j = max(k, int((now - self.t0) // self.period))
+            while self.deadline(j + 1) <= now:
+                j += 1
+            while j > k and self.deadline(j) > now:
+                j -= 1
+            skipped, k = j - k, j
+        scheduled = self.deadline(k)
+        self.clock.sleep_until(scheduled)
+        wake = self.clock.now()
+        lateness = wake - scheduled
+        late = skipped > 0 or lateness > self.late_tolerance
+        self.index = k
+        self.missed += skipped
+        self.late += int(late)
+        return Tick(k, scheduled, wake, lateness, late, skipped)
