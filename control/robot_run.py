@@ -17,7 +17,8 @@ Crossing, dt = 0.1 s: 10 Hz at speed 1, 50 Hz at speed 5); a mismatch is refused
 Each episode is one :meth:`RealtimeLoop.run`; SIGINT / SIGTERM latch the loop's e-stop (the robot holds) and end
 the episode, which is still reported and recorded, with ``complete=false`` and its end reason. Any e-stop ends the
 run (no further episode starts). Recording happens on :class:`~stlflow.control.record_writer.RecordWriter`'s
-thread after each episode, never on the loop's thread during a tick.
+thread after each episode, never on the loop's thread during a tick. The report and the stored arrays are made by
+:mod:`stlflow.control.run_report` (``markdown`` and ``write_outputs`` are importable from here too).
 
 Stored keys of one recorded episode (T ticks): ``obs`` (T, Do) the observation each tick used, ``action`` (T, Da)
 the action commanded (the task's hold action on held ticks), ``tick_index`` / ``tick_lateness_s`` /
@@ -30,7 +31,6 @@ observation: the command's age) / ``infer_s`` / ``nfe`` / ``busy_s`` / ``source`
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -43,8 +43,8 @@ import numpy as np
 
 from stlflow.control.controllers import EXPERT, ControllerSpec
 from stlflow.control.jobs import JobError
-from stlflow.control.realtime import SOURCES
-from stlflow.control.robot import RobotError, hold_action
+from stlflow.control.robot import RobotError
+from stlflow.control.run_report import aggregate, episode_arrays, episode_record, markdown, write_outputs
 from stlflow.control.safety import SafetyConfig
 
 __all__ = ["MODES", "ROBOTS", "RobotJob", "RunResult", "check", "make_robot", "markdown", "run", "write_outputs"]
@@ -196,92 +196,6 @@ def check(job: RobotJob, robot: Any = None, policy: Any = None) -> tuple[Any, An
 
 
 # ------------------------------------------------------------------------------------------------ episodes
-def _summary(x: np.ndarray, scale: float = 1e3) -> dict[str, float]:
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)] * scale
-    if x.size == 0:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    p50, p99 = np.percentile(x, [50, 99])
-    return {"p50": float(p50), "p99": float(p99), "max": float(x.max())}
-
-
-def _end_reason(res: Any, max_ticks: int | None) -> str:
-    if res.estop is not None:
-        return f"estop: {res.estop}"
-    if res.done:
-        info = res.final_obs.info if res.final_obs is not None else {}
-        if info.get("success"):
-            return "success"
-        return "terminated" if info.get("terminated") else ("truncated" if info.get("truncated") else "done")
-    return "max_ticks" if max_ticks is not None and res.length >= max_ticks else "stopped"
-
-
-def episode_record(res: Any, job: RobotJob, seed: int, twin_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One episode's entry of ``report.json``."""
-    t = res.ticks
-    src = np.asarray(t["source"])
-    used = np.isin(src, (0, 1))
-    elapsed = np.asarray(t["elapsed"], np.float64)[used]
-    reason = _end_reason(res, job.max_ticks)
-    rec = {
-        "seed": int(seed), "success": bool(res.success), "complete": res.estop is None,
-        "end_reason": reason, "estop": res.estop, "ticks": int(res.length), "period_s": float(res.period),
-        "lateness_ms": _summary(t["lateness"]), "overruns": int(np.sum(t["late"])), "missed": int(np.sum(t["missed"])),
-        "obs_age_ms": _summary(t["obs_age"]),
-        "command_age_ticks": {"p50": float(np.percentile(elapsed, 50)) if elapsed.size else float("nan"),
-                              "max": float(elapsed.max()) if elapsed.size else float("nan")},
-        "infer_ms": _summary(np.where(t["plan_seq"] >= 0, t["infer_s"], np.nan)),
-        "busy_ms": _summary(t["busy_s"]),
-        "sources": {name: int(np.sum(src == i)) for i, name in enumerate(SOURCES)},
-        "safety": {k: (bool(v) if isinstance(v, bool) else int(v)) for k, v in res.counters.items()},
-        "violations": list(res.violations),
-        "failure": res.failure,
-    }
-    if twin_stats is not None:
-        rec["twin"] = {k: twin_stats.get(k) for k in ("ticks", "holds", "holds_timeout", "holds_no_command",
-                                                       "command_age", "applied_age", "overruns", "dropped")}
-    return rec
-
-
-def episode_arrays(res: Any, task: Any) -> dict[str, np.ndarray]:
-    """One episode's stored arrays (see the module docstring)."""
-    t = res.ticks
-    obs = np.asarray(t["obs"], np.float32)
-    action = np.array(t["action"], np.float64)
-    for i in np.flatnonzero(~np.all(np.isfinite(action), axis=1)):
-        action[i] = hold_action(task, obs[i])
-    return {
-        "obs": obs, "action": action.astype(np.float32),
-        "tick_index": t["index"].astype(np.int64), "tick_lateness_s": t["lateness"].astype(np.float64),
-        "tick_missed": t["missed"].astype(np.int32), "tick_late": t["late"].astype(bool),
-        "obs_age_s": t["obs_age"].astype(np.float64), "obs_seq": t["obs_seq"].astype(np.int64),
-        "plan_seq": t["plan_seq"].astype(np.int64), "elapsed": t["elapsed"].astype(np.int32),
-        "infer_s": t["infer_s"].astype(np.float64), "nfe": t["nfe"].astype(np.int32),
-        "busy_s": t["busy_s"].astype(np.float64), "source": t["source"].astype(np.int8),
-        "clamped": t["clamped"].astype(np.int16), "rate_limited": t["rate_limited"].astype(np.int16),
-        "nonfinite": t["nonfinite"].astype(bool), "stale": t["stale"].astype(bool),
-    }
-
-
-def aggregate(records: list[dict[str, Any]], lateness: np.ndarray, elapsed: np.ndarray,
-              obs_age: np.ndarray | None = None) -> dict[str, Any]:
-    """The aggregate over episodes (``report.json["aggregate"]``)."""
-    n = len(records)
-    estops = [r["estop"] for r in records if r["estop"] is not None]
-    return {
-        "episodes": n, "success_rate": (sum(r["success"] for r in records) / n) if n else float("nan"),
-        "complete": sum(r["complete"] for r in records), "estops": len(estops),
-        "estop": estops[0] if estops else None, "ticks": int(sum(r["ticks"] for r in records)),
-        "lateness_ms": _summary(lateness), "obs_age_ms": _summary(np.zeros(0) if obs_age is None else obs_age),
-        "overruns": int(sum(r["overruns"] for r in records)),
-        "missed": int(sum(r["missed"] for r in records)),
-        "command_age_ticks_p50": float(np.percentile(elapsed, 50)) if elapsed.size else float("nan"),
-        "sources": {s: int(sum(r["sources"][s] for r in records)) for s in SOURCES},
-        "safety": {k: int(sum(int(r["safety"].get(k, 0)) for r in records))
-                   for k in ("nonfinite", "clamped", "rate_limited", "stale", "violations", "fallbacks", "estops")},
-    }
-
-
 def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None = None,
         robot: Any = None, policy: Any = None, on_episode: Callable[[dict[str, Any]], None] | None = None,
         on_start: Callable[[int], None] | None = None) -> RunResult:
@@ -292,8 +206,6 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     import torch
 
     from stlflow.control.evaluate import policy_theta
-    from stlflow.control.realtime import EStopLatched, RealtimeLoop
-    from stlflow.control.record_writer import RecordWriter
     from stlflow.control.tasks import get_task
 
     torch.set_num_threads(1)
@@ -307,12 +219,45 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     except RobotError as err:
         raise JobError(str(err)) from err
     spec = robot.spec()
+
+    def make_controller(seed: int) -> Any:
+        if controller_factory is not None:
+            return controller_factory(robot, seed)
+        if job.controller.name == EXPERT:
+            return job.controller.build(None, expert=robot.env.unwrapped.make_expert(seed))
+        return job.controller.build(policy, seed=seed, stl_params=theta)
+
+    tally = _Tally()
+    interrupted = _run_episodes(job, robot, spec, task, out, make_controller, tally, on_episode, on_start)
+    report = _report(job, task, spec, out, tally, interrupted)
+    paths = write_outputs(report, out, tally.lateness)
+    return RunResult(report, paths, tally.recorded, interrupted)
+
+
+@dataclass
+class _Tally:
+    """What the episodes of one :func:`run` left for its report: the episode records, the per-episode lateness,
+    command age (ticks, of the ticks that used a plan) and observation age, and the episodes recorded."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    lateness: list[np.ndarray] = field(default_factory=list)
+    elapsed: list[np.ndarray] = field(default_factory=list)
+    ages: list[np.ndarray] = field(default_factory=list)
+    recorded: list[int] = field(default_factory=list)
+
+
+def _run_episodes(job: RobotJob, robot: Any, spec: Any, task: Any, out: Path, make_controller: Callable[[int], Any],
+                  tally: _Tally, on_episode: Callable[[dict[str, Any]], None] | None,
+                  on_start: Callable[[int], None] | None) -> bool:
+    """The episodes of ``job`` on the connected ``robot``, each through :func:`_episode` and :func:`_record`, with
+    SIGINT / SIGTERM handled between them; closes the recording and the robot. Returns ``interrupted``."""
+    from stlflow.control.realtime import RealtimeLoop
+    from stlflow.control.record_writer import RecordWriter
+
     lockstep = job.mode == "lockstep"
     obs_wait = job.obs_wait if job.obs_wait is not None else (0.0 if lockstep and job.robot == "sim"
                                                               else 0.3 * spec.period)
     writer = None
-    records: list[dict[str, Any]] = []
-    lateness, elapsed, ages = [], [], []
     interrupted = False
     pending_signal: list[int] = []
     previous: dict[int, Any] = {}
@@ -336,38 +281,16 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
                 interrupted = True
                 break
             seed = int(job.seed) + i
-            if controller_factory is not None:
-                ctrl = controller_factory(robot, seed)
-            elif job.controller.name == EXPERT:
-                ctrl = job.controller.build(None, expert=robot.env.unwrapped.make_expert(seed))
-            else:
-                ctrl = job.controller.build(policy, seed=seed, stl_params=theta)
-            loop = RealtimeLoop(robot, ctrl, safety=job.safety, delay=int(job.delay),
+            loop = RealtimeLoop(robot, make_controller(seed), safety=job.safety, delay=int(job.delay),
                                 lockstep=lockstep if job.robot == "zmq" else None, obs_wait=obs_wait,
                                 rt_priority=job.rt_priority, handle_signals=job.handle_signals and main_thread)
             current[:] = [loop]
-            if job.robot == "zmq":
-                _twin_stats(robot, clear=True)
-            if on_start is not None:
-                on_start(seed)
-            try:
-                res = loop.run(seed, max_ticks=job.max_ticks)
-            except EStopLatched:  # a signal came between the episodes
+            episode = _episode(job, robot, loop, seed, on_start)
+            if episode is None:  # a signal came between the episodes
                 interrupted = True
                 break
-            lost = res.estop is not None and res.estop.startswith("robot lost")
-            stats = _twin_stats(robot) if job.robot == "zmq" and not lost else None
-            rec = episode_record(res, job, seed, stats)
-            records.append(rec)
-            lateness.append(np.asarray(res.ticks["lateness"]))
-            ages.append(np.asarray(res.ticks["obs_age"]))
-            src = np.asarray(res.ticks["source"])
-            elapsed.append(np.asarray(res.ticks["elapsed"], np.float64)[np.isin(src, (0, 1))])
-            if writer is not None and res.length > 0:
-                writer.put(episode_arrays(res, task), {
-                    "seed": seed, "success": rec["success"], "complete": rec["complete"],
-                    "end_reason": rec["end_reason"], "estop": rec["estop"], "robot": job.robot,
-                    "controller": job.controller.label(), "length": rec["ticks"]})
+            res, rec = episode
+            _record(res, rec, job, task, seed, tally, writer)
             if on_episode is not None:
                 on_episode(rec)
             if res.estop is not None:
@@ -378,25 +301,63 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        recorded = writer.close() if writer is not None else []
+        tally.recorded = writer.close() if writer is not None else []
         try:
             robot.close()
         except Exception:  # noqa: BLE001 -- a lost robot: the report says so
             pass
-    report = {
+    return interrupted
+
+
+def _episode(job: RobotJob, robot: Any, loop: Any, seed: int,
+             on_start: Callable[[int], None] | None) -> tuple[Any, dict[str, Any]] | None:
+    """One episode on ``loop``: ``(LoopResult, its report entry)``, or None when the e-stop was latched before it
+    started (a signal between the episodes)."""
+    from stlflow.control.realtime import EStopLatched
+
+    if job.robot == "zmq":
+        _twin_stats(robot, clear=True)
+    if on_start is not None:
+        on_start(seed)
+    try:
+        res = loop.run(seed, max_ticks=job.max_ticks)
+    except EStopLatched:
+        return None
+    lost = res.estop is not None and res.estop.startswith("robot lost")
+    stats = _twin_stats(robot) if job.robot == "zmq" and not lost else None
+    return res, episode_record(res, job, seed, stats)
+
+
+def _record(res: Any, rec: dict[str, Any], job: RobotJob, task: Any, seed: int, tally: _Tally,
+            writer: Any) -> None:
+    """Keep one episode's record and timings for the report, and hand its arrays to the recording (if any)."""
+    tally.records.append(rec)
+    tally.lateness.append(np.asarray(res.ticks["lateness"]))
+    tally.ages.append(np.asarray(res.ticks["obs_age"]))
+    src = np.asarray(res.ticks["source"])
+    tally.elapsed.append(np.asarray(res.ticks["elapsed"], np.float64)[np.isin(src, (0, 1))])
+    if writer is not None and res.length > 0:
+        writer.put(episode_arrays(res, task), {
+            "seed": seed, "success": rec["success"], "complete": rec["complete"],
+            "end_reason": rec["end_reason"], "estop": rec["estop"], "robot": job.robot,
+            "controller": job.controller.label(), "length": rec["ticks"]})
+
+
+def _report(job: RobotJob, task: Any, spec: Any, out: Path, tally: _Tally, interrupted: bool) -> dict[str, Any]:
+    """``report.json`` of a run: the job, the episode records and their aggregate."""
+    lateness, elapsed, ages = tally.lateness, tally.elapsed, tally.ages
+    return {
         "task": task.name, "robot": job.robot, "mode": job.mode, "addr": job.addr, "speed": float(spec.speed),
         "dt": float(spec.dt), "rate_hz": float(spec.speed / spec.dt), "controller": job.controller.as_dict(),
         "label": job.controller.label(), "ckpt": None if job.policy is None or not isinstance(job.policy, (str, Path))
         else str(job.policy), "seed": int(job.seed), "delay": int(job.delay), "rt_priority": job.rt_priority,
         "safety": {k: v for k, v in job.safety.__dict__.items()}, "interrupted": interrupted,
-        "episodes": records,
-        "aggregate": aggregate(records, np.concatenate(lateness) if lateness else np.zeros(0),
+        "episodes": tally.records,
+        "aggregate": aggregate(tally.records, np.concatenate(lateness) if lateness else np.zeros(0),
                                np.concatenate(elapsed) if elapsed else np.zeros(0),
                                np.concatenate(ages) if ages else np.zeros(0)),
         "recorded": str(out / "episodes.zarr") if job.record else None,
     }
-    paths = write_outputs(report, out, lateness)
-    return RunResult(report, paths, recorded, interrupted)
 
 
 def _twin_stats(robot: Any, clear: bool = False) -> dict[str, Any] | None:
@@ -404,50 +365,3 @@ def _twin_stats(robot: Any, clear: bool = False) -> dict[str, Any] | None:
         return robot.stats(clear=clear)
     except RobotError:
         return None
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def markdown(report: dict[str, Any]) -> str:
-    """``report.md``: one row per episode and the aggregate."""
-    head = ("| seed | success | complete | end | ticks | lateness p50 ms | p99 ms | max ms | overruns | "
-            "obs age p50 ms | cmd age p50 | fresh | chunk | hold | estop | nonfinite | clamped |")
-    rows = [f"# stlflow control: {report['task']} on robot={report['robot']} ({report['mode']}, "
-            f"{report['rate_hz']:g} Hz, {report['label']})", "", head, "|" + "---|" * 17]
-
-    def row(name: str, r: dict[str, Any], age: float) -> str:
-        lat, s, c = r["lateness_ms"], r["sources"], r["safety"]
-        return (f"| {name} | {r['success'] if 'success' in r else r['success_rate']} | {r['complete']} | "
-                f"{r.get('end_reason', '-')} | {r['ticks']} | {lat['p50']:.3f} | {lat['p99']:.3f} | "
-                f"{lat['max']:.3f} | {r['overruns']} | "
-                f"{r['obs_age_ms']['p50'] if 'obs_age_ms' in r else float('nan'):.3f} | {age:.0f} | {s['fresh']} | "
-                f"{s['chunk']} | {s['hold']} | {s['estop']} | {c.get('nonfinite', 0)} | {c.get('clamped', 0)} |")
-
-    for r in report["episodes"]:
-        rows.append(row(str(r["seed"]), r, r["command_age_ticks"]["p50"]))
-    agg = report["aggregate"]
-    rows.append(row("all", {**agg, "success": f"{agg['success_rate']:.1%}"}, agg["command_age_ticks_p50"]))
-    if agg["estop"]:
-        rows += ["", f"e-stop: {agg['estop']}"]
-    return "\n".join(rows) + "\n"
-
-
-def write_outputs(report: dict[str, Any], out: Path, lateness: list[np.ndarray]) -> dict[str, Path]:
-    """``report.json``, ``report.md`` and ``lateness_hist.png`` in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from stlflow.control.evaluate import json_default, plot_latency_hist
-
-    paths = {"json": out / "report.json", "markdown": out / "report.md", "lateness_hist": out / "lateness_hist.png"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=json_default))
-    paths["markdown"].write_text(markdown(report))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot_latency_hist(ax, [(f"seed {r['seed']}", np.asarray(x) * 1e3) for r, x in zip(report["episodes"], lateness)],
-                      xlabel="tick lateness (ms after the deadline)")
-    ax.set_title(f"tick lateness ({report['rate_hz']:g} Hz, robot={report['robot']}, {report['mode']})")
-    fig.tight_layout()
-    fig.savefig(paths["lateness_hist"], dpi=110)
-    plt.close(fig)
-    return paths
