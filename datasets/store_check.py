@@ -22,11 +22,11 @@ import zarr
 from stlflow.datasets.store_io import (
     EpisodeStoreError,
     StoreCorruptError,
-    check_episode_ends,
     check_key_name,
     check_numeric_dtype,
     remove_temporaries,
 )
+from stlflow.datasets.store_record import check_episode_ends
 
 __all__ = ["committed_view", "parse_episode_attrs", "truncate_to_committed", "validate_episode"]
 

@@ -306,7 +306,7 @@ PROBER_SRC = (
     + r"""
 import json, os, random, sys, time
 from stlflow.datasets.store import EpisodeStore, StoreLockedError
-from stlflow.datasets.store_io import pid_alive
+from stlflow.datasets.store_lock import pid_alive
 
 job = json.loads(sys.stdin.readline())
 rnd = random.Random(job["seed"] + 7)
