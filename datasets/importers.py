@@ -33,8 +33,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,8 +41,9 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from stlflow.datasets.staging import commit_in_batches, staged_store
 from stlflow.datasets.store import EpisodeStore, EpisodeStoreError
-from stlflow.datasets.store_io import acquire_writer_lock, remove_if_abandoned, replace_dir, to_jsonable
+from stlflow.datasets.store_io import to_jsonable
 
 D4RL_KEYS = {
     "observations": "obs",
@@ -55,8 +54,6 @@ D4RL_KEYS = {
     "next_observations": "next_obs",
 }
 D4RL_REQUIRED = ("observations", "actions", "rewards", "terminals")
-BATCH_STEPS = 1 << 16
-"""Steps per commit while importing (one atomic commit per batch of episodes)."""
 
 
 class DatasetImportError(ValueError):
@@ -64,77 +61,6 @@ class DatasetImportError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def staging_folders(out: str | os.PathLike) -> list[tuple[Path, int | None]]:
-    """The staging folders of imports into ``out`` (and their build folders) with the pid in their names (``None``
-    for names of older stlflow versions, which carry none)."""
-    out = Path(out)
-    pattern = re.compile(r"\.{1,2}" + re.escape(out.name) + r"\.importing-(?:(\d+)-)?[0-9a-f]{32}\.stlflow-tmp")
-    found = []
-    if out.parent.is_dir():
-        for entry in out.parent.iterdir():
-            m = pattern.match(entry.name)
-            if m and entry.is_dir():
-                found.append((entry, int(m.group(1)) if m.group(1) else None))
-    return sorted(found)
-
-
-def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
-    """Delete the staging folders of imports into ``out`` whose owner process is dead; returns those deleted.
-
-    A live import's staging store holds its writer lock, so it is never touched (even if its pid was reused).
-    """
-    return [folder for folder, pid in staging_folders(out) if remove_if_abandoned(folder, pid)]
-
-
-@contextlib.contextmanager
-def _staged_store(out: str | os.PathLike, overwrite: bool, dt: float | None, attrs: dict) -> Iterator[EpisodeStore]:
-    """Yield a new store in a hidden staging folder next to ``out``; rename it to ``out`` only if the block succeeds.
-
-    The staging folder's name holds this process's pid; stale ones of dead imports are removed first. An existing
-    store at ``out`` is replaced only while this process holds its writer lock.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not (out / "stlflow.json").is_file():
-        raise EpisodeStoreError(f"refusing to overwrite {out}: it is not an EpisodeStore")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    # the store being replaced: nobody else may write it meanwhile (StoreLockedError if someone does now)
-    old_lock = acquire_writer_lock(out) if out.exists() else None
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex}.stlflow-tmp"
-    store = None
-    try:
-        store = EpisodeStore.create(tmp, dt=dt, attrs=attrs)
-        yield store
-        replace_dir(tmp, out)
-    finally:
-        if store is not None:
-            store.close()
-        if old_lock is not None:
-            old_lock.release()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _commit_in_batches(
-    store: EpisodeStore, episodes: Iterator[tuple[dict, dict]], total_steps: int, desc: str, progress: bool
-) -> None:
-    batch, batch_attrs, steps = [], [], 0
-    with tqdm(total=total_steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for ep, attrs in episodes:
-            batch.append(ep)
-            batch_attrs.append(attrs)
-            steps += len(next(iter(ep.values())))
-            if steps >= BATCH_STEPS:
-                store.add_episodes(batch, batch_attrs)
-                bar.update(steps)
-                batch, batch_attrs, steps = [], [], 0
-        if batch:
-            store.add_episodes(batch, batch_attrs)
-            bar.update(steps)
-
-
 def _read_dataset(f: h5py.File | h5py.Group, name: str, file: Path) -> np.ndarray:
     try:
         node = f[name]
@@ -332,8 +258,8 @@ def import_d4rl(
             tout = bool(timeouts[end - 1]) if timeouts is not None else False
             yield ep, {"source": "d4rl", "start": start, "terminal": term, "timeout": tout, "complete": term or tout}
 
-    with _staged_store(out, overwrite, dt, attrs) as store:
-        _commit_in_batches(store, episodes(), len(terminals), f"import {src.name}", progress)
+    with staged_store(out, overwrite, dt, attrs) as store:
+        commit_in_batches(store, episodes(), len(terminals), f"import {src.name}", progress)
     return EpisodeStore.open(out)
 
 
@@ -457,8 +383,8 @@ def import_minari(
                 seen["steps"] += len(ep["reward"])
                 yield ep, ep_attrs
 
-        with _staged_store(out, overwrite, dt, to_jsonable(attrs, "metadata")) as store:
-            _commit_in_batches(store, episodes(), total_steps or 0, f"import {src.name}", progress)
+        with staged_store(out, overwrite, dt, to_jsonable(attrs, "metadata")) as store:
+            commit_in_batches(store, episodes(), total_steps or 0, f"import {src.name}", progress)
             if total_steps is not None and seen["steps"] != total_steps:
                 raise DatasetImportError(
                     f"{h5_path}: metadata.json says total_steps={total_steps} but the episodes hold {seen['steps']}"
@@ -490,8 +416,8 @@ def import_dp(
         except Exception as err:  # zarr/numcodecs raise assorted types for corrupt chunks
             raise DatasetImportError(f"{src}: cannot read episode {i} (truncated or corrupt?): {err}") from err
 
-    with _staged_store(out, overwrite, dt if dt is not None else source.dt, attrs) as store:
-        _commit_in_batches(store, episodes(), source.n_steps, f"import {src.name}", progress)
+    with staged_store(out, overwrite, dt if dt is not None else source.dt, attrs) as store:
+        commit_in_batches(store, episodes(), source.n_steps, f"import {src.name}", progress)
     return EpisodeStore.open(out)
 
 

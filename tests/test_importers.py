@@ -26,9 +26,8 @@ from stlflow.datasets.importers import (
     import_dp,
     import_minari,
     qlearning_dataset,
-    remove_stale_staging,
-    staging_folders,
 )
+from stlflow.datasets.staging import remove_stale_staging, staging_folders
 from stlflow.datasets.store import StoreLockedError
 
 
