@@ -22,7 +22,8 @@ records the sha256 of all four files, and ``latest`` is replaced atomically once
 final policy replaces the one in ``out/`` through an atomic swap of ``out/policy.yaml``. ``resume=True``
 verifies the checkpoint ``latest`` names; when ``latest`` or its training state is missing, empty, truncated
 or corrupted it falls back to the newest intact kept checkpoint with a warning naming both, and raises
-:class:`~stlflow.policy.checkpoint.CheckpointError` when no kept checkpoint is intact.
+:class:`~stlflow.policy.checkpoint.CheckpointError` when no kept checkpoint is intact. Keeping, pruning, reading
+back and the resume fallback: :mod:`stlflow.policy.train_checkpoints`.
 
 Distributed: launch with ``torchrun --nproc_per_node=N -m stlflow train ...``; the process group is
 initialised from the environment (gloo on CPU, NCCL on GPU). ``batch_size`` is the global batch. Rank 0
@@ -36,7 +37,6 @@ import csv
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -49,22 +49,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stlflow.policy.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    clean_stale,
-    fsync_dir,
-    read_config,
-    resolve_file,
-)
+from stlflow.policy.checkpoint import atomic_write_text, clean_stale
 from stlflow.policy.distill import Distiller
-from stlflow.policy.policy import NORMALIZER_FILE, WEIGHTS_FILE, Policy
+from stlflow.policy.policy import Policy
+from stlflow.policy.train_checkpoints import (
+    EMA_FILE,
+    LATEST_FILE,
+    STATE_FILE,
+    find_resume_point,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 
 __all__ = ["TrainConfig", "Trainer", "EMA", "adamw", "ema_decay", "lr_lambda"]
 
 EvalFn = Callable[[Policy, int], dict[str, float]]
-
-EMA_FILE, STATE_FILE, LATEST_FILE = "ema.safetensors", "training_state.pt", "latest"
 
 
 @dataclass
@@ -179,21 +179,6 @@ def init_distributed() -> tuple[int, int]:
         dist.init_process_group(backend=backend)
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -339,105 +324,38 @@ class Trainer:
 
             ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.model.state_dict().items()}
             state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "ema_decay": self.ema.decay, "rng": _rng_state(), "config": asdict(self.cfg),
+                     "ema_decay": self.ema.decay, "rng": rng_state(), "config": asdict(self.cfg),
                      "world_size": self.world}
             self.policy.save(d, extra_files={EMA_FILE: lambda p: save_file(ema, str(p)),
                                              STATE_FILE: lambda p: torch.save(state, p)})
             clean_stale(root, (f".{LATEST_FILE}.tmp-", ".trash-"))
             atomic_write_text(root / LATEST_FILE, d.name)
-            self._prune(d)
+            prune_checkpoints(root, d, self.step, self.cfg.keep_last)
         if self.world > 1:
             dist.barrier()
         return d
 
-    def _kept(self) -> list[tuple[int, Path]]:
-        """The ``step_XXXXXXXX`` folders of the checkpoint root as ``(step, path)``, newest first."""
-        out = []
-        for p in self._ckpt_root().glob("step_*"):
-            tail = p.name[len("step_"):]
-            if p.is_dir() and tail.isdigit():
-                out.append((int(tail), p))
-        return sorted(out, reverse=True)
-
-    def _prune(self, current: Path) -> None:
-        """Keep ``current`` and the newest ``keep_last - 1`` older checkpoints; folders of steps after the current
-        one (left by a run resumed from an earlier checkpoint) are left alone until this run saves over them."""
-        older = [p for s, p in self._kept() if s < self.step and p != current]
-        for p in older[max(1, self.cfg.keep_last) - 1 :]:
-            trash = p.with_name(f".trash-{os.getpid()}-{os.urandom(6).hex()}")
-            try:
-                os.rename(p, trash)  # out of the step_* namespace at once: never a half-deleted checkpoint
-            except OSError:
-                continue
-            shutil.rmtree(trash, ignore_errors=True)
-        fsync_dir(self._ckpt_root())
-
-    def _read_training_checkpoint(self, d: Path) -> tuple[dict, dict, dict]:
-        """``(model, ema, training state)`` of checkpoint ``d``, verified; a CheckpointError names what is wrong."""
-        from safetensors.torch import load_file
-
-        _, files, _ = read_config(d)
-        paths = {n: resolve_file(d, files, n) for n in (WEIGHTS_FILE, NORMALIZER_FILE, EMA_FILE, STATE_FILE)}
-        try:
-            model = load_file(str(paths[WEIGHTS_FILE]), device="cpu")
-            ema = load_file(str(paths[EMA_FILE]), device="cpu")
-        except Exception as err:  # noqa: BLE001 -- truncated or garbage safetensors
-            raise CheckpointError(d, f"weights cannot be read: {type(err).__name__}: {err}") from err
-        try:
-            state = torch.load(paths[STATE_FILE], map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 -- truncated, empty or garbage pickle
-            raise CheckpointError(d, f"{STATE_FILE} cannot be read: {type(err).__name__}: {err}") from err
-        need = ("step", "optimizer", "scheduler", "ema_decay", "rng")
-        if not isinstance(state, dict) or any(k not in state for k in need):
-            raise CheckpointError(d, f"{STATE_FILE} lacks some of {list(need)}")
-        want = {k: tuple(v.shape) for k, v in self.policy.state_dict().items()}
-        for name, sd in ((WEIGHTS_FILE, model), (EMA_FILE, ema)):
-            if {k: tuple(v.shape) for k, v in sd.items()} != want:
-                raise CheckpointError(d, f"{name} does not fit the policy being trained (other keys or shapes)")
-        return model, ema, state
-
     def _resume(self) -> None:
+        """Continue from the newest intact checkpoint (:func:`~stlflow.policy.train_checkpoints.find_resume_point`),
+        warning when that is not the one ``latest`` names."""
         root = self._ckpt_root()
-        latest, kept = root / LATEST_FILE, self._kept()
-        if not latest.exists() and not kept:
+        found = find_resume_point(root, self.policy)
+        if found is None:
             if self.is_main:
                 print(f"stlflow train: no checkpoint in {root}, starting from step 0")
             return
-        problems: list[str] = []
-        first: Path | None = None
-        try:
-            name = latest.read_text().strip()
-        except FileNotFoundError:
-            problems.append(f"{latest} is missing")
-        except (OSError, UnicodeDecodeError) as err:
-            problems.append(f"{latest} cannot be read ({type(err).__name__})")
-        else:
-            if not name or "/" in name or name.startswith("."):
-                problems.append(f"{latest} is empty or garbled ({name[:40]!r})")
-            else:
-                first = root / name
-        candidates = ([first] if first is not None else []) + [p for _, p in kept if p != first]
-        loaded = None
-        for d in candidates:
-            try:
-                loaded = d, self._read_training_checkpoint(d)
-                break
-            except CheckpointError as err:
-                problems.append(str(err))
-        if loaded is None:
-            raise CheckpointError(root, "resume=True but no kept checkpoint is intact: " + "; ".join(problems))
-        d, (model, ema, state) = loaded
-        self.policy.load_state_dict(model)
-        self.ema.model.load_state_dict(ema)
+        d, state = found.path, found.state
+        self.policy.load_state_dict(found.model)
+        self.ema.model.load_state_dict(found.ema)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.ema.decay = state["ema_decay"]
         self.step = int(state["step"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if self.is_main:
-            if problems:
-                wanted = first if first is not None else latest
-                warnings.warn(f"stlflow train: the latest checkpoint {wanted} is not usable ({'; '.join(problems)}); "
+            if found.problems:
+                warnings.warn(f"stlflow train: the latest checkpoint {found.wanted} is not usable "
+                              f"({'; '.join(found.problems)}); "
                               f"resuming from the newest intact checkpoint {d} (step {self.step})",
                               RuntimeWarning, stacklevel=3)
             for name in ("metrics.csv", "val.csv"):
