@@ -200,15 +200,8 @@ def _episodes(out: Path) -> int:
         return len(store)
 
 
-def faults(folder: Path, ckpt: str) -> None:
-    from stlflow.control.evaluate import load_policy
-    from stlflow.policy.rti import RTIController
-
-    print("\n(c) faults (time to a safe state)")
-    rows = []
-    policy = load_policy(ckpt)
-
-    # 1. the twin killed: the loop's robot is lost -> e-stop; time from the kill to the e-stop tick
+def fault_twin_killed(folder: Path, policy) -> tuple[str, str, str, str]:
+    """1. the twin killed: the loop's robot is lost -> e-stop; time from the kill to the e-stop tick."""
     addr = f"ipc://{folder}/kill"
     twin = start_twin(addr, "mode=realtime", "speed=1", "env.kwargs.max_steps=100000")
     box: dict = {}
@@ -232,10 +225,12 @@ def faults(folder: Path, ckpt: str) -> None:
     # the episode's end (just after its e-stop tick) bounds the time to the safe state from above
     t_safe = box["ended"] - t_kill
     n = _episodes(folder / "f_kill")
-    rows.append(("twin SIGKILLed", f"e-stop ({ep['estop'][:60]}...)", f"<= {t_safe:.3f} s (stale_timeout {stale} "
-                 f"+ 1 tick = {stale + 0.1:.1f} s)", f"store opens, {n} episode"))
+    return ("twin SIGKILLed", f"e-stop ({ep['estop'][:60]}...)", f"<= {t_safe:.3f} s (stale_timeout {stale} "
+            f"+ 1 tick = {stale + 0.1:.1f} s)", f"store opens, {n} episode")
 
-    # 2. the control process SIGKILLed: the twin holds after its command timeout
+
+def fault_control_killed(folder: Path, ckpt: str) -> tuple[str, str, str, str]:
+    """2. the control process SIGKILLed: the twin holds after its command timeout."""
     addr = f"ipc://{folder}/ctl"
     cmd_timeout = 0.3
     twin = start_twin(addr, "mode=realtime", "speed=1", f"command_timeout={cmd_timeout}",
@@ -260,13 +255,17 @@ def faults(folder: Path, ckpt: str) -> None:
                 held = time.perf_counter() - t_kill
                 break
         watcher.close()
-        rows.append(("control process SIGKILLed", "twin holds (command timeout)",
-                     f"{held:.3f} s (command_timeout {cmd_timeout} + 1 tick = {cmd_timeout + 0.1:.1f} s)"
-                     if held is not None else "no hold seen in 5 s", "-"))
+        return ("control process SIGKILLed", "twin holds (command timeout)",
+                f"{held:.3f} s (command_timeout {cmd_timeout} + 1 tick = {cmd_timeout + 0.1:.1f} s)"
+                if held is not None else "no hold seen in 5 s", "-")
     finally:
         stop(twin)
 
-    # 3. the inference worker raising: e-stop on the next tick, traceback in the report
+
+def fault_inference_raises(folder: Path, policy) -> tuple[str, str, str, str]:
+    """3. the inference worker raising: e-stop on the next tick, traceback in the report."""
+    from stlflow.policy.rti import RTIController
+
     holder: dict = {}
 
     def raising(robot, seed):
@@ -279,27 +278,31 @@ def faults(folder: Path, ckpt: str) -> None:
     res = run(job, policy=policy, controller_factory=raising, on_episode=lambda rec: ended.append(time.perf_counter()))
     ep = res.report["episodes"][0]
     t_safe = ended[0] - holder["c"].when
-    rows.append(("inference worker raises", f"e-stop ({ep['estop'][:50]})",
-                 f"<= {t_safe:.3f} s (period 0.1 s)",
-                 "traceback in report" if ep["failure"] and "Traceback" in ep["failure"] else "NO traceback"))
+    return ("inference worker raises", f"e-stop ({ep['estop'][:50]})",
+            f"<= {t_safe:.3f} s (period 0.1 s)",
+            "traceback in report" if ep["failure"] and "Traceback" in ep["failure"] else "NO traceback")
 
-    # 4. a NaN action: held on that tick, counted, the run goes on
+
+def fault_nan_action(folder: Path) -> tuple[str, str, str, str]:
+    """4. a NaN action: held on that tick, counted, the run goes on."""
     def nans(robot, seed):
         return NaNs(robot.env.unwrapped.make_expert(seed), "nan", at=10, n=3)
 
     job = RobotJob(TASK, robot="sim", controller=ControllerSpec.create("expert"), out=folder / "f_nan", rate_hz=10,
                    mode="lockstep", env_kwargs={"max_steps": 40}, handle_signals=False)
     ep = run(job, controller_factory=nans).report["episodes"][0]
-    rows.append(("NaN action (3 ticks)", f"hold ({ep['sources']['hold']} ticks held, {ep['safety']['nonfinite']} "
-                 f"non-finite counted)", "0 ticks (the same tick holds)",
-                 f"complete={ep['complete']}, {ep['ticks']} ticks"))
+    return ("NaN action (3 ticks)", f"hold ({ep['sources']['hold']} ticks held, {ep['safety']['nonfinite']} "
+            f"non-finite counted)", "0 ticks (the same tick holds)",
+            f"complete={ep['complete']}, {ep['ticks']} ticks")
 
-    # 5. SIGINT: exit 130, partial episode saved
+
+def fault_sigint(folder: Path, ckpt: str) -> tuple[str, str, str, str]:
+    """5. SIGINT: exit 130, partial episode saved."""
     out = folder / "f_int"
     proc = subprocess.Popen([*PY, "control", f"ckpt={ckpt}", "robot=sim", "mode=realtime", "rate_hz=10",
                              "episodes=3", f"out={out}", "env.kwargs.max_steps=100000"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ENV)
-    lines = []
+    lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     wait_for(lines, "running on robot=sim", proc)
     time.sleep(1.5)
@@ -311,8 +314,21 @@ def faults(folder: Path, ckpt: str) -> None:
 
     with EpisodeStore.open(out / "episodes.zarr") as store:
         attrs = store.episode_attrs(len(store) - 1) if len(store) else {}
-    rows.append(("SIGINT", f"exit {rc}", f"e-stop on the next tick; process exit after {t_exit:.2f} s",
-                 f"partial episode saved: complete={attrs.get('complete')}, {attrs.get('length')} ticks"))
+    return ("SIGINT", f"exit {rc}", f"e-stop on the next tick; process exit after {t_exit:.2f} s",
+            f"partial episode saved: complete={attrs.get('complete')}, {attrs.get('length')} ticks")
+
+
+def faults(folder: Path, ckpt: str) -> None:
+    from stlflow.control.evaluate import load_policy
+
+    print("\n(c) faults (time to a safe state)")
+    rows = []
+    policy = load_policy(ckpt)
+    rows.append(fault_twin_killed(folder, policy))
+    rows.append(fault_control_killed(folder, ckpt))
+    rows.append(fault_inference_raises(folder, policy))
+    rows.append(fault_nan_action(folder))
+    rows.append(fault_sigint(folder, ckpt))
 
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in [("fault", "reaction", "time to safe state", "after"), *rows]:
