@@ -15,8 +15,9 @@ and adds an explicit diversity selection and a replay check in the real simulato
    if the exact robustness of its specification at its θ on the replayed signals is ≥ 0 and nothing collided.
    A rejected candidate is replaced by the next farthest one of its group, up to ``max_replays``.
 
-This module holds the problem's types and the per-demonstration algorithm (:func:`augment_demo`); the
-optimisers are in :mod:`stlflow.datasets.augment_optim`, selection and diversity measures in
+This module holds the problem's types and the per-demonstration algorithm (:func:`augment_demo`); θ sampling and
+the specification text are in :mod:`stlflow.datasets.augment_theta`, the optimisers in
+:mod:`stlflow.datasets.augment_optim`, selection and diversity measures in
 :mod:`stlflow.datasets.augment_select`, and the loop over a whole store (worker processes, the output store,
 the report) is ``stlflow.control.augment.augment_store``.
 
@@ -39,6 +40,7 @@ import torch
 
 from stlflow.datasets.augment_optim import CandidateGroup, cem_controls, group_index, optimise_controls
 from stlflow.datasets.augment_select import farthest_point_selection, mean_pairwise_distance
+from stlflow.datasets.augment_theta import sample_theta, spec_text
 
 __all__ = [
     "AugmentReport",
@@ -49,8 +51,6 @@ __all__ = [
     "ModeSpec",
     "ReplayResult",
     "augment_demo",
-    "sample_theta",
-    "spec_text",
 ]
 
 
@@ -168,39 +168,6 @@ class AugmentSettings:
     cem_elites: int = 6
     cem_std: tuple[float, ...] | None = None
     cem_alpha: float = 0.7
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------------
-def spec_text(rules: str, mode: ModeSpec) -> str:
-    """The STL text optimised for ``mode``: ``(rules) & (mode.formula)``, or the rules alone."""
-    return rules if not mode.formula else f"({rules}) & ({mode.formula})"
-
-
-def sample_theta(
-    ranges: dict[str, tuple[float, float]],
-    rng: np.random.Generator,
-    *,
-    base: dict[str, float] | None = None,
-    time_params: Sequence[str] = (),
-    dt: float = 1.0,
-) -> dict[str, float]:
-    """One θ: each parameter uniform in its (low, high) range; parameters only in ``base`` keep their value.
-
-    Time-bound parameters (``time_params``) are rounded to a multiple of ``dt`` (STL interval bounds must be).
-    The draw order is the sorted parameter names, so a seed gives the same θ whatever the dict order.
-    """
-    theta = dict(base or {})
-    for name in sorted(ranges):
-        lo, hi = ranges[name]
-        if not hi >= lo:
-            raise ValueError(f"parameter range for {name!r} is empty: ({lo}, {hi})")
-        value = float(rng.uniform(lo, hi))
-        if name in time_params:
-            value = max(round(value / dt), 1) * dt
-        theta[name] = value
-    return theta
 
 
 # ----------------------------------------------------------------------------------------------------------------

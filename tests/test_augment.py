@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from stlflow.datasets.augment import sample_theta
 from stlflow.datasets.augment_optim import knot_matrix
 from stlflow.datasets.augment_select import farthest_point_selection, mean_pairwise_distance
+from stlflow.datasets.augment_theta import sample_theta
 
 torch.set_num_threads(1)
 
@@ -180,7 +180,7 @@ def _run_demo(task, store, i, seed, **settings):
 
 def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment import spec_text
+    from stlflow.datasets.augment_theta import spec_text
     from stlflow.envs import make_env
     from stlflow.stl import parse
 
@@ -249,8 +249,9 @@ def test_rejected_candidates_are_not_stored(demos):
 
 def test_optimisation_is_deterministic_for_a_seed(demos):
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.augment import AugmentSettings, spec_text
+    from stlflow.datasets.augment import AugmentSettings
     from stlflow.datasets.augment_optim import CandidateGroup, optimise_controls
+    from stlflow.datasets.augment_theta import spec_text
     from stlflow.stl import parse
 
     path, _ = demos
