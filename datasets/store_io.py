@@ -62,7 +62,8 @@ class StoreCorruptError(EpisodeStoreError):
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: its entries, so that a rename inside it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +89,7 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def temporary_sibling(path: Path) -> Path:

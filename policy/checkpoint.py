@@ -41,6 +41,9 @@ from typing import Any
 
 import yaml
 
+from stlflow.datasets.store_io import fsync_path
+from stlflow.datasets.store_lock import pid_alive
+
 __all__ = [
     "CONFIG_FILE",
     "CheckpointError",
@@ -83,14 +86,6 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
 
 
 # ---------------------------------------------------------------------------------------------- durability
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a folder's entries (a rename or a new file in it) to disk; a no-op where folders cannot be opened."""
     if not hasattr(os, "O_DIRECTORY"):
@@ -141,18 +136,6 @@ def _yaml_text(config: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _referenced(directory: Path) -> set[str]:
     """Top-level entries of ``directory`` that its current ``policy.yaml`` refers to (best effort)."""
     try:
@@ -174,7 +157,7 @@ def clean_stale(directory: str | os.PathLike, prefixes: tuple[str, ...]) -> None
     for e in entries:
         prefix = next((p for p in prefixes if e.name.startswith(p)), None)
         m = None if prefix is None else re.fullmatch(r"(\d+)-[0-9a-f]+", e.name[len(prefix):])
-        if not m or e.name in keep or _pid_alive(int(m.group(1))):
+        if not m or e.name in keep or pid_alive(int(m.group(1))):
             continue
         if e.is_dir(follow_symlinks=False):
             shutil.rmtree(e.path, ignore_errors=True)
@@ -195,7 +178,7 @@ def _write_files(folder: Path, files: Mapping[str, Writer]) -> dict[str, dict[st
     for name, write in files.items():
         path = folder / name
         write(path)
-        _fsync_file(path)
+        fsync_path(path)
         entries[name] = file_entry(path)
     return entries
 
@@ -265,7 +248,7 @@ def _write_in_place(d: Path, config: Mapping[str, Any], files: Mapping[str, Writ
             os.link(stage / name, tmp)
         except OSError:  # a filesystem without hard links: a copy, flushed
             shutil.copyfile(stage / name, tmp)
-            _fsync_file(tmp)
+            fsync_path(tmp)
         os.replace(tmp, d / name)
     fsync_dir(d)
     atomic_write_text(d / CONFIG_FILE, _yaml_text(config, entries))  # the new checkpoint, canonical names

@@ -78,3 +78,19 @@ def run_job(verb: str, fn: Callable[[], int | None]) -> int:
             raise
         print(f"stlflow {verb}: {err.summary.split(':', 1)[-1].strip()} (in worker, job {err.index})", file=sys.stderr)
         return 2
+
+
+def controller_options(cfg: DictConfig, expert_note: str = "") -> dict[str, Any]:
+    """The controller block of a verb's config (``controller=NAME`` / ``control.*``) with the ``k=`` shortcut
+    applied; refuses ``k`` for a controller without it and a missing ``ckpt`` for a policy controller."""
+    from stlflow.control.controllers import EXPERT
+    from stlflow.control.jobs import JobError
+
+    control = plain(cfg.control)
+    if cfg.k is not None:
+        if "k" not in control:
+            raise JobError(f"controller {control['name']!r} takes no k")
+        control["k"] = int(cfg.k)
+    if control["name"] != EXPERT and cfg.ckpt is None:
+        raise JobError(f"ckpt=DIR is required (or controller=expert{expert_note})")
+    return control

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-from stlflow.config import compose, plain, run_job
+from stlflow.config import compose, controller_options, plain, run_job
 
 VERB = "control"
 
@@ -51,17 +51,10 @@ def main(argv: list[str]) -> int:
 
 def job_from_config(cfg):
     from stlflow.control.controllers import EXPERT, ControllerSpec
-    from stlflow.control.jobs import JobError
     from stlflow.control.robot_run import RobotJob
     from stlflow.control.safety import SafetyConfig
 
-    control = plain(cfg.control)
-    if cfg.k is not None:
-        if "k" not in control:
-            raise JobError(f"controller {control['name']!r} takes no k")
-        control["k"] = int(cfg.k)
-    if control["name"] != EXPERT and cfg.ckpt is None:
-        raise JobError("ckpt=DIR is required (or controller=expert on robot=sim)")
+    control = controller_options(cfg, " on robot=sim")
     safety = plain(cfg.safety) or {}
     return RobotJob(
         task=str(cfg.env.name), robot=str(cfg.robot), policy=None if control["name"] == EXPERT else str(cfg.ckpt),

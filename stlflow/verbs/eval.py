@@ -15,7 +15,7 @@ videos=N, N MP4 files (imageio + ffmpeg, off-screen MuJoCo rendering).
 
 from __future__ import annotations
 
-from stlflow.config import plain, run_job, verb_config
+from stlflow.config import controller_options, plain, run_job, verb_config
 
 
 def main(argv: list[str]) -> int:
@@ -32,17 +32,11 @@ def evaluate_from_config(cfg) -> int:
 
     from stlflow.control.controllers import EXPERT, ControllerSpec
     from stlflow.control.evaluate import evaluate, write_report, write_videos
-    from stlflow.control.jobs import EvalJob, JobError
+    from stlflow.control.jobs import EvalJob
     from stlflow.control.tasks import get_task
 
     torch.set_num_threads(1)  # per-tick latency is measured on one thread
-    control = plain(cfg.control)
-    if cfg.k is not None:
-        if "k" not in control:
-            raise JobError(f"controller {control['name']!r} takes no k")
-        control["k"] = int(cfg.k)
-    if control["name"] != EXPERT and cfg.ckpt is None:
-        raise JobError("ckpt=DIR is required (or controller=expert)")
+    control = controller_options(cfg)
     task = get_task(str(cfg.env.name))
     params = plain(cfg.stl_params) or {}
     policy = None if control["name"] == EXPERT else str(cfg.ckpt)
