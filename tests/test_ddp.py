@@ -43,6 +43,11 @@ WORKER = textwrap.dedent(
     params = torch.cat([p.detach().flatten() for p in policy.parameters()]).numpy()
     np.savez(os.path.join(out, f"rank{tr.rank}_of{tr.world}.npz"), losses=np.array([h["loss"] for h in tr.history]),
              grads=grads, params=params, n_local=len(batch["obs"]))
+    # tear the process group down as `stlflow train` does (control.training): a process that exits with gloo's
+    # threads still running can abort in C++ teardown ("terminate called without an active exception")
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     """
 )
 
