@@ -28,15 +28,17 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
-def verb_config(verb: str, argv: list[str], doc: str) -> DictConfig | None:
-    """Parse a job verb's argv. Prints help (doc + the composed config) and returns None on --help."""
+def verb_config(verb: str, argv: list[str], doc: str, config_name: str | None = None) -> DictConfig | None:
+    """Parse a job verb's argv against ``conf/<config_name or verb>.yaml``. Prints help (doc + the composed config)
+    and returns None on --help; a bad override is one line on stderr and exit status 2."""
+    config_name = config_name or verb
     if any(a in ("-h", "--help") for a in argv):
         overrides = [a for a in argv if a not in ("-h", "--help")]
         print(f"usage: stlflow {verb} [hydra overrides]\n\n{doc.strip()}\n\nconfiguration (override key=value):")
-        print(OmegaConf.to_yaml(compose(verb, overrides)))
+        print(OmegaConf.to_yaml(compose(config_name, overrides)))
         return None
     try:
-        return compose(verb, argv)
+        return compose(config_name, argv)
     except Exception as err:  # hydra's own messages name the bad override; keep them, drop the traceback
         print(f"stlflow {verb}: bad configuration: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -57,8 +57,8 @@ def test_non_integer_steps_are_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failure_inside_training_leaves_no_empty_output(tmp_path, capsys):
-    """Too few windows for the batch: the trainer refuses after the output folder was planned; none is left."""
+def test_too_few_windows_for_the_batch_is_refused_without_output(tmp_path, capsys):
+    """Too few windows for the batch: the trainer refuses before it writes anything."""
     data = _store(tmp_path / "d.zarr", [_episode(steps=20)])
     assert main([f"data={data}", f"out={tmp_path / 'out'}", "train.steps=5", "train.batch_size=4096"]) == 2
     assert "batch_size" in capsys.readouterr().err
@@ -69,3 +69,33 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("STLFLOW_DEBUG", "1")
     with pytest.raises(ValueError, match="does not exist"):
         main([f"data={tmp_path / 'missing.zarr'}", f"out={tmp_path / 'out'}"])
+
+
+def test_training_interrupted_before_its_first_checkpoint_leaves_no_output(tmp_path):
+    """SIGINT once training has started (the output folder exists, no checkpoint yet): the folder is removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _store(tmp_path / "d.zarr", [_episode(steps=60)] * 4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "stlflow", "train", f"data={data}", f"out={out}",
+                             "train.steps=1000000", "train.ckpt_every=1000000", "train.val_every=0",
+                             "train.batch_size=16", "train.progress=false", "train.tensorboard=false",
+                             "eval_episodes=0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no output folder within 120 s"
+        time.sleep(0.5)  # training steps are running
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert not out.exists()

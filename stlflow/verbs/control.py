@@ -20,26 +20,15 @@ from __future__ import annotations
 
 import sys
 
-from stlflow.config import compose, controller_options, plain, run_job
+from stlflow.config import controller_options, plain, run_job, verb_config
 
 VERB = "control"
 
 
 def _config(argv: list[str]):
-    from omegaconf import OmegaConf
-
+    """The composed ``run`` config (``controller=NAME`` is the alias of ``control=NAME``), or None after --help."""
     chosen = [a.split("=", 1)[1] for a in argv if a.startswith("controller=")]
-    argv = [*argv, *(f"control={c}" for c in chosen[-1:])]
-    if any(a in ("-h", "--help") for a in argv):
-        overrides = [a for a in argv if a not in ("-h", "--help")]
-        print(f"usage: stlflow {VERB} [hydra overrides]\n\n{__doc__.strip()}\n\nconfiguration (override key=value):")
-        print(OmegaConf.to_yaml(compose("run", overrides)))
-        return None
-    try:
-        return compose("run", argv)
-    except Exception as err:  # hydra's message names the bad override
-        print(f"stlflow {VERB}: bad configuration: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    return verb_config(VERB, [*argv, *(f"control={c}" for c in chosen[-1:])], __doc__, config_name="run")
 
 
 def main(argv: list[str]) -> int:

@@ -15,25 +15,13 @@ ZmqRobot; the protocol is documented in stlflow.control.twin. Stops on Ctrl-C, S
 from __future__ import annotations
 
 import signal
-import sys
 
-from stlflow.config import compose, plain, run_job
+from stlflow.config import plain, run_job, verb_config
 
 
 def _config(argv: list[str]):
     """The composed ``serve_sim`` config, or None after printing --help."""
-    from omegaconf import OmegaConf
-
-    if any(a in ("-h", "--help") for a in argv):
-        overrides = [a for a in argv if a not in ("-h", "--help")]
-        print(f"usage: stlflow serve-sim [hydra overrides]\n\n{__doc__.strip()}\n\nconfiguration (override key=value):")
-        print(OmegaConf.to_yaml(compose("serve_sim", overrides)))
-        return None
-    try:
-        return compose("serve_sim", argv)
-    except Exception as err:  # hydra's message names the bad override
-        print(f"stlflow serve-sim: bad configuration: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    return verb_config("serve-sim", argv, __doc__, config_name="serve_sim")
 
 
 def main(argv: list[str]) -> int:
