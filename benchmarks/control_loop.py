@@ -100,27 +100,44 @@ def stop(proc: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------------------------------------ (a) timing
 def timing(seconds: float) -> None:
+    """Rows of (a): consecutive episodes (seeds 0, 1, ...) until ``seconds`` of ticking, their ticks pooled."""
     from stlflow.policy.rti import RTIController
 
-    print(f"(a) timing: Crossing SimRobot realtime, RTI k=2 on its worker, {seconds:g} s per row")
-    print(f"{'rate':>6} {'rt_priority':>12} {'ticks':>6} {'late p99 ms':>12} {'late max ms':>12} {'overruns':>9} "
-          f"{'missed':>7} {'infer p50 ms':>13}")
+    print(f"(a) timing: Crossing SimRobot realtime, RTI k=2 on its worker, {seconds:g} s per row (episodes in a row)")
+    print(f"{'rate':>6} {'rt_priority':>12} {'episodes':>8} {'ticks':>6} {'late p99 ms':>12} {'late max ms':>12} "
+          f"{'overruns':>9} {'missed':>7} {'infer p50 ms':>13}")
     policy = slow_policy()
     for rate in (100, 50):
         for prio in (None, 1):
-            speed = rate * 0.1
-            with SimRobot(TASK, realtime=True, speed=speed, env_kwargs={"max_steps": 10**7}) as robot:
-                period = robot.spec().period
-                loop = RealtimeLoop(robot, RTIController(policy, k=2, seed=0), obs_wait=0.3 * period,
-                                    rt_priority=prio)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    res = loop.run(0, duration=seconds)
-            s = res.summary()
-            granted = "off" if prio is None else ("SCHED_FIFO 1" if res.counters["rt_priority"] else "refused")
-            print(f"{rate:>4}Hz {granted:>12} {res.length:>6} {s['lateness_ms']['p99']:>12.3f} "
-                  f"{s['lateness_ms']['max']:>12.3f} {res.counters['late']:>9} {res.counters['missed']:>7} "
-                  f"{s['infer_ms']['p50']:>13.3f}" + (f"  e-stop: {res.estop}" if res.estop else ""))
+            row = timing_row(policy, RTIController, rate, prio, seconds)
+            print(row)
+
+
+def timing_row(policy, controller_cls, rate: int, prio: int | None, seconds: float) -> str:
+    """One row of (a): episodes until ``seconds`` have passed or an e-stop; lateness over all their ticks."""
+    late, infer, overruns, missed, ticks, episodes, granted, estop = [], [], 0, 0, 0, 0, "off", None
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end and estop is None:
+        with SimRobot(TASK, realtime=True, speed=rate * 0.1, env_kwargs={"max_steps": 10**7}) as robot:
+            period = robot.spec().period
+            loop = RealtimeLoop(robot, controller_cls(policy, k=2, seed=episodes), obs_wait=0.3 * period,
+                                rt_priority=prio)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                res = loop.run(episodes, duration=max(t_end - time.monotonic(), period))
+        t = res.ticks
+        late.append(np.asarray(t["lateness"], np.float64))
+        infer.append(np.where(t["plan_seq"] >= 0, t["infer_s"], np.nan))
+        overruns, missed = overruns + res.counters["late"], missed + res.counters["missed"]
+        ticks, episodes, estop = ticks + res.length, episodes + 1, res.estop
+        if prio is not None:
+            granted = "SCHED_FIFO 1" if res.counters["rt_priority"] else "refused"
+    lat = np.concatenate(late) * 1e3
+    inf = np.concatenate(infer) * 1e3
+    inf = inf[np.isfinite(inf)]
+    return (f"{rate:>4}Hz {granted:>12} {episodes:>8} {ticks:>6} {np.percentile(lat, 99):>12.3f} {lat.max():>12.3f} "
+            f"{overruns:>9} {missed:>7} {np.median(inf) if inf.size else float('nan'):>13.3f}"
+            + (f"  e-stop: {estop}" if estop else ""))
 
 
 # ------------------------------------------------------------------------------------------------ (b) equivalence
