@@ -177,7 +177,9 @@ def d4rl_episode_bounds(terminals: np.ndarray, timeouts: np.ndarray | None) -> l
 
 
 def qlearning_dataset(
-    source: str | os.PathLike | Mapping[str, np.ndarray] | EpisodeStore, terminate_on_end: bool = False
+    source: str | os.PathLike | Mapping[str, np.ndarray] | EpisodeStore,
+    terminate_on_end: bool = False,
+    ignore_terminals: bool = False,
 ) -> dict[str, np.ndarray]:
     """Transitions ``(s, a, r, s', terminal)`` with the semantics of D4RL's ``qlearning_dataset``.
 
@@ -190,6 +192,11 @@ def qlearning_dataset(
         source: a D4RL HDF5 path, a mapping of its flat arrays, or an EpisodeStore with keys ``obs, action,
             reward`` (and ``terminal``/``timeout`` when present; an episode end that is not terminal
             counts as a timeout).
+        ignore_terminals: every returned ``terminals`` is False, and a terminal step keeps ``s' =
+            observations[i + 1]`` (the data is one continuous stream). For tasks whose stored terminals are no
+            end of the evaluation episode: maze2d's generator marks reached intermediate targets, while its
+            evaluation never terminates (:func:`stlflow.datasets.d4rl_refs.d4rl_task_settings` says which).
+            In an EpisodeStore an episode that ends at a terminal step continues into the next episode.
 
     Returns:
         ``{"observations": (M, Do), "actions": (M, Da), "next_observations": (M, Do), "rewards": (M,),
@@ -227,7 +234,9 @@ def qlearning_dataset(
         "actions": np.asarray(data["actions"])[keep],
         "next_observations": obs[keep + 1],
         "rewards": np.asarray(data["rewards"]).reshape(-1)[keep],
-        "terminals": np.asarray(data["terminals"], dtype=bool).reshape(-1)[keep],
+        "terminals": np.zeros(len(keep), dtype=bool)
+        if ignore_terminals
+        else np.asarray(data["terminals"], dtype=bool).reshape(-1)[keep],
     }
 
 
