@@ -34,21 +34,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from stlflow.control.async_exec import ASYNC_MODES, AsyncExecutor, ChunkPlanner, RTCPlanner, RTIPlanner
 from stlflow.policy.rti import DEFAULT_K, ObservationHistory, RTIController, exec_offset_of
 
-CONTROLLERS = ("receding", "full", "cold", "onestep", "rti")
+CONTROLLERS = ("receding", "full", "cold", "onestep", "rti", "sync", "async", "ensemble", "rtc")
 EXPERT = "expert"  # the task's scripted expert (no policy): the reference row of every table
 
 # the options each controller takes besides ``guidance`` (RTI's own options are read from its signature)
 _OPTIONS = {"receding": ("steps", "n_action_steps"), "full": ("steps", "n_action_steps"),
-            "cold": ("k", "n_action_steps"), "onestep": ("n_action_steps",), EXPERT: ()}
-_RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift")
+            "cold": ("k", "n_action_steps"), "onestep": ("n_action_steps",), EXPERT: (),
+            "sync": ("steps", "n_action_steps"), "async": ("steps", "n_action_steps"),
+            "ensemble": ("steps", "ensemble_m"), "rtc": ("steps", "interval", "beta")}
+_RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift", "frozen")
+# RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
+# ``commit`` actions fixed beyond the ones an inference delay commits
+_RTI_ASYNC_OPTIONS = ("interval", "commit")
 
 
 def rti_options() -> tuple[str, ...]:
-    """The keyword options of :class:`RTIController` a spec may set (``k``, ``t_start``, ``renoise``, ...)."""
+    """The keyword options of :class:`RTIController` a spec may set (``k``, ``t_start``, ``renoise``, ...), and the
+    executor's ``interval`` / ``commit``."""
     names = inspect.signature(RTIController.__init__).parameters
-    return tuple(n for n in names if n not in _RTI_NOT_OPTIONS)
+    return tuple(n for n in names if n not in _RTI_NOT_OPTIONS) + _RTI_ASYNC_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -107,10 +114,22 @@ class ControllerSpec:
         return {"name": self.name, **dict(self.options), "guidance": None if self.guidance is None
                 else repr(self.guidance)}
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether :meth:`build` returns an :class:`~stlflow.control.async_exec.AsyncExecutor` at delay 0 too."""
+        return self.name in ASYNC_MODES and (self.name != "rti" or any(k in dict(self.options)
+                                                                        for k in _RTI_ASYNC_OPTIONS))
+
     def build(self, policy: Any, *, seed: int = 0, stl_params: Mapping[str, float] | None = None,
-              expert: Any = None) -> Any:
+              expert: Any = None, delay: int = 0) -> Any:
         """The controller for one episode: ``policy`` (a Policy), noise ``seed``, θ ``stl_params`` requested of
-        a conditioned policy; ``expert``: the env's scripted expert, returned as is for ``name == "expert"``."""
+        a conditioned policy; ``expert``: the env's scripted expert, returned as is for ``name == "expert"``.
+
+        ``delay``: the inference delay in ticks the controller runs under. ``sync``, ``async``, ``ensemble``,
+        ``rtc`` (and ``rti`` when ``delay`` > 0 or with ``interval`` / ``commit``) model it themselves (an
+        :class:`~stlflow.control.async_exec.AsyncExecutor`, ``handles_delay``); the control loop delays the
+        actions of the others.
+        """
         if self.name == EXPERT:
             if expert is None:
                 raise ValueError("the expert controller needs the env's scripted expert")
@@ -118,6 +137,8 @@ class ControllerSpec:
         if policy is None:
             raise ValueError(f"controller {self.name!r} needs a policy or a checkpoint directory")
         o, g = dict(self.options), self.guidance
+        if self.name in ASYNC_MODES and (self.asynchronous or delay > 0):
+            return self._build_async(policy, seed, stl_params, int(delay))
         if self.name == "rti":
             if o.pop("n_action_steps", None) not in (None, 1):
                 raise ValueError("the rti controller executes one action per tick; n_action_steps must be 1")
@@ -128,6 +149,29 @@ class ControllerSpec:
             return ChunkController(policy, ta or policy.n_action_steps, o.get("steps"), stl_params, seed, g)
         steps = {"full": o.get("steps"), "cold": self.k, "onestep": 1}[self.name]
         return ChunkController(policy, ta or 1, steps, stl_params, seed, g)
+
+    def _build_async(self, policy: Any, seed: int, stl_params: Mapping[str, float] | None, delay: int) -> Any:
+        o, g = dict(self.options), self.guidance
+        if self.name == "rti":
+            if o.pop("n_action_steps", None) not in (None, 1):
+                raise ValueError("the rti controller executes one action per tick; n_action_steps must be 1")
+            o.pop("plan_at_reset", None)  # the executor always plans the first chunk in reset
+            if o.pop("lookahead", 0):
+                raise ValueError("under a delay the rti controller reads its plans by the ticks elapsed since their "
+                                 "observation (the executor models the delay): lookahead does not apply, leave it 0")
+            interval, commit = o.pop("interval", None), int(o.pop("commit", 0) or 0)
+            o["k"] = self.k
+            planner = RTIPlanner(policy, delay, commit, stl_params=stl_params, seed=seed, guidance=g, **o)
+            return AsyncExecutor(planner, "rti", delay, interval=interval)
+        if self.name == "rtc":
+            if g is not None:
+                raise ValueError("the rtc controller takes no STL guidance (its inpainting is its guidance)")
+            planner = RTCPlanner(policy, delay, o.get("steps"), float(o.get("beta", 5.0)), stl_params, seed)
+            return AsyncExecutor(planner, "rtc", delay, interval=o.get("interval"))
+        planner = ChunkPlanner(policy, o.get("steps"), stl_params, seed, g)
+        return AsyncExecutor(planner, self.name, delay, n_action_steps=int(o.get("n_action_steps")
+                                                                          or policy.n_action_steps),
+                             ensemble_m=float(o.get("ensemble_m", 0.01)))
 
 
 class ChunkController:

@@ -98,8 +98,9 @@ def evaluate_episode(job: EvalJob, seed: int, render: bool = False) -> dict[str,
             ctrl = spec.build(None, expert=u.make_expert(int(seed)))
         else:
             policy = load_policy(job.policy)
-            ctrl = spec.build(policy, seed=int(seed), stl_params=policy_theta(policy, theta))
-        result = run_episode(env, ctrl, int(seed), delay=job.delay, max_steps=job.max_steps, render=render)
+            ctrl = spec.build(policy, seed=int(seed), stl_params=policy_theta(policy, theta), delay=job.delay)
+        loop_delay = 0 if getattr(ctrl, "handles_delay", False) else job.delay  # a controller that models it itself
+        result = run_episode(env, ctrl, int(seed), delay=loop_delay, max_steps=job.max_steps, render=render)
         signals = {k: np.asarray(v, dtype=np.float64) for k, v in u.signals(result.obs).items()}
         rho, per_rule = rule_robustness(u.rules, dict(getattr(u, "rule_list", {}) or {}), signals, u.dt, theta)
         record = {

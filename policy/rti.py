@@ -71,6 +71,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stlflow.policy.inpaint import pin_guidance
+
 __all__ = ["DEFAULT_K", "DISCRETE_MODES", "ChunkPlan", "ObservationHistory", "RTIController", "exec_offset_of",
            "latency_summary"]
 
@@ -171,6 +173,10 @@ class RTIController:
             known observation-to-action delay in ticks (the action then lands when it was planned for).
         plan_at_reset: when ``reset`` is given the first observation, run the cold denoise there (see the module
             docstring); without an observation, or when False, the first tick is cold.
+        frozen: actions from the executed index on that a warm tick keeps exactly as the warm start has them (the
+            committed prefix: the actions that execute while this tick's chunk is being computed, d under an
+            inference delay of d ticks); the chunk's earlier positions (past actions) are kept too. The rest is
+            denoised given them (:func:`stlflow.policy.inpaint.pin_guidance`). 0: nothing is kept (plain RTI).
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class RTIController:
         guidance: Any = None,
         lookahead: int = 0,
         plan_at_reset: bool = False,
+        frozen: int = 0,
     ) -> None:
         if int(k) < 1:
             raise ValueError(f"k (solver steps per warm tick) must be >= 1, got {k}")
@@ -199,6 +206,8 @@ class RTIController:
             raise ValueError(f"discrete_mode must be one of {DISCRETE_MODES}, got {discrete_mode!r}")
         if clip_factor <= 0:
             raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
+        if int(frozen) < 0:
+            raise ValueError(f"frozen (actions kept from the warm start) must be >= 0, got {frozen}")
         if not 1 <= int(shift) < policy.horizon:
             raise ValueError(f"shift must be in [1, horizon={policy.horizon}), got {shift}")
         self.policy = policy
@@ -210,6 +219,7 @@ class RTIController:
         self.seed, self.shift = int(seed), int(shift)
         self.guidance = guidance
         self.plan_at_reset = bool(plan_at_reset)
+        self.frozen = int(frozen)
         self.exec_offset = exec_offset_of(policy) + int(lookahead)
         if int(lookahead) < 0 or not 0 <= self.exec_offset < policy.horizon:
             raise ValueError(f"lookahead={lookahead} puts the executed index {self.exec_offset} outside the chunk "
@@ -301,6 +311,11 @@ class RTIController:
         return guess
 
     # ------------------------------------------------------------------ one tick
+    def observe(self, obs: Any) -> None:
+        """Add an observation to the history without planning (a tick on which an asynchronous caller does not
+        call :meth:`act`, so that the next plan still sees the last To consecutive observations)."""
+        self.history.push(obs)
+
     @torch.no_grad()
     def act(self, obs: Any, elapsed: int | None = None, *, t: float | None = None) -> np.ndarray:
         """One control tick: observation (Do,) physical -> action (Da,) physical, discrete channels thresholded.
@@ -336,9 +351,14 @@ class RTIController:
             guess = self.warm_start(self._chunk, shift=shift)
             x_init = self.policy.head.noise_to(guess, self.t_start, generator=self.generator) if self.renoise \
                 else guess
+            n_kept = min(self.exec_offset + self.frozen, self.policy.horizon) if self.frozen else 0
+            if n_kept:
+                gfn = pin_guidance(guess, n_kept, gfn)
             chunk = self.policy.sample_normalized(cond, x_init=x_init, t_start=self.t_start,
                                                   steps=self.k, generator=self.generator,
                                                   guidance_fn=gfn)
+            if n_kept:  # exactly the committed actions (the pin leaves float rounding behind)
+                chunk = torch.cat([guess[:, :n_kept], chunk[:, n_kept:]], dim=1)
             nfe += self.policy.nfe(self.k, self.t_start)
             residual = float(torch.sqrt(torch.mean((chunk - guess) ** 2)))
             if self.residual_max is not None and residual > self.residual_max:
@@ -410,4 +430,4 @@ class RTIController:
     def __repr__(self) -> str:
         return (f"RTIController(k={self.k}, t_start={self.t_start}, renoise={self.renoise}, "
                 f"discrete_mode={self.discrete_mode!r}, obs_jump={self.obs_jump}, residual_max={self.residual_max}, "
-                f"plan_at_reset={self.plan_at_reset})")
+                f"plan_at_reset={self.plan_at_reset}, frozen={self.frozen})")

@@ -143,7 +143,9 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     reports = json.loads((out / "report.json").read_text())
     assert len(reports) == 1 and reports[0]["controller"]["name"] == "rti" and reports[0]["controller"]["k"] == 3
     assert reports[0]["delay"] == 1
-    assert reports[0]["ticks"]["nfe"][:2] == [policy.nfe(), policy.nfe(3, 0.2)]
+    # under a delay the executor plans the first chunk in reset (reported apart), then one warm plan a tick
+    assert reports[0]["ticks"]["nfe"][:3] == [0, policy.nfe(3, 0.2), policy.nfe(3, 0.2)]
+    assert [e["reset_nfe"] for e in reports[0]["episodes"]] == [policy.nfe()] * 2
     assert "| rti " in (out / "report.md").read_text() and "| rti " in capsys.readouterr().out
     for png in ("success_vs_nfe.png", "latency_hist.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
