@@ -207,12 +207,15 @@ def rollout_returns(task: str, act: Callable[[np.ndarray], np.ndarray], episodes
 def reference_policy(task: str, policy: str, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """The policies behind D4RL's reference scores: ``"expert"`` (one waypoint controller for all episodes, as
     D4RL's script ran it), ``"expert-replan"`` (the controller re-planning every episode) or ``"random"`` (uniform
-    actions in [-1, 1])."""
+    actions in [-1, 1]). Their random numbers are seeded from ``seed`` but independent of the episode starts that
+    :func:`rollout_returns` draws with the same ``seed``."""
     maze = _task(task)[0]
+    # a stream of its own: rollout_returns draws the starts from default_rng(seed)
+    policy_seed = int(np.random.SeedSequence((seed, 1)).generate_state(1)[0])
     if policy == "random":
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(policy_seed)
         return lambda obs: rng.uniform(-1.0, 1.0, size=2)
     if policy in ("expert", "expert-replan"):
         sim = Maze2dSim(maze)
-        return Maze2dExpert(sim.open_cells, sim.goal, seed, replan_each_episode=policy == "expert-replan")
+        return Maze2dExpert(sim.open_cells, sim.goal, policy_seed, replan_each_episode=policy == "expert-replan")
     raise ValueError(f"unknown reference policy {policy!r}; use 'expert', 'expert-replan' or 'random'")

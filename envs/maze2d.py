@@ -183,10 +183,13 @@ def signals(obs: np.ndarray, maze: str) -> dict[str, np.ndarray]:
     if obs.shape[-1] != 4:
         raise ValueError(f"maze2d observations are (..., 4) (x, y, vx, vy); got shape {obs.shape}")
     xy = obs[..., :2]
-    gap = np.maximum(np.abs(xy[..., None, :] - wall_boxes(maze)) - 0.5, 0.0)  # (..., K, 2)
+    nearest = np.full(obs.shape[:-1], np.inf)
+    for cx, cy in wall_boxes(maze):  # one pass per wall keeps memory at the size of the input
+        gap = np.hypot(np.maximum(np.abs(xy[..., 0] - cx) - 0.5, 0.0), np.maximum(np.abs(xy[..., 1] - cy) - 0.5, 0.0))
+        np.minimum(nearest, gap, out=nearest)
     return {
         "dist_goal": np.linalg.norm(xy - goal_cell(maze), axis=-1),
-        "clearance": np.linalg.norm(gap, axis=-1).min(axis=-1) - RADIUS,
+        "clearance": nearest - RADIUS,
         "speed": np.linalg.norm(obs[..., 2:4], axis=-1),
     }
 
