@@ -95,7 +95,8 @@ def task_settings(task: str) -> dict[str, Any]:
 ACTOR_DEFAULTS: dict[str, Any] = {
     "width": 256, "layers": 3, "time_embed_dim": 16,  # Diffusion-QL's actor size
     "lr": 3e-4, "grad_norm": 5.0,  # Adam; gradient-norm clip (0 = off)
-    "flow_ratio": 0.5, "logit_mean": -0.4, "logit_std": 1.0, "adaptive_p": 0.0,  # the flow loss (λ, time draws)
+    # the flow loss: share λ of r = t pairs, (t, r) from two logit-normal (or uniform) draws, MeanFlow's adaptive weight
+    "flow_ratio": 0.5, "time_sampling": "logit_normal", "logit_mean": -0.4, "logit_std": 1.0, "adaptive_p": 0.0,
     "ema_decay": 0.995, "ema_every": 5, "ema_start": 1000,
 }
 
@@ -118,7 +119,8 @@ class OFQLAgent(OfflineAgent):
         net = FlowMLP(action_dim, 1, obs_dim, width=int(c["width"]), layers=int(c["layers"]),
                       time_embed_dim=int(c["time_embed_dim"]))
         self.actor = MeanFlowHead(net, horizon=1, action_dim=action_dim, ratio_r_neq_t=1.0 - c["flow_ratio"],
-                                  logit_mean=c["logit_mean"], logit_std=c["logit_std"], adaptive_p=c["adaptive_p"])
+                                  time_sampling=c["time_sampling"], logit_mean=c["logit_mean"],
+                                  logit_std=c["logit_std"], adaptive_p=c["adaptive_p"])
         self.ema_actor = frozen_copy(self.actor)
         self.optimizers["actor"] = torch.optim.Adam(self.actor.parameters(), lr=float(c["lr"]), fused=True)
         self.act_generator = torch.Generator().manual_seed(self.seed + 1)

@@ -62,7 +62,7 @@ class TD3BCAgent(OfflineAgent):
         self.optimizers["critic"].zero_grad(set_to_none=True)
         critic_loss.backward()
         self.optimizers["critic"].step()
-        out = {"critic_loss": float(critic_loss), "q_mean": float(q.detach().mean())}
+        out = {"critic_loss": critic_loss.item(), "q_mean": q.detach().mean().item()}
         self.steps += 1
         if self.steps % int(c["policy_freq"]) == 0:
             pi = self.policy(self.actor, obs_n)
@@ -79,5 +79,5 @@ class TD3BCAgent(OfflineAgent):
             self.optimizers["actor"].step()
             ema_update(self.actor_target, self.actor, float(c["tau"]))
             ema_update(self.critic_target, self.critic, float(c["tau"]))
-            out.update(actor_loss=float(actor_loss), bc_loss=float(bc))
+            out.update(actor_loss=actor_loss.item(), bc_loss=bc.item())
         return out

@@ -1,0 +1,185 @@
+"""Offline-RL agents (stlflow.agents): OFQL's MeanFlow target against finite differences, the activation and
+critic building blocks, checkpoints with exact resume, and the two-armed toy problem (OFQL picks the better
+arm, bc-flow covers both)."""
+
+import numpy as np
+import pytest
+import torch
+
+from stlflow.agents import AGENTS, BCFlowAgent, OFQLAgent, TD3BCAgent, Transitions, load_agent, make_agent, save_agent
+from stlflow.agents.base import EnsembleMLP, FastMish
+from stlflow.policy.checkpoint import CheckpointError
+
+SMALL = {"width": 64, "layers": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the D4RL harness gives each seed (two threads on a busy 2-core machine ran ~10x
+    slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+SMALL_Q = {**SMALL, "critic_width": 64, "critic_layers": 2}
+
+
+def _random_data(n=2000, do=3, da=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"observations": rng.normal(size=(n, do)), "actions": rng.uniform(-1, 1, (n, da)),
+            "rewards": rng.uniform(size=n), "next_observations": rng.normal(size=(n, do)),
+            "terminals": rng.uniform(size=n) < 0.05}
+
+
+def test_meanflow_target_matches_finite_differences():
+    """du/dt from the hand-written JVP, and the loss built on u_tgt = v - (t - r) du/dt, against central
+    differences of u along the path (float64)."""
+    torch.manual_seed(0)
+    agent = OFQLAgent(5, 3, seed=0, adaptive_p=0.0)
+    head = agent.actor.double()
+    b = 16
+    a = torch.rand(b, 1, 3, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(b, 1, 3, dtype=torch.float64)
+    cond = torch.randn(b, 5, dtype=torch.float64)
+    t = torch.rand(b, dtype=torch.float64) * 0.8 + 0.2
+    r = t * torch.rand(b, dtype=torch.float64) * 0.9
+    z, v = (1 - t)[:, None, None] * a + t[:, None, None] * eps, eps - a
+    u, dudt = head.u_and_total_derivative(z, v, r, t, cond)
+    h = 1e-6
+    fd = (head.u(z + h * v, r, t + h, cond) - head.u(z - h * v, r, t - h, cond)) / (2 * h)
+    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(u, head.u(z, r, t, cond))
+    # the loss the agent trains on: every row has r < t, so every row takes the JVP path
+    loss = head.loss(a, cond, noise={"t": t, "r": r, "eps": eps})
+    target = v - (t - r)[:, None, None] * fd
+    torch.testing.assert_close(loss, (head.u(z, r, t, cond) - target).pow(2).flatten(1).mean(1).mean())
+    # the same pair from forward-mode AD
+    head.jvp = "func"
+    u2, dudt2 = head.u_and_total_derivative(z, v, r, t, cond)
+    torch.testing.assert_close(dudt2, dudt)
+    torch.testing.assert_close(u2, u)
+
+
+def test_fast_mish_matches_torch():
+    x = torch.randn(2000, dtype=torch.float64) * 8
+    x[:3] = torch.tensor([40.0, -40.0, 0.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(FastMish(), (x.clone().requires_grad_(),))
+    xf = torch.randn(256, 256) * 6
+    torch.testing.assert_close(FastMish()(xf), torch.nn.functional.mish(xf), rtol=1e-5, atol=1e-5)
+    assert isinstance(FastMish(), torch.nn.Mish)  # the JVP rules of policy/nets.py accept it
+
+
+def test_ensemble_member_is_that_network():
+    net = EnsembleMLP(2, 4, 1, (16, 16))
+    x = torch.randn(7, 4)
+    both = net(x)
+    assert both.shape == (2, 7, 1)
+    for i in range(2):
+        torch.testing.assert_close(net(x, member=i), both[i])
+    assert not torch.allclose(both[0], both[1])  # independent initialisation
+
+
+def test_one_step_action_is_one_network_call_and_differentiable():
+    agent = OFQLAgent(3, 2, seed=0, **SMALL_Q)
+    obs = torch.randn(5, 3)
+    calls = []
+    hook = agent.actor.net.register_forward_hook(lambda *a: calls.append(1))
+    act = agent.one_step(agent.actor, obs)
+    hook.remove()
+    assert calls == [1] and act.shape == (5, 2) and act.abs().max() <= 1
+    agent.critic(torch.cat([obs, act], -1), member=0).sum().backward()
+    assert all(p.grad is not None for p in agent.actor.net.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(AGENTS))
+def test_update_and_act_shapes(name):
+    data = Transitions(_random_data())
+    agent = make_agent(name, 3, 2, seed=1, **({} if name == "td3bc" else SMALL))
+    agent.prepare(data)
+    for _ in range(4):
+        out = agent.update(data.sample(32, agent.generator))
+    assert out and all(np.isfinite(v) for v in out.values())
+    assert agent.steps == 4
+    one, many = agent.act(np.zeros(3)), agent.act(np.zeros((6, 3)))
+    assert one.shape == (2,) and many.shape == (6, 2)
+    assert np.all(np.abs(many) <= 1)
+    with pytest.raises(ValueError, match="obs must have shape"):
+        agent.act(np.zeros(4))
+
+
+def test_bad_settings_and_names():
+    with pytest.raises(ValueError, match="unknown settings"):
+        OFQLAgent(3, 2, etaa=1.0)
+    with pytest.raises(ValueError, match="unknown agent 'sac'; known agents: ofql, bc-flow, td3bc"):
+        make_agent("sac", 3, 2)
+    with pytest.raises(ValueError, match="flow_ratio"):
+        OFQLAgent(3, 2, flow_ratio=1.5)
+    assert not hasattr(BCFlowAgent(3, 2, **SMALL), "critic")
+    with pytest.raises(ValueError, match="transitions lack"):
+        Transitions({"observations": np.zeros((3, 2))})
+
+
+def _train(agent, data, n):
+    for _ in range(n):
+        agent.update(data.sample(32, agent.generator))
+
+
+@pytest.mark.parametrize("name", ["ofql", "td3bc"])
+def test_checkpoint_resume_is_exact(tmp_path, name):
+    data = Transitions(_random_data())
+    settings = SMALL_Q if name == "ofql" else {"width": 32}
+    straight = make_agent(name, 3, 2, seed=3, **settings)
+    straight.prepare(data)
+    _train(straight, data, 12)
+    resumed = make_agent(name, 3, 2, seed=3, **settings)
+    resumed.prepare(data)
+    _train(resumed, data, 6)
+    save_agent(resumed, tmp_path / "ck", {"task": "toy"})
+    back, cfg = load_agent(tmp_path / "ck")
+    assert cfg["agent"] == name and cfg["task"] == "toy" and back.steps == 6
+    _train(back, data, 6)
+    for (k, v), (k2, v2) in zip(straight.state_dict().items(), back.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(v, v2, rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_corruption_is_detected(tmp_path):
+    agent = TD3BCAgent(3, 2, width=16)
+    save_agent(agent, tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_agent(tmp_path / "ck")
+
+
+def _two_armed(n=4000, seed=0):
+    """One-step episodes from one state: half the actions near -0.6 (reward 0), half near +0.6 (reward 1)."""
+    rng = np.random.default_rng(seed)
+    arm = rng.uniform(size=n) < 0.5
+    actions = np.where(arm, 0.6, -0.6) + rng.normal(0, 0.05, n)
+    obs = rng.normal(0, 0.01, (n, 1))
+    return {"observations": obs, "actions": actions[:, None], "rewards": arm.astype(float),
+            "next_observations": obs, "terminals": np.ones(n, bool)}
+
+
+def test_two_armed_ofql_picks_better_arm_bc_flow_covers_both():
+    """Same actor, same data: the Q term moves OFQL's one-step samples onto the rewarded arm; without it (bc-flow)
+    the samples keep both arms. MeanFlow's adaptive loss weight (adaptive_p=1) fits the bimodal one-step map in a
+    few hundred updates; with the plain loss the one-step samples fall between the arms for longer."""
+    data = Transitions(_two_armed())
+    obs = np.zeros((400, 1))
+    fractions = {}
+    for name in ("bc-flow", "ofql"):
+        extra = {"critic_width": 64, "critic_layers": 2, "eta": 1.0} if name == "ofql" else {}
+        agent = make_agent(name, 1, 1, seed=0, width=64, layers=2, lr=1e-3, ema_start=10**9, adaptive_p=1.0, **extra)
+        agent.prepare(data)
+        for _ in range(300):
+            agent.update(data.sample(128, agent.generator))
+        agent.reset_act_noise(0)
+        a = agent.act(obs)[:, 0]
+        fractions[name] = (float(np.mean(a > 0.3)), float(np.mean(a < -0.3)))
+    good, bad = fractions["bc-flow"]
+    assert good > 0.15 and bad > 0.15, fractions  # both arms
+    good, bad = fractions["ofql"]
+    assert good > 0.9 and bad < 0.05, fractions  # the better arm only
