@@ -168,7 +168,8 @@ class AsyncExecutor:
         mode: one of :data:`ASYNC_MODES` (``rtc`` and ``rti`` schedule alike; the planner makes the difference).
         delay: d, ticks from an observation to the first tick its plan can act on (>= 0).
         n_action_steps: Ta of ``sync`` / ``async``.
-        interval: ticks between plan starts of ``rtc`` / ``rti`` (None: max(d, 1), the worker never idle).
+        interval: ticks between plan starts of ``rtc`` / ``rti``, at least the max(d, 1) ticks one plan takes (None:
+            that, the worker never idle; a shorter one is raised to it).
         ensemble_m: the decay m of ``ensemble`` (ACT: 0.01).
     """
 
@@ -185,10 +186,9 @@ class AsyncExecutor:
         self.n_action_steps = int(n_action_steps)
         if mode in ("sync", "async") and self.n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1, got {n_action_steps}")
-        self.interval = self.busy if interval is None else int(interval)
-        if self.interval < self.busy:
-            raise ValueError(f"interval={interval} is shorter than the {self.busy} tick(s) one plan takes at "
-                             f"delay={delay}: one worker cannot start plans that often")
+        if interval is not None and int(interval) < 1:
+            raise ValueError(f"interval must be >= 1 tick, got {interval}")
+        self.interval = max(self.busy, int(interval or 1))  # one worker starts no plan before the last is done
         self.ensemble_m = float(ensemble_m)
         self.last_nfe = 0
         self.last_reset_nfe, self.last_reset_latency_s = 0, 0.0

@@ -113,6 +113,7 @@ def evaluate_episode(job: EvalJob, seed: int, render: bool = False) -> dict[str,
             "latency_s": result.latency_s.tolist(),
             "nfe": result.nfe.tolist(),
             "return": float(result.reward.sum()),
+            **action_change(result.action, getattr(u, "discrete_action_mask", None)),
         }
         log = getattr(ctrl, "log", None)
         if isinstance(log, dict) and "residual" in log:  # RTI telemetry: contraction is measured, not assumed
@@ -127,6 +128,18 @@ def evaluate_episode(job: EvalJob, seed: int, render: bool = False) -> dict[str,
         return record
     finally:
         env.close()
+
+
+def action_change(actions: np.ndarray, discrete_mask: Any = None) -> dict[str, float]:
+    """Smoothness of the executed actions (T, Da), physical units: the Euclidean norm of the per-tick change of the
+    continuous channels (discrete ones, e.g. a gripper, are left out), its mean and its max over the episode."""
+    a = np.asarray(actions, dtype=np.float64)
+    if discrete_mask is not None:
+        a = a[:, ~np.asarray(discrete_mask, dtype=bool).reshape(-1)]
+    if a.shape[0] < 2 or a.shape[1] == 0:
+        return {"action_change_mean": 0.0, "action_change_max": 0.0}
+    step = np.linalg.norm(np.diff(a, axis=0), axis=1)
+    return {"action_change_mean": float(step.mean()), "action_change_max": float(step.max())}
 
 
 def _episode_of(args: tuple[EvalJob, int]) -> dict[str, Any]:
@@ -159,6 +172,11 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
     }
     for name in records[0]["rule_robustness"]:
         metrics[f"stl_{name}_rate"] = sum(r["rule_robustness"][name] >= 0 for r in records) / n
+    if all("action_change_mean" in r for r in records):  # mean over all ticks; the max: mean of episode maxima
+        lengths = np.asarray([max(r["length"] - 1, 0) for r in records], dtype=np.float64)
+        means = np.asarray([r["action_change_mean"] for r in records])
+        metrics["action_change_mean"] = float((means * lengths).sum() / max(lengths.sum(), 1.0))
+        metrics["action_change_max"] = float(np.mean([r["action_change_max"] for r in records]))
     metrics.update(percentiles(lat, "latency"))
     metrics.update(percentiles(warm, "latency_warm"))
     if all("residual_mean" in r for r in records):

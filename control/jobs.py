@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["JobError", "CollectJob", "CalibrateJob", "AugmentJob", "TrainJob", "EvalJob", "policy_config",
-           "conf_defaults"]  # and, imported on first use, the functions below (_ELSEWHERE)
+           "conf_defaults", "controller_defaults"]  # and, imported on first use, the functions below (_ELSEWHERE)
 
 
 class JobError(ValueError):
@@ -41,6 +41,19 @@ def conf_defaults(*path: str) -> dict[str, Any]:
     if not file.is_file():
         raise JobError(f"no shipped configuration {'/'.join(path)}.yaml")
     return dict(yaml.safe_load(file.read_text()) or {})
+
+
+def controller_defaults(name: str, task: str) -> dict[str, Any]:
+    """The shipped options of controller ``name`` (``conf/control/<name>.yaml``) for ``task``, as ``stlflow eval``
+    composes them: unset (null) options dropped, ``${env.KEY}`` read from ``conf/env/<task>.yaml``."""
+    env = conf_defaults("env", task)
+    out: dict[str, Any] = {}
+    for key, value in conf_defaults("control", name).items():
+        if isinstance(value, str) and value.startswith("${env.") and value.endswith("}"):
+            value = env.get(value[len("${env."):-1])
+        if key != "name" and value is not None:
+            out[key] = value
+    return out
 
 
 def policy_config(head: str = "flow", net: str = "mlp", overrides: Mapping[str, Any] | None = None,
