@@ -223,6 +223,11 @@ class OfflineAgent(nn.Module):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.steps = 0
 
+    @classmethod
+    def task_defaults(cls, task: str) -> dict[str, Any]:
+        """Settings this agent takes by default on a D4RL ``task`` (published per-dataset values); ``{}`` here."""
+        return {}
+
     def prepare(self, data: Transitions) -> None:
         """Fit the observation normaliser to the training data (before the first update)."""
         if (data.obs_dim, data.action_dim) != (self.obs_dim, self.action_dim):

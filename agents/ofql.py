@@ -130,6 +130,10 @@ class OFQLAgent(OfflineAgent):
             self.critic_target = frozen_copy(self.critic)
             self.optimizers["critic"] = torch.optim.Adam(self.critic.parameters(), lr=float(c["lr"]), fused=True)
 
+    @classmethod
+    def task_defaults(cls, task: str) -> dict[str, Any]:
+        return {k: v for k, v in task_settings(task).items() if k in cls.defaults}
+
     # -- sampling --------------------------------------------------------------------------------------
     def one_step(self, head: MeanFlowHead, obs_n: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Actions ``(B, Da)`` = ε - u(ε, r=0, t=1; s), clamped to [-1, 1]; differentiable in the head's weights."""

@@ -38,7 +38,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +358,9 @@ def run(job: D4RLRunJob) -> dict[str, Any]:
     if dims != env_dims:
         raise ValueError(f"data={job.data} has observations of size {dims[0]} and actions of size {dims[1]}, but "
                          f"{target.env_id} has {env_dims[0]} and {env_dims[1]}: a file of another task?")
-    AGENTS[job.agent](dims[0], dims[1], **job.agent_settings)  # unknown settings fail here, before any writing
+    # the agent's published per-task settings, under the user's; unknown settings fail here, before any writing
+    job = replace(job, agent_settings={**AGENTS[job.agent].task_defaults(job.task), **job.agent_settings})
+    AGENTS[job.agent](dims[0], dims[1], **job.agent_settings)
     del data
     out = _check_out(job, dims)
     out.mkdir(parents=True, exist_ok=True)

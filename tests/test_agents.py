@@ -183,3 +183,9 @@ def test_two_armed_ofql_picks_better_arm_bc_flow_covers_both():
     assert good > 0.15 and bad > 0.15, fractions  # both arms
     good, bad = fractions["ofql"]
     assert good > 0.9 and bad < 0.05, fractions  # the better arm only
+
+
+def test_task_defaults_follow_diffusion_ql_where_published():
+    assert OFQLAgent.task_defaults("hopper-medium-v2") == {"grad_norm": 9.0}
+    assert BCFlowAgent.task_defaults("walker2d-medium-v2") == {"grad_norm": 1.0}
+    assert OFQLAgent.task_defaults("maze2d-umaze-v1") == {} and TD3BCAgent.task_defaults("hopper-medium-v2") == {}
