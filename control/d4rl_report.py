@@ -100,10 +100,15 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"per evaluation; metric: {r['metric']}", ""]
     if r.get("warning"):
         lines += [f"> warning: {r['warning']}", ""]
-    lines += ["| agent | last (mean ± std over seeds) | best (mean ± std over seeds) | source |", "|---|---|---|---|",
-              f"| {r['agent']} (ours) | {_pm(r['last'])} | {_pm(r['best'])} | this run, {len(r['seeds'])} seeds |"]
+    stl = r.get("stl_satisfied_last") is not None
+    head = "| agent | last (mean ± std over seeds) | best (mean ± std over seeds) |" + (" STL satisfied, last (%) |"
+                                                                                     if stl else "")
+    ours = f"| {r['agent']} (ours) | {_pm(r['last'])} | {_pm(r['best'])} |" + (
+        f" {_pm(r['stl_satisfied_last'], 100)} |" if stl else "")
+    lines += [head + " source |", "|---|---|---|" + ("---|" if stl else "") + "---|",
+              ours + f" this run, {len(r['seeds'])} seeds |"]
     for name, value in r.get("anchors", {}).items():
-        lines.append(f"| {name} | {value:.1f} | | CORL, published \"last\" |")
+        lines.append(f"| {name} | {value:.1f} | |" + (" |" if stl else "") + " CORL, published \"last\" |")
     lines.append("")
     if r.get("stl_satisfied_last") is not None:
         lines += [f"STL rule satisfaction at the last evaluation (all rules, robustness ≥ 0): "
