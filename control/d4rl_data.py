@@ -40,6 +40,7 @@ from stlflow.envs.maze2d import (
     MAZE2D_TASKS,
     RULE_LIST,
     Maze2dSim,
+    goal_cell,
     reward,
     rule_defaults,
     signals,
@@ -122,7 +123,7 @@ def generate(task: str, out: str | os.PathLike, samples: int, seed: int = 0, pro
     _check_out(out, overwrite)
     raw = _stream(maze, max_steps, int(samples), int(seed), progress)
     obs = raw["observations"].astype(np.float32)
-    sim_goal = Maze2dSim(maze).goal
+    sim_goal = goal_cell(maze)
     arrays = {
         "observations": obs,
         "actions": raw["actions"].astype(np.float32),
