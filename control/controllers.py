@@ -46,6 +46,7 @@ _OPTIONS = {"receding": ("steps", "n_action_steps"), "full": ("steps", "n_action
             "sync": ("steps", "n_action_steps"), "async": ("steps", "n_action_steps"),
             "ensemble": ("steps", "ensemble_m"), "rtc": ("steps", "interval", "beta")}
 _RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift", "frozen")
+LOCKSTEP_ONLY = ("sync", "async", "ensemble", "rtc")  # always an AsyncExecutor: lock-step evaluation only
 # RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
 # ``commit`` actions fixed beyond the ones an inference delay commits
 _RTI_ASYNC_OPTIONS = ("interval", "commit")
@@ -119,6 +120,12 @@ class ControllerSpec:
         """Whether :meth:`build` returns an :class:`~stlflow.control.async_exec.AsyncExecutor` at delay 0 too."""
         return self.name in ASYNC_MODES and (self.name != "rti" or any(k in dict(self.options)
                                                                         for k in _RTI_ASYNC_OPTIONS))
+
+    def per_tick(self) -> ControllerSpec:
+        """This spec without the lock-step executor's schedule options (``interval``, ``commit``): the RTI controller
+        as the wall-clock loop's inference worker runs it, replanning whenever the worker is free."""
+        return ControllerSpec(self.name, tuple((k, v) for k, v in self.options if k not in _RTI_ASYNC_OPTIONS),
+                              self.guidance)
 
     def build(self, policy: Any, *, seed: int = 0, stl_params: Mapping[str, float] | None = None,
               expert: Any = None, delay: int = 0) -> Any:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from stlflow.control.controllers import EXPERT, ControllerSpec
+from stlflow.control.controllers import EXPERT, LOCKSTEP_ONLY, ControllerSpec
 from stlflow.control.jobs import JobError
 from stlflow.control.robot import RobotError
 from stlflow.control.run_report import aggregate, episode_arrays, episode_record, markdown, write_outputs
@@ -167,6 +167,9 @@ def check(job: RobotJob, robot: Any = None, policy: Any = None) -> tuple[Any, An
         raise JobError(f"unknown robot {job.robot!r}; choose one of {list(ROBOTS)}")
     if job.controller.name == EXPERT and job.robot != "sim":
         raise JobError("controller=expert reads the simulator's state: it runs on robot=sim only")
+    if job.controller.name in LOCKSTEP_ONLY:
+        raise JobError(f"controller={job.controller.name} simulates an inference worker in lock-step (stlflow eval "
+                       f"delay=d); the wall-clock loop has its own worker: run controller=rti or receding here")
     task = get_task(job.task)
     theta = task.resolve_theta(dict(job.stl_params or {}))
     policy = policy if policy is not None else _policy_of(job)
@@ -225,7 +228,8 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
             return controller_factory(robot, seed)
         if job.controller.name == EXPERT:
             return job.controller.build(None, expert=robot.env.unwrapped.make_expert(seed))
-        return job.controller.build(policy, seed=seed, stl_params=theta)
+        # the loop's inference worker replans whenever it is free (the lock-step interval schedule does not apply)
+        return job.controller.per_tick().build(policy, seed=seed, stl_params=theta)
 
     tally = _Tally()
     interrupted = _run_episodes(job, robot, spec, task, out, make_controller, tally, on_episode, on_start)

@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from stlflow.control.controllers import ControllerSpec
-from stlflow.control.jobs import AugmentJob, CalibrateJob, CollectJob, EvalJob, TrainJob, policy_config
+from stlflow.control.jobs import (
+    AugmentJob,
+    CalibrateJob,
+    CollectJob,
+    EvalJob,
+    TrainJob,
+    controller_defaults,
+    policy_config,
+)
 from stlflow.control.samples import closed_loop_samples, sample_metrics
 from stlflow.control.tasks import get_task
 from stlflow.policy.rti import DEFAULT_K
@@ -129,7 +137,8 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
                    diversity_starts: int = 2, diversity_samples: int = 4, max_steps: int | None = None,
                    workers: int = 1, progress: bool = True, log: Callable[[str], None] = print,
                    task: str = TASK) -> list[EvalRow]:
-    """Closed loop with the RTI controller (k steps per tick) at each requested θ, without and with STL guidance.
+    """Closed loop with the RTI controller (the shipped options of ``conf/control/rti.yaml`` for the task, k solver
+    steps per plan) at each requested θ, without and with STL guidance.
 
     ``guidance``: options of the task's :meth:`~stlflow.control.tasks.Task.guidance` (``enabled`` false: no
     guided rows). Metrics per row come
@@ -148,7 +157,7 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
         theta = {k_: float(v) for k_, v in theta.items()}
         for guided in settings:
             g = t.guidance(theta, **gopts) if guided else None
-            spec = ControllerSpec.create("rti", k=int(k), guidance=g)
+            spec = ControllerSpec.create("rti", **{**controller_defaults("rti", t.name), "k": int(k)}, guidance=g)
             label = f"v_max={theta.get('v_max', float('nan')):.2f}" + (" +guidance" if guided else "")
             t0 = time.perf_counter()
             rep = evaluate(EvalJob(t.name, policy, spec, int(episodes), seed=int(seed), workers=int(workers),

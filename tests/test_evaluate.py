@@ -138,7 +138,7 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     policy.save(ckpt)
     out = tmp_path / "ev"
     rc = main([f"ckpt={ckpt}", "env=pickplace", "controller=rti", "k=3", "episodes=2", "max_steps=6", f"out={out}",
-               "progress=false", "delay=1", "videos=1"])
+               "progress=false", "delay=1", "videos=1", "control.interval=1"])
     assert rc == 0
     reports = json.loads((out / "report.json").read_text())
     assert len(reports) == 1 and reports[0]["controller"]["name"] == "rti" and reports[0]["controller"]["k"] == 3
