@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--rtc-interval", type=int, default=4, help="rtc plans every max(d, this) ticks")
     ap.add_argument("--timing-ticks", type=int, default=3000)
     ap.add_argument("--out", default="bench_out/realtime")
+    ap.add_argument("--resume", action="store_true", help="keep the cells of --out/cells.jsonl (same episodes, seed)")
     args = ap.parse_args()
     limit_threads(1)
     ckpts: list[tuple[str, str, str]] = []
@@ -206,12 +207,25 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
+    partial = out / "cells.jsonl"  # one line per finished cell: an interrupted run resumes with --resume
+    if args.resume and partial.exists():
+        for line in partial.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["episodes"] == args.episodes and rec["seed"] == args.seed:
+                results[(rec["task"], rec["head"], rec["row"], rec["delay"])] = rec["cell"]
+    elif partial.exists():
+        partial.unlink()
     for task, head, path in ckpts:
         for row in rows:
             for d in args.delays:
+                if (task, head, row, d) in results:
+                    continue
                 t0 = time.perf_counter()
                 c = cell(run_cell(task, path, row, d, args))
                 results[(task, head, row, d)] = c
+                with open(partial, "a") as f:
+                    f.write(json.dumps({"task": task, "head": head, "row": row, "delay": d, "episodes": args.episodes,
+                                        "seed": args.seed, "cell": c}) + "\n")
                 print(f"{task:9s} {head:8s} {row:28s} d={d}  success {c['success_rate']:.0%}  collision "
                       f"{c['collision_rate']:.0%}  NFE/action {c['nfe_per_action']:.2f}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
