@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from stlflow.agents import OFQLAgent, Transitions
+from stlflow.policy.agents import OFQLAgent, Transitions
 
 
 def _data(obs_dim: int, action_dim: int, n: int = 20000) -> Transitions:

@@ -6,7 +6,7 @@ writes ``OUT/seed_<s>/``:
 - ``metrics.csv``: one row per evaluation, appended and flushed to disk as it is written (step, training
   seconds, ms per update, mean/std return and normalised score over the episodes, goal success and STL rule
   satisfaction where the task has them, the agent's losses averaged since the previous row);
-- ``checkpoint/``: the agent after the latest evaluation (:func:`stlflow.agents.save_agent`, atomic and
+- ``checkpoint/``: the agent after the latest evaluation (:func:`stlflow.policy.agents.save_agent`, atomic and
   verified), with the training seconds so far.
 
 ``resume=true`` continues every seed from its checkpoint and keeps the metric rows up to that checkpoint's step
@@ -236,7 +236,7 @@ class _Metrics:
 
 def _start(job: D4RLRunJob, seed: int, data, seed_dir: Path):
     """(agent, metrics, training seconds so far) for a fresh or resumed seed."""
-    from stlflow.agents import load_agent, make_agent
+    from stlflow.policy.agents import load_agent, make_agent
 
     ckpt = seed_dir / "checkpoint"
     metrics_path = seed_dir / "metrics.csv"
@@ -283,7 +283,7 @@ def _ms_per_action(agent, obs: np.ndarray, calls: int = 200) -> float:
 
 def run_seed(args: tuple[D4RLRunJob, EvalTarget, int]) -> dict[str, Any]:
     """Train and evaluate one seed (a worker's job); returns ``{"seed", "rows", "ms_per_action"}``."""
-    from stlflow.agents import Transitions, save_agent
+    from stlflow.policy.agents import Transitions, save_agent
 
     job, target, seed = args
     limit_threads(1)
@@ -346,7 +346,7 @@ def _check_out(job: D4RLRunJob, data_dims: tuple[int, int]) -> Path:
 
 def run(job: D4RLRunJob) -> dict[str, Any]:
     """Train ``job.agent`` for every seed, evaluate, write ``OUT/report.{json,md}``; returns the report dict."""
-    from stlflow.agents import AGENTS
+    from stlflow.policy.agents import AGENTS
 
     job.check()
     if job.agent not in AGENTS:

@@ -40,7 +40,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalEmbedding", "UNet1D", "ResidualMLP", "build_net", "count_parameters"]
+__all__ = ["SinusoidalEmbedding", "UNet1D", "ResidualMLP", "build_net", "count_parameters", "layer_norm_jvp",
+           "linear_jvp", "mish_jvp"]
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -100,7 +101,7 @@ class TimeEncoder(nn.Module):
         pairs = [self.embed.forward_jvp(times[:, i], dtimes[:, i]) for i in range(self.n_times)]
         emb, demb = torch.cat([p[0] for p in pairs], dim=-1), torch.cat([p[1] for p in pairs], dim=-1)
         lin1, act, lin2 = self.mlp
-        return _linear_jvp(lin2, *_mish_jvp(act, *_linear_jvp(lin1, emb, demb)))
+        return linear_jvp(lin2, *mish_jvp(act, *linear_jvp(lin1, emb, demb)))
 
 
 class Conv1dBlock(nn.Module):
@@ -222,13 +223,13 @@ class UNet1D(nn.Module):
 # step. Each helper returns (y, dy): y is computed by the module itself (autograd tracks it as in forward), dy
 # from detached values without autograd (MeanFlow's target is stop-gradient). tests/test_nets.py checks every
 # one against torch.func.jvp.
-def _linear_jvp(lin: nn.Linear, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+def linear_jvp(lin: nn.Linear, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
     y = lin(x)
     with torch.no_grad():
         return y, nn.functional.linear(dx, lin.weight.detach())
 
 
-def _mish_jvp(act: nn.Module, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+def mish_jvp(act: nn.Module, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
     if not isinstance(act, nn.Mish):
         raise TypeError(f"forward_jvp knows Mish only, got {type(act).__name__}")
     y = act(x)
@@ -238,7 +239,7 @@ def _mish_jvp(act: nn.Module, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         return y, dx * (th + xd * (1 - th * th) * torch.sigmoid(xd))
 
 
-def _layer_norm_jvp(ln: nn.LayerNorm, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+def layer_norm_jvp(ln: nn.LayerNorm, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
     y = ln(x)
     with torch.no_grad():  # d x_hat = (dx - mean(dx) - x_hat mean(x_hat dx)) / sigma
         xd = x.detach()
@@ -294,13 +295,13 @@ class ResidualMLP(nn.Module):
         te, dte = self.time_encoder.forward_jvp(times, dtimes)
         with torch.no_grad():
             din = torch.cat([dx.flatten(1), dte, torch.zeros_like(cond)], dim=-1)
-        h, dh = _linear_jvp(self.inp, torch.cat([x.flatten(1), te, cond], dim=-1), din)
+        h, dh = linear_jvp(self.inp, torch.cat([x.flatten(1), te, cond], dim=-1), din)
         for blk in self.blocks:
             ln, lin1, act, lin2 = blk
-            a, da = _linear_jvp(lin2, *_mish_jvp(act, *_linear_jvp(lin1, *_layer_norm_jvp(ln, h, dh))))
+            a, da = linear_jvp(lin2, *mish_jvp(act, *linear_jvp(lin1, *layer_norm_jvp(ln, h, dh))))
             h, dh = h + a, dh + da
         ln, lin = self.out
-        y, dy = _linear_jvp(lin, *_layer_norm_jvp(ln, h, dh))
+        y, dy = linear_jvp(lin, *layer_norm_jvp(ln, h, dh))
         return y.view(x.shape), dy.view(x.shape)
 
 

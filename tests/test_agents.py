@@ -1,4 +1,4 @@
-"""Offline-RL agents (stlflow.agents): OFQL's MeanFlow target against finite differences, the activation and
+"""Offline-RL agents (stlflow.policy.agents): OFQL's MeanFlow target against finite differences, the activation and
 critic building blocks, checkpoints with exact resume, and the two-armed toy problem (OFQL picks the better
 arm, bc-flow covers both)."""
 
@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from stlflow.agents import AGENTS, BCFlowAgent, OFQLAgent, TD3BCAgent, Transitions, load_agent, make_agent, save_agent
-from stlflow.agents.base import EnsembleMLP, FastMish
+from stlflow.policy.agents import (
+    AGENTS,
+    BCFlowAgent,
+    OFQLAgent,
+    TD3BCAgent,
+    Transitions,
+    load_agent,
+    make_agent,
+    save_agent,
+)
+from stlflow.policy.agents.base import EnsembleMLP, FastMish
 from stlflow.policy.checkpoint import CheckpointError
 
 SMALL = {"width": 64, "layers": 2}

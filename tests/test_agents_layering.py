@@ -1,13 +1,13 @@
-"""stlflow.agents sits beside policy in the layering: it may import stl, datasets and policy (and itself), never envs,
-control or the CLI. Every import in agents/*.py is read with ast, module level and inside functions."""
+"""stlflow.policy.agents is a folder of the policy layer: it may import stl, datasets and policy (and itself), never
+envs, control or the CLI. Every import in agents/*.py is read with ast, module level and inside functions."""
 
 import ast
 from pathlib import Path
 
-import stlflow.agents
+import stlflow.policy.agents
 
 ALLOWED = {"agents", "stl", "datasets", "policy"}
-AGENTS_DIR = Path(stlflow.agents.__file__).parent
+AGENTS_DIR = Path(stlflow.policy.agents.__file__).parent
 
 
 def _stlflow_imports(path: Path) -> list[tuple[int, str]]:
@@ -17,7 +17,7 @@ def _stlflow_imports(path: Path) -> list[tuple[int, str]]:
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                out.append((node.lineno, "stlflow.agents"))  # relative: inside the package
+                out.append((node.lineno, "stlflow.policy.agents"))  # relative: inside the package
             elif node.module == "stlflow":
                 out += [(node.lineno, f"stlflow.{a.name}") for a in node.names]
             elif node.module:

@@ -19,7 +19,7 @@ run: trains `agent` (ofql: one-step flow Q-learning; bc-flow: its actor without 
   satisfaction. resume=true continues a killed run from its checkpoints, keeping the metrics already written.
   max_minutes=M stops each seed after M minutes of training. env=<gymnasium id> evaluates on another env (a task
   without reference scores reports raw returns, with a warning). agent.KEY=VALUE sets an agent setting (ofql:
-  eta, lr, grad_norm, flow_ratio, max_q_backup, act_samples, ...; see stlflow.agents).
+  eta, lr, grad_norm, flow_ratio, max_q_backup, act_samples, ...; see stlflow.policy.agents).
 refs: D4RL's reference returns (random, expert) of every known task, and CORL's "last" scores where published.
 score: D4RL's normalised score 100 (return - random) / (expert - random) of `return` for `task`.
 

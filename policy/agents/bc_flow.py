@@ -3,7 +3,7 @@ policy), the baseline that isolates what OFQL's Q term adds. No critics are buil
 
 from __future__ import annotations
 
-from stlflow.agents.ofql import ACTOR_DEFAULTS, OFQLAgent
+from stlflow.policy.agents.ofql import ACTOR_DEFAULTS, OFQLAgent
 
 __all__ = ["BCFlowAgent"]
 

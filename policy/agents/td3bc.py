@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stlflow.agents.base import EnsembleMLP, OfflineAgent, ema_update, frozen_copy
+from stlflow.policy.agents.base import EnsembleMLP, OfflineAgent, ema_update, frozen_copy
 
 __all__ = ["TD3BCAgent"]
 

@@ -263,7 +263,7 @@ class OfflineAgent(nn.Module):
 
 
 def _registry() -> dict[str, type[OfflineAgent]]:
-    from stlflow.agents import AGENTS
+    from stlflow.policy.agents import AGENTS
 
     return AGENTS
 

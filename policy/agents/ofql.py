@@ -19,7 +19,7 @@ One update (batch ``B``; ``Q'``, ``π'`` the target critics and the EMA actor):
 - targets: Polyak averaging of the critics (``tau``); the EMA actor copies the actor until ``ema_start`` updates,
   then follows it with decay ``ema_decay`` every ``ema_every`` updates (Diffusion-QL's schedule).
 
-``bc-flow`` (:mod:`stlflow.agents.bc_flow`) is the same actor trained on ``L_flow`` alone.
+``bc-flow`` (:mod:`stlflow.policy.agents.bc_flow`) is the same actor trained on ``L_flow`` alone.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stlflow.agents.base import EnsembleMLP, FastMish, OfflineAgent, ema_update, frozen_copy
+from stlflow.policy.agents.base import EnsembleMLP, FastMish, OfflineAgent, ema_update, frozen_copy
 from stlflow.policy.meanflow import MeanFlowHead
-from stlflow.policy.nets import TimeEncoder, _linear_jvp, _mish_jvp
+from stlflow.policy.nets import TimeEncoder, linear_jvp, mish_jvp
 
 __all__ = ["FlowMLP", "OFQLAgent", "task_settings"]
 
@@ -71,8 +71,8 @@ class FlowMLP(nn.Module):
         with torch.no_grad():
             dh = torch.cat([dx.flatten(1), dte, torch.zeros_like(cond)], dim=-1)
         for lin in self.hidden:
-            h, dh = _mish_jvp(self.act, *_linear_jvp(lin, h, dh))
-        y, dy = _linear_jvp(self.out, h, dh)
+            h, dh = mish_jvp(self.act, *linear_jvp(lin, h, dh))
+        y, dy = linear_jvp(self.out, h, dh)
         return y.view(x.shape), dy.view(x.shape)
 
 

@@ -1,13 +1,14 @@
 """Offline reinforcement-learning agents (D4RL benchmarks) built on the policy heads and the datasets layer.
 
-Layer: ``stlflow.agents`` may import ``stlflow.stl``, ``stlflow.datasets`` and ``stlflow.policy``; it never imports
-``envs`` or ``control`` (the evaluation harness in ``stlflow.control`` wires environments in).
+Layer: a folder of the policy layer (``stlflow.policy.agents``, beside the heads it reuses): it imports
+``stlflow.stl``, ``stlflow.datasets`` and ``stlflow.policy`` only, never ``envs`` or ``control`` (the evaluation
+harness, ``stlflow.control.d4rl_run``, wires environments in).
 """
 
-from stlflow.agents.base import Agent, OfflineAgent, Transitions, load_agent, save_agent
-from stlflow.agents.bc_flow import BCFlowAgent
-from stlflow.agents.ofql import OFQLAgent
-from stlflow.agents.td3bc import TD3BCAgent
+from stlflow.policy.agents.base import Agent, OfflineAgent, Transitions, load_agent, save_agent
+from stlflow.policy.agents.bc_flow import BCFlowAgent
+from stlflow.policy.agents.ofql import OFQLAgent
+from stlflow.policy.agents.td3bc import TD3BCAgent
 
 # name (as in ``stlflow d4rl run agent=NAME``) -> agent class
 AGENTS: dict[str, type[OfflineAgent]] = {cls.name: cls for cls in (OFQLAgent, BCFlowAgent, TD3BCAgent)}
