@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="extra rows, e.g. 'rti:k=2,commit=2'")
     ap.add_argument("--rtc-interval", type=int, default=4, help="rtc plans every max(d, this) ticks")
     ap.add_argument("--timing-ticks", type=int, default=3000)
+    ap.add_argument("--timing-only", action="store_true", help="only the steady-tick timing (no closed-loop rows)")
     ap.add_argument("--out", default="bench_out/realtime")
     ap.add_argument("--resume", action="store_true", help="keep the cells of --out/cells.jsonl (same episodes, seed)")
     args = ap.parse_args()
@@ -203,7 +204,7 @@ def main() -> None:
         if task not in TASKS or not head or not path:
             raise SystemExit(f"--ckpt takes TASK:HEAD=DIR with TASK in {sorted(TASKS)}, got {text!r}")
         ckpts.append((task, head, path))
-    rows = list(args.rows) + list(args.variant)
+    rows = [] if args.timing_only else list(args.rows) + list(args.variant)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
@@ -229,7 +230,7 @@ def main() -> None:
                 print(f"{task:9s} {head:8s} {row:28s} d={d}  success {c['success_rate']:.0%}  collision "
                       f"{c['collision_rate']:.0%}  NFE/action {c['nfe_per_action']:.2f}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    combos = [(t, h) for t, h, _ in ckpts]
+    combos = [(t, h) for t, h, _ in ckpts] if rows else []
     print()
     for task, head in combos:
         print(table(results, task, head, rows, args.delays))
@@ -238,6 +239,8 @@ def main() -> None:
         print(f"steady tick, RTI k=1, {ckpts[0][0]}/{ckpts[0][1]}, one thread, {timing['ticks']} warm ticks: "
               f"p50 {timing['p50_ms']:.3f} ms, p99 {timing['p99_ms']:.3f} ms (bar: p99 < 1 ms: "
               f"{'ok' if timing['p99_ms'] < 1 else 'MISSED'}; load average {timing['load']:.1f})")
+    if not rows:
+        return
     print(checks(results, combos, rows, args.delays))
     plot(results, combos, rows, args.delays, out / "success_vs_delay.png")
     (out / "report.json").write_text(json.dumps(
