@@ -63,8 +63,8 @@ def parse_row(text: str, task: str, delay: int, rtc_interval: int) -> Controller
         opts.setdefault("interval", rtc_interval)
     if name == "rti":
         opts.setdefault("interval", 1)
-    if name in ("rtc", "rti"):
-        opts["interval"] = max(delay, int(opts["interval"]))  # one worker: at least the d ticks a plan takes
+    if name in ("rtc", "rti"):  # the executor raises it to at least max(1, 2 d); printed as run
+        opts["interval"] = max(2 * delay, int(opts["interval"]))
     return ControllerSpec.create(name, **opts)
 
 

@@ -49,7 +49,7 @@ _RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift",
 LOCKSTEP_ONLY = ("sync", "async", "ensemble", "rtc")  # always an AsyncExecutor: lock-step evaluation only
 # RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
 # ``commit`` actions fixed beyond the ones an inference delay commits
-_RTI_ASYNC_OPTIONS = ("interval", "commit")
+_RTI_ASYNC_OPTIONS = ("interval", "commit", "pin")
 
 
 def rti_options() -> tuple[str, ...]:
@@ -167,8 +167,10 @@ class ControllerSpec:
                 raise ValueError("under a delay the rti controller reads its plans by the ticks elapsed since their "
                                  "observation (the executor models the delay): lookahead does not apply, leave it 0")
             interval, commit = o.pop("interval", None), int(o.pop("commit", 0) or 0)
+            pin = bool(o.pop("pin", True))
             o["k"] = self.k
-            planner = RTIPlanner(policy, delay, commit, stl_params=stl_params, seed=seed, guidance=g, **o)
+            planner = RTIPlanner(policy, delay if pin else 0, commit, stl_params=stl_params, seed=seed, guidance=g,
+                                 **o)
             return AsyncExecutor(planner, "rti", delay, interval=interval)
         if self.name == "rtc":
             if g is not None:

@@ -74,11 +74,13 @@ def test_sync_holds_while_it_waits_and_async_does_not():
 
 
 def test_rti_and_rtc_plan_every_interval_with_elapsed_ticks():
-    _, ex = run("rti", 2)
+    _, ex = run("rti", 1)
     assert ex.planner.planned[:4] == [(0.0, None), (2.0, 2), (4.0, 2), (6.0, 2)]
     _, ex = run("rtc", 1, interval=3)
     assert ex.planner.planned[:3] == [(0.0, None), (3.0, 3), (6.0, 3)]
-    assert AsyncExecutor(TickPlanner(), "rti", 3, interval=2).interval == 3  # one worker: a plan takes 3 ticks
+    assert AsyncExecutor(TickPlanner(), "rti", 3, interval=2).interval == 6  # at least 2 d
+    assert AsyncExecutor(TickPlanner(), "rti", 0, interval=None).interval == 1
+    assert AsyncExecutor(TickPlanner(), "rti", 1, interval=5).interval == 5
     with pytest.raises(ValueError, match="interval"):
         AsyncExecutor(TickPlanner(), "rti", 0, interval=0)
 
@@ -101,7 +103,7 @@ def test_nfe_per_tick_is_what_the_plans_cost():
         ex.act(o)
     per_plan = policy.nfe(2, 0.4)
     assert ex.last_reset_nfe == policy.nfe()
-    assert ex.log["nfe"] == [per_plan if t % 2 == 0 and t > 0 else 0 for t in range(20)]
+    assert ex.log["nfe"] == [per_plan if t % 4 == 0 and t > 0 else 0 for t in range(20)]  # every 2 d = 4 ticks
 
 
 @pytest.mark.parametrize("spec", [ControllerSpec.create("sync"), ControllerSpec.create("async"),
