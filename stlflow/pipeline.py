@@ -228,7 +228,7 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"],
                                   "parameters": policy.num_parameters(), "threads": train_threads}
 
-    k = DEFAULT_K if c.get("k") is None else int(c["k"])
+    k = int(controller_defaults("rti", TASK).get("k", DEFAULT_K)) if c.get("k") is None else int(c["k"])
     dataset_theta = {name: float(v) for name, v in cal["dataset_theta"].items()}
     thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": float(v)} for v in c["v_max_sweep"]]
     with stage(f"evaluate closed loop (RTI k={k}) at {len(thetas)} requested θ", 5, total, log) as info:
