@@ -118,3 +118,15 @@ def test_every_controller_is_deterministic_under_a_seed_with_delay(spec):
     a, b = (evaluate_episode(job, 5) for _ in range(2))
     assert a["nfe"] == b["nfe"] and a["robustness"] == b["robustness"] and a["length"] == b["length"] == 25
     assert sum(a["nfe"]) > 0
+
+
+def test_the_wall_clock_loop_runs_rti_per_tick_and_refuses_lockstep_only_controllers():
+    from stlflow.control.jobs import JobError
+    from stlflow.control.robot_run import RobotJob, check
+
+    spec = ControllerSpec.create("rti", k=2, interval=4, commit=1, t_start=0.4)
+    assert spec.asynchronous and not spec.per_tick().asynchronous
+    assert dict(spec.per_tick().options) == {"k": 2, "t_start": 0.4}
+    for name in ("sync", "async", "ensemble", "rtc"):
+        with pytest.raises(JobError, match=f"controller={name} simulates an inference worker"):
+            check(RobotJob(task="crossing", robot="sim", policy=None, controller=ControllerSpec.create(name)))
