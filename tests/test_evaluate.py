@@ -143,8 +143,8 @@ def test_reports_plots_and_the_eval_cli(tmp_path, capsys):
     reports = json.loads((out / "report.json").read_text())
     assert len(reports) == 1 and reports[0]["controller"]["name"] == "rti" and reports[0]["controller"]["k"] == 3
     assert reports[0]["delay"] == 1
-    # under a delay the executor plans the first chunk in reset (reported apart), then one warm plan a tick
-    assert reports[0]["ticks"]["nfe"][:3] == [0, policy.nfe(3, 0.2), policy.nfe(3, 0.2)]
+    # under a delay the executor plans the first chunk in reset (reported apart), then a warm plan every 2 d ticks
+    assert reports[0]["ticks"]["nfe"][:5] == [0, 0, policy.nfe(3, 0.6), 0, policy.nfe(3, 0.6)]
     assert [e["reset_nfe"] for e in reports[0]["episodes"]] == [policy.nfe()] * 2
     assert "| rti " in (out / "report.md").read_text() and "| rti " in capsys.readouterr().out
     for png in ("success_vs_nfe.png", "latency_hist.png"):
@@ -190,8 +190,8 @@ def test_rti_start_level_comes_from_the_task_config():
     def t_start(*overrides):
         return OmegaConf.to_container(compose("eval", ["control=rti", *overrides]).control, resolve=True)["t_start"]
 
-    assert t_start("env=crossing") == 0.2
-    assert t_start("env=pickplace") == 0.4
+    assert t_start("env=crossing") == 0.4
+    assert t_start("env=pickplace") == 0.6
     assert t_start("env=pickplace", "control.t_start=0.3") == 0.3
 
 

@@ -81,21 +81,24 @@ def test_training_interrupted_before_its_first_checkpoint_leaves_no_output(tmp_p
 
     data = _store(tmp_path / "d.zarr", [_episode(steps=60)] * 4)
     out = tmp_path / "out"
+    log_path = tmp_path / "train.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "stlflow", "train", f"data={data}", f"out={out}",
                              "train.steps=1000000", "train.ckpt_every=1000000", "train.val_every=0",
                              "train.batch_size=16", "train.progress=false", "train.tensorboard=false",
-                             "eval_episodes=0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
+                             "eval_episodes=0"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a file, not a pipe: nobody reads a pipe
+    try:                                                                 # here, and a full one blocks the process
         deadline = time.monotonic() + 120
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert out.exists(), proc.stderr.read() if proc.poll() is not None else "no output folder within 120 s"
+        assert out.exists(), log_path.read_text() if proc.poll() is not None else "no output folder within 120 s"
         time.sleep(0.5)  # training steps are running
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+        log.close()
+    assert proc.returncode != 0, log_path.read_text()
     assert not out.exists()
