@@ -71,6 +71,13 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         main([f"data={tmp_path / 'missing.zarr'}", f"out={tmp_path / 'out'}"])
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_training_interrupted_before_its_first_checkpoint_leaves_no_output(tmp_path):
     """SIGINT once training has started (the output folder exists, no checkpoint yet): the folder is removed."""
     import os
@@ -87,15 +94,22 @@ def test_training_interrupted_before_its_first_checkpoint_leaves_no_output(tmp_p
                              "train.steps=1000000", "train.ckpt_every=1000000", "train.val_every=0",
                              "train.batch_size=16", "train.progress=false", "train.tensorboard=false",
                              "eval_episodes=0"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a file, not a pipe: nobody reads a pipe
-    try:                                                                 # here, and a full one blocks the process
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},  # a file, not a pipe: nobody reads it
+                            # an inherited SIG_IGN or blocked SIGINT (a shell without job control, a library thread
+                            # of an earlier test) would make the child deaf to it: give it what a terminal gives
+                            preexec_fn=_default_sigint)
+    try:
         deadline = time.monotonic() + 120
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert out.exists(), log_path.read_text() if proc.poll() is not None else "no output folder within 120 s"
         time.sleep(0.5)  # training steps are running
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("stlflow train did not stop within 120 s of SIGINT; its output:\n"
+                        + log_path.read_text()[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()
