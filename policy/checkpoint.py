@@ -324,7 +324,10 @@ def resolve_file(directory: str | os.PathLike, files: Mapping[str, Mapping[str, 
     if size != e["bytes"]:
         what = "empty" if size == 0 else ("truncated" if size < e["bytes"] else "longer than written")
         raise CheckpointError(d, f"{name} is {what}: {size} bytes, {CONFIG_FILE} says {e['bytes']}")
-    digest = sha256_file(path)
+    try:
+        digest = sha256_file(path)
+    except FileNotFoundError:  # removed between stat and open (a save by another process swapped it out)
+        raise MissingCheckpointError(d, f"{name} is missing") from None
     if digest != e["sha256"]:
         raise CheckpointError(d, f"{name} is corrupted: its sha256 {digest[:16]}... differs from the "
                                  f"{e['sha256'][:16]}... recorded in {CONFIG_FILE}")

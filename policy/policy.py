@@ -41,7 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from stlflow.datasets.normalizer import Normalizer
-from stlflow.policy.checkpoint import CONFIG_FILE, CheckpointError, read_config, resolve_file, write_checkpoint
+from stlflow.policy.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    MissingCheckpointError,
+    read_config,
+    resolve_file,
+    write_checkpoint,
+)
 from stlflow.policy.heads import HEADS, Head, build_head
 from stlflow.policy.nets import build_net, count_parameters
 
@@ -419,6 +426,8 @@ class Policy(nn.Module):
                 contents, err = cls._read_checkpoint(d, cfg, files), None
             except CheckpointError as e:
                 contents, err = None, e
+            except FileNotFoundError as e:  # a staged file removed under us by a concurrent save
+                contents, err = None, MissingCheckpointError(d, f"{Path(str(e.filename)).name} vanished while read")
             try:
                 unchanged = (d / CONFIG_FILE).read_bytes() == raw
             except OSError:
