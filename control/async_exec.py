@@ -13,21 +13,21 @@ async      naive asynchronous receding horizon: the next chunk starts d ticks be
            actions, and the robot switches to it the tick it arrives
 ensemble   temporal ensembling (ACT): a chunk whenever the worker is free; each tick executes the weighted mean of
            every arrived chunk's action for that tick, weights exp(-m i), i = 0 for the oldest chunk
-rtc        real-time chunking: a chunk every ``interval`` ticks, inpainted toward the previous one (the d actions
-           that run while it is computed frozen, a soft mask over the rest of the overlap;
+rtc        real-time chunking: a chunk every ``interval`` ticks (at least 2 d), inpainted toward the previous one
+           (the d actions that run while it is computed frozen, a soft mask over the rest of the overlap;
            :func:`stlflow.policy.inpaint.rtc_sample`); switch on arrival
 rti        the warm-started RTI controller (:class:`stlflow.policy.rti.RTIController`, k solver steps) every
-           ``interval`` ticks, the previous chunk shifted by the elapsed ticks as its warm start, the d actions that
-           run while it is computed (plus ``commit`` more) kept fixed; switch on arrival
+           ``interval`` ticks (at least 2 d), the previous chunk shifted by the elapsed ticks as its warm start, the
+           d actions that run while it is computed (plus ``commit`` more) kept fixed; switch on arrival
 =========  ====================================================================================================
 
 Timing, with the first chunk planned in ``reset`` from the first observation (the robot plans standing still,
 before its first deadline; its cost is reported apart, as ``reset``)::
 
-    tick:         0     1     2     3     4     5     6          (d = 2, rti with interval 2)
-    plan starts:  R           P2          P4          P6         R = reset plan from obs_0, P2 from obs_2, ...
-    executes:     R[0]  R[1]  R[2]  R[3]  P2[2] P2[3] P4[2]      a plan from obs_s acts from tick s + d on
-    P2 keeps R[2], R[3] (the actions that run while P2 is computed) and is refined after them.
+    tick:         0     1     2     3     4     5     6     7     8     9     10     (d = 2, rti, interval 4)
+    plan starts:  R                       P4                      P8                R = reset plan from obs_0
+    executes:     R[0]  R[1]  R[2]  R[3]  R[4]  R[5]  P4[2] P4[3] P4[4] P4[5] P8[2]  P4 acts from 4 + d on
+    P4 keeps R[4], R[5] (the actions that run while P4 is computed) and is refined after them.
 
 The controller never sees an observation before its tick; a plan reads the last To observations up to its own.
 A plan whose actions run out before a newer one arrives leaves the robot holding its last action (counted as
