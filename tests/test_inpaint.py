@@ -35,7 +35,7 @@ def test_warm_tick_never_changes_the_committed_prefix(kind, k, frozen, elapsed, 
 
 
 def test_frozen_zero_is_plain_rti():
-    a, b = (RTIController(tiny_policy("ddpm"), k=2, frozen=f, seed=3) for f in (0, 0))
+    a, b = RTIController(tiny_policy("ddpm"), k=2, seed=3), RTIController(tiny_policy("ddpm"), k=2, frozen=0, seed=3)
     obs = observations(6)
     for ctrl in (a, b):
         ctrl.reset()
