@@ -48,8 +48,9 @@ _OPTIONS = {"receding": ("steps", "n_action_steps"), "full": ("steps", "n_action
 _RTI_NOT_OPTIONS = ("self", "policy", "stl_params", "seed", "guidance", "shift", "frozen")
 LOCKSTEP_ONLY = ("sync", "async", "ensemble", "rtc")  # always an AsyncExecutor: lock-step evaluation only
 # RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
-# ``commit`` actions fixed beyond the ones an inference delay commits
-_RTI_ASYNC_OPTIONS = ("interval", "commit", "pin")
+# ``commit`` actions fixed beyond the ones an inference delay commits; ``nfe_per_tick``: size each plan by a per-tick
+# budget (k = nfe_per_tick x the ticks between plans) instead of a fixed k
+_RTI_ASYNC_OPTIONS = ("interval", "commit", "pin", "nfe_per_tick")
 
 
 def rti_options() -> tuple[str, ...]:
@@ -85,6 +86,9 @@ class ControllerSpec:
         k = self.get("k")
         if k is not None and int(k) < 1:
             raise ValueError(f"k (solver steps per tick) must be >= 1, got {k}")
+        per_tick = self.get("nfe_per_tick")
+        if per_tick is not None and not float(per_tick) > 0:
+            raise ValueError(f"nfe_per_tick (network evaluations per tick) must be > 0, got {per_tick}")
 
     @classmethod
     def create(cls, name: str = "receding", *, guidance: Any = None, **options: Any) -> ControllerSpec:
@@ -168,10 +172,14 @@ class ControllerSpec:
                                  "observation (the executor models the delay): lookahead does not apply, leave it 0")
             interval, commit = o.pop("interval", None), int(o.pop("commit", 0) or 0)
             pin = bool(o.pop("pin", True))
+            per_tick = o.pop("nfe_per_tick", None)
             o["k"] = self.k
             planner = RTIPlanner(policy, delay if pin else 0, commit, stl_params=stl_params, seed=seed, guidance=g,
                                  **o)
-            return AsyncExecutor(planner, "rti", delay, interval=interval)
+            executor = AsyncExecutor(planner, "rti", delay, interval=interval)
+            if per_tick is not None:  # a plan every executor.interval ticks gets that many ticks' budget
+                planner.ctrl.k = max(1, round(float(per_tick) * executor.interval))
+            return executor
         if self.name == "rtc":
             if g is not None:
                 raise ValueError("the rtc controller takes no STL guidance (its inpainting is its guidance)")

@@ -106,6 +106,24 @@ def test_nfe_per_tick_is_what_the_plans_cost():
     assert ex.log["nfe"] == [per_plan if t % 4 == 0 and t > 0 else 0 for t in range(20)]  # every 2 d = 4 ticks
 
 
+@pytest.mark.parametrize("delay,interval,per_tick", [(0, 4, 1), (0, 4, 2), (3, 4, 1), (1, 4, 0.5)])
+def test_a_per_tick_budget_sizes_each_plan_by_the_ticks_between_plans(delay, interval, per_tick):
+    policy = tiny_policy("flow")
+    ex = ControllerSpec.create("rti", k=1, interval=interval, nfe_per_tick=per_tick, t_start=0.4).build(
+        policy, seed=0, delay=delay)
+    assert ex.interval == max(interval, 2 * delay)
+    obs = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    ex.reset(seed=0, obs=obs[0])
+    for o in obs:
+        ex.act(o)
+    plans = [n for n in ex.log["nfe"] if n]
+    assert plans and set(plans) == {policy.nfe(round(per_tick * ex.interval), 0.4)}
+    assert sum(ex.log["nfe"][1:ex.interval * len(plans) + 1]) / (ex.interval * len(plans)) == pytest.approx(
+        per_tick, abs=0.5 / ex.interval)  # the budget per tick, up to rounding k to whole steps
+    with pytest.raises(ValueError, match="nfe_per_tick"):
+        ControllerSpec.create("rti", nfe_per_tick=0)
+
+
 @pytest.mark.parametrize("spec", [ControllerSpec.create("sync"), ControllerSpec.create("async"),
                                   ControllerSpec.create("ensemble"), ControllerSpec.create("rtc", steps=4),
                                   ControllerSpec.create("rti", k=1), ControllerSpec.create("rti", k=2, commit=1)])
