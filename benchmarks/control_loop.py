@@ -1,10 +1,14 @@
 """The robot control loop (`stlflow control`): timing, equivalence with lock-step evaluation, and faults.
 
     python benchmarks/control_loop.py [--seconds 60] [--seeds 50] [--ckpt DIR] [--train-steps 1500] [--skip a,b,c]
+        [--rates 100,50] [--workers thread,process] [--robots sim,zmq]
 
-(a) timing: Crossing on the in-process SimRobot in realtime mode at 100 Hz (speed 10: dt/speed = 10 ms) and 50 Hz,
-    RTI (k=2) on the inference worker, for --seconds each, with and without SCHED_FIFO (rt_priority=1): lateness
-    p99 / max and overruns (ticks later than 10% of the period). "refused" where the OS refuses SCHED_FIFO.
+(a) timing: Crossing in realtime mode at 100 Hz (speed 10: dt/speed = 10 ms) and 50 Hz, RTI (k=2, a plan every
+    tick: the most inference work) on the inference worker, for --seconds each, with and without SCHED_FIFO
+    (rt_priority=1), the worker a thread of the loop's process or an InferenceProcess, the robot the in-process
+    SimRobot (its stepping thread shares the loop's GIL) or a serve-sim twin process over ipc: lateness p50 / p99 /
+    max and overruns (ticks later than 10% of the period), with the load average (other jobs on the machine) at
+    the end of each row. "refused" where the OS refuses SCHED_FIFO.
 (b) equivalence: the same policy over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))` against
     `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz): success rates, command
     age p50, e-stops. The policy is --ckpt, or one trained here (expert demos + a short flow training run).
@@ -99,44 +103,87 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ (a) timing
-def timing(seconds: float) -> None:
+def load() -> str:
+    """The 1 / 5 / 15-minute load averages (runnable processes; the machine's cores: os.cpu_count())."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def timing(seconds: float, rates: list[int], workers: list[str], robots: list[str]) -> None:
     """Rows of (a): consecutive episodes (seeds 0, 1, ...) until ``seconds`` of ticking, their ticks pooled."""
+    print(f"(a) timing: Crossing realtime, RTI k=2 planning every tick on its worker, {seconds:g} s per row (episodes "
+          f"in a row); {os.cpu_count()} cores, load average {load()} at the start")
+    print("    robot sim: SimRobot stepping on a thread of the loop's process; zmq: a serve-sim twin process over ipc")
+    print("    worker thread: the controller on a thread of the loop's process; process: InferenceProcess (own core)")
+    print(f"{'rate':>6} {'robot':>5} {'worker':>7} {'rt_priority':>12} {'episodes':>8} {'ticks':>6} "
+          f"{'late p50 ms':>12} {'late p99 ms':>12} {'late max ms':>12} {'overruns':>9} {'missed':>7} "
+          f"{'infer p50 ms':>13} {'load 1/5/15 min':>16}")
+    policy = slow_policy()
+    folder = Path(tempfile.mkdtemp(prefix="ctlt-", dir="/tmp"))
+    for robot in robots:
+        for rate in rates:
+            for worker in workers:
+                for prio in (None, 1):
+                    print(timing_row(policy, robot, worker, rate, prio, seconds, folder), flush=True)
+
+
+def _timing_robot(kind: str, rate: int, folder: Path):
+    """A connected robot for (a) and what to call when the row is done."""
+    if kind == "sim":
+        robot = SimRobot(TASK, realtime=True, speed=rate * 0.1, env_kwargs={"max_steps": 10**7})
+        robot.connect()
+        return robot, robot.close
+    twin = start_twin(f"ipc://{folder}/t{rate}", "mode=realtime", f"speed={rate * 0.1:g}",
+                      "env.kwargs.max_steps=10000000")
+    robot = ZmqRobot(f"ipc://{folder}/t{rate}")
+    robot.connect()
+
+    def close() -> None:
+        robot.close()
+        stop(twin)
+
+    return robot, close
+
+
+def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int | None, seconds: float,
+               folder: Path) -> str:
+    """One row of (a): episodes until ``seconds`` have passed or an e-stop; lateness over all their ticks."""
+    from stlflow.control.inference import InferenceProcess
+    from stlflow.control.robot_run import EpisodeController
     from stlflow.policy.rti import RTIController
 
-    print(f"(a) timing: Crossing SimRobot realtime, RTI k=2 on its worker, {seconds:g} s per row (episodes in a row)")
-    print(f"{'rate':>6} {'rt_priority':>12} {'episodes':>8} {'ticks':>6} {'late p99 ms':>12} {'late max ms':>12} "
-          f"{'overruns':>9} {'missed':>7} {'infer p50 ms':>13}")
-    policy = slow_policy()
-    for rate in (100, 50):
-        for prio in (None, 1):
-            row = timing_row(policy, RTIController, rate, prio, seconds)
-            print(row)
-
-
-def timing_row(policy, controller_cls, rate: int, prio: int | None, seconds: float) -> str:
-    """One row of (a): episodes until ``seconds`` have passed or an e-stop; lateness over all their ticks."""
     late, infer, overruns, missed, ticks, episodes, granted, estop = [], [], 0, 0, 0, 0, "off", None
-    t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end and estop is None:
-        with SimRobot(TASK, realtime=True, speed=rate * 0.1, env_kwargs={"max_steps": 10**7}) as robot:
-            period = robot.spec().period
-            loop = RealtimeLoop(robot, controller_cls(policy, k=2, seed=episodes), obs_wait=0.3 * period,
-                                rt_priority=prio)
+    robot, close = _timing_robot(robot_kind, rate, folder)
+    period = robot.spec().period
+    process = None
+    if worker_kind == "process":
+        process = InferenceProcess(EpisodeController(ControllerSpec.create("rti", k=2), policy), period)
+        process.start()
+    try:
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end and estop is None:
+            ctrl = None if process else RTIController(policy, k=2, seed=episodes)
+            loop = RealtimeLoop(robot, ctrl, obs_wait=0.3 * period, rt_priority=prio, worker=process)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 res = loop.run(episodes, duration=max(t_end - time.monotonic(), period))
-        t = res.ticks
-        late.append(np.asarray(t["lateness"], np.float64))
-        infer.append(np.where(t["plan_seq"] >= 0, t["infer_s"], np.nan))
-        overruns, missed = overruns + res.counters["late"], missed + res.counters["missed"]
-        ticks, episodes, estop = ticks + res.length, episodes + 1, res.estop
-        if prio is not None:
-            granted = "SCHED_FIFO 1" if res.counters["rt_priority"] else "refused"
+            t = res.ticks
+            late.append(np.asarray(t["lateness"], np.float64))
+            infer.append(np.where(t["plan_seq"] >= 0, t["infer_s"], np.nan))
+            overruns, missed = overruns + res.counters["late"], missed + res.counters["missed"]
+            ticks, episodes, estop = ticks + res.length, episodes + 1, res.estop
+            if prio is not None:
+                granted = "SCHED_FIFO 1" if res.counters["rt_priority"] else "refused"
+    finally:
+        if process is not None:
+            process.stop()
+        close()
     lat = np.concatenate(late) * 1e3
     inf = np.concatenate(infer) * 1e3
     inf = inf[np.isfinite(inf)]
-    return (f"{rate:>4}Hz {granted:>12} {episodes:>8} {ticks:>6} {np.percentile(lat, 99):>12.3f} {lat.max():>12.3f} "
-            f"{overruns:>9} {missed:>7} {np.median(inf) if inf.size else float('nan'):>13.3f}"
+    p50, p99 = np.percentile(lat, [50, 99])
+    return (f"{rate:>4}Hz {robot_kind:>5} {worker_kind:>7} {granted:>12} {episodes:>8} {ticks:>6} {p50:>12.3f} "
+            f"{p99:>12.3f} {lat.max():>12.3f} {overruns:>9} {missed:>7} "
+            f"{np.median(inf) if inf.size else float('nan'):>13.3f} {load():>16}"
             + (f"  e-stop: {estop}" if estop else ""))
 
 
@@ -358,13 +405,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=50, help="seeds of the equivalence run (b)")
     ap.add_argument("--ckpt", default=None, help="policy checkpoint (default: one trained here)")
     ap.add_argument("--train-steps", type=int, default=1500, help="training steps when no --ckpt is given")
+    ap.add_argument("--rates", default="100,50", help="rates (Hz) of the timing rows (a)")
+    ap.add_argument("--workers", default="thread,process", help="inference workers of the timing rows (a)")
+    ap.add_argument("--robots", default="sim,zmq", help="robots of the timing rows (a): sim (in-process), zmq (twin)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
     args = ap.parse_args()
     torch.set_num_threads(1)
     skip = set(filter(None, args.skip.split(",")))
     folder = Path(tempfile.mkdtemp(prefix="ctlb-", dir="/tmp"))
     if "a" not in skip:
-        timing(args.seconds)
+        timing(args.seconds, [int(r) for r in args.rates.split(",")], args.workers.split(","), args.robots.split(","))
     ckpt, what = args.ckpt, f"--ckpt {args.ckpt}"
     if ckpt is None and not {"b", "c"} <= skip:
         t0 = time.perf_counter()

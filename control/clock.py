@@ -4,18 +4,25 @@
 - :class:`MonotonicClock` (the wall clock: sleep until shortly before a deadline, then spin) and
   :class:`VirtualClock` (time moves only when the loop sleeps on it: lock-step runs and tests);
 - :class:`Ticker`: absolute deadlines ``t0 + k * period`` (no drift); a late tick is counted once and the deadlines
-  that passed meanwhile are skipped, never fired back to back; each wake-up is a :class:`Tick`.
+  that passed meanwhile are skipped, never fired back to back; each wake-up is a :class:`Tick`;
+- scheduling of the calling thread while a loop runs: :func:`realtime_priority` (SCHED_FIFO), :func:`switch_interval`
+  (how long another Python thread may keep the GIL) and :func:`cpu_affinity` (the cores it may run on).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Clock", "MonotonicClock", "Tick", "Ticker", "VirtualClock"]
+__all__ = ["Clock", "MonotonicClock", "Tick", "Ticker", "VirtualClock", "cpu_affinity", "normal_priority",
+           "realtime_priority", "split_cpus", "switch_interval"]
 
 
 # ------------------------------------------------------------------------------------------------ clocks
@@ -158,3 +165,90 @@ class Ticker:
         self.missed += skipped
         self.late += int(late)
         return Tick(k, scheduled, wake, lateness, late, skipped)
+
+
+# ------------------------------------------------------------------------------------------------ thread scheduling
+_RT_WARNED = False
+
+
+@contextlib.contextmanager
+def realtime_priority(priority: int | None) -> Iterator[bool]:
+    """SCHED_FIFO at ``priority`` for the calling thread while inside (yields whether it was granted); warn once per
+    process and carry on at normal priority where the OS refuses (no CAP_SYS_NICE / rtprio limit, not Linux)."""
+    global _RT_WARNED
+    if priority is None:
+        yield False
+        return
+    old = None
+    try:
+        old = (os.sched_getscheduler(0), os.sched_getparam(0))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(priority)))
+        granted = True
+    except (AttributeError, OSError) as err:  # no such call on this OS, or not permitted (EPERM)
+        granted = False
+        if not _RT_WARNED:
+            _RT_WARNED = True
+            warnings.warn(f"real-time priority SCHED_FIFO {priority} refused ({err}); the loop runs at normal "
+                          "priority (grant CAP_SYS_NICE or an rtprio limit to use it)", RuntimeWarning, stacklevel=4)
+    try:
+        yield granted
+    finally:
+        if granted and old is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, old[0], old[1])
+
+
+def normal_priority() -> None:
+    """Run the calling thread at the normal (SCHED_OTHER) policy: a thread or process started by a real-time loop
+    thread inherits its SCHED_FIFO priority, and a busy inference worker at that priority starves everything else."""
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: nothing to undo then
+        pass
+
+
+@contextlib.contextmanager
+def switch_interval(seconds: float | None) -> Iterator[None]:
+    """``sys.setswitchinterval`` while inside: how long another Python thread may keep the GIL once the loop's thread
+    asks for it (Python's default is 5 ms). None leaves it."""
+    if seconds is None:
+        yield
+        return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(float(seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@contextlib.contextmanager
+def cpu_affinity(cpus: set[int] | None) -> Iterator[set[int] | None]:
+    """Run the calling thread on ``cpus`` only while inside (``os.sched_setaffinity`` applies to the calling thread on
+    Linux); None, an empty set or an OS without the call leave it. Yields the set in force (None when left)."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    old = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:  # a core outside the allowed set (a container's cpuset): leave the affinity
+        yield None
+        return
+    try:
+        yield set(cpus)
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, old)
+
+
+def split_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """``(loop cores, worker cores)``: with 2+ cores allowed, the inference worker gets the last one and the loop the
+    others, so a busy worker never runs on the loop's core; with one core (or no affinity call) ``(None, None)``."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return set(cpus[:-1]), {cpus[-1]}

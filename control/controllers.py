@@ -131,6 +131,19 @@ class ControllerSpec:
         return ControllerSpec(self.name, tuple((k, v) for k, v in self.options if k not in _RTI_ASYNC_OPTIONS),
                               self.guidance)
 
+    def worker_schedule(self, delay: int) -> tuple[int, int]:
+        """``(interval, frozen)`` of the :meth:`per_tick` controller on the wall-clock loop's inference worker, when
+        its plans act ``delay`` ticks after their observation (1 on the wall clock: a plan is used from the tick
+        after its observation): the lock-step executor's schedule for that delay (``rti`` with ``interval`` /
+        ``commit`` or ``delay`` > 0: a plan every ``interval`` ticks, raised to at least max(1, 2 * delay), and
+        ``delay + commit`` actions pinned, ``commit`` only with ``pin=false``), else ``(1, 0)``: a plan whenever the
+        worker is free."""
+        if self.name != "rti" or not (self.asynchronous or delay > 0):
+            return 1, 0
+        o = dict(self.options)
+        interval = max(1, int(delay), 2 * int(delay), int(o.get("interval") or 1))
+        return interval, (int(delay) if o.get("pin", True) else 0) + int(o.get("commit", 0) or 0)
+
     def build(self, policy: Any, *, seed: int = 0, stl_params: Mapping[str, float] | None = None,
               expert: Any = None, delay: int = 0) -> Any:
         """The controller for one episode: ``policy`` (a Policy), noise ``seed``, θ ``stl_params`` requested of

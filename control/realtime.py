@@ -56,10 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -67,7 +64,16 @@ from typing import Any
 
 import numpy as np
 
-from stlflow.control.clock import Clock, MonotonicClock, Tick, Ticker, VirtualClock
+from stlflow.control.clock import (
+    Clock,
+    MonotonicClock,
+    Tick,
+    Ticker,
+    VirtualClock,
+    cpu_affinity,
+    realtime_priority,
+    switch_interval,
+)
 from stlflow.control.robot import Observation, RobotError
 from stlflow.control.safety import SafetyConfig, SafetyLayer
 
@@ -194,56 +200,14 @@ class LoopResult:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-_RT_WARNED = False
-
-
-@contextlib.contextmanager
-def _realtime_priority(priority: int | None):
-    """SCHED_FIFO at ``priority`` for the calling thread while inside; warn once and carry on where refused."""
-    global _RT_WARNED
-    if priority is None:
-        yield False
-        return
-    old = None
-    try:
-        old = (os.sched_getscheduler(0), os.sched_getparam(0))
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(priority)))
-        granted = True
-    except (AttributeError, OSError) as err:  # no such call on this OS, or not permitted (EPERM)
-        granted = False
-        if not _RT_WARNED:
-            _RT_WARNED = True
-            warnings.warn(f"real-time priority SCHED_FIFO {priority} refused ({err}); the loop runs at normal "
-                          "priority (grant CAP_SYS_NICE or an rtprio limit to use it)", RuntimeWarning, stacklevel=4)
-    try:
-        yield granted
-    finally:
-        if granted and old is not None:
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, old[0], old[1])
-
-
-@contextlib.contextmanager
-def _switch_interval(seconds: float | None):
-    """``sys.setswitchinterval`` while inside: how long another thread may hold the GIL once the loop wants it."""
-    if seconds is None:
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(float(seconds))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
 class RealtimeLoop:
     """Drive ``robot`` with ``controller`` at fixed deadlines (see the module docstring for the timing).
 
     Args:
         robot: a :class:`~stlflow.control.robot.Robot`, connected (the loop resets it, never connects or closes it).
         controller: ``reset(seed=None, obs=None)`` and ``act(obs) -> action``; an RTI controller (``act(obs,
-            elapsed=..., t=...)`` and ``plan()``) gives whole chunks. It runs on the inference worker's thread.
+            elapsed=..., t=...)`` and ``plan()``) gives whole chunks. It runs on an
+            :class:`~stlflow.control.inference.InferenceWorker` thread made for each run (None with ``worker``).
         clock: default ``robot.clock`` when the robot has one, else a :class:`MonotonicClock`.
         period: seconds per tick on ``clock`` (default the robot's ``spec().period``).
         safety: a :class:`~stlflow.control.safety.SafetyLayer` (kept across runs: its e-stop latch stays set until
@@ -265,15 +229,27 @@ class RealtimeLoop:
             needs the main thread).
         first_plan_timeout / plan_timeout: seconds to wait for the first plan, and in lock-step for each plan,
             before latching the e-stop.
-        switch_interval: ``sys.setswitchinterval`` during the run (how long the worker may keep the GIL when the
-            loop wakes; Python's default is 5 ms); None leaves it.
+        switch_interval: ``sys.setswitchinterval`` during the run (how long another thread may keep the GIL when
+            the loop wakes; Python's default is 5 ms); None leaves it.
+        interval: RTI: ticks between plans of the worker the loop makes (``InferenceWorker(interval=...)``).
+        worker: an inference worker to use instead of a thread made per run: an
+            :class:`~stlflow.control.inference.InferenceProcess` (the controller in its own process, kept across
+            runs; started here if it is not yet; its owner stops it). During a run the loop's thread keeps off the
+            worker's core (``worker.loop_cpus``).
+
+    Observation times: on a robot with the loop's clock (``robot.clock``) as they come. Otherwise, in wall-clock
+    runs, a robot time ``t`` (robot seconds) is mapped onto the loop's clock as ``offset + t / speed``, the offset
+    being the earliest ``arrival - t / speed`` seen this run (the arrival of the least delayed observation), so the
+    ticks elapsed since an observation count the robot's ticks, not the transport's delay, and the deadlines lie on
+    the robot's grid as on a shared clock. In lock-step runs an observation is stamped when it arrives.
     """
 
     def __init__(self, robot: Any, controller: Any, *, clock: Clock | None = None, period: float | None = None,
                  safety: SafetyLayer | SafetyConfig | None = None, delay: int = 0, lockstep: bool | None = None,
                  obs_wait: float = 0.0, max_plan_age: int | None = None, late_tolerance: float | None = None,
                  rt_priority: int | None = None, handle_signals: bool = False, first_plan_timeout: float = 120.0,
-                 plan_timeout: float = 60.0, switch_interval: float | None = 1e-3) -> None:
+                 plan_timeout: float = 60.0, switch_interval: float | None = 1e-3, interval: int = 1,
+                 worker: Any = None) -> None:
         if int(delay) < 0:
             raise ValueError(f"delay must be >= 0 ticks, got {delay}")
         if period is not None and not period > 0:
@@ -291,6 +267,7 @@ class RealtimeLoop:
         self.handle_signals = bool(handle_signals)
         self.first_plan_timeout, self.plan_timeout = float(first_plan_timeout), float(plan_timeout)
         self.switch_interval = switch_interval
+        self.interval, self.worker = int(interval), worker
 
     # -------------------------------------------------------------------------------------------- e-stop
     @property
@@ -316,14 +293,17 @@ class RealtimeLoop:
         self.safety.begin(spec, period)
         log = TickLog(max_ticks + 1 if max_ticks is not None else
                       (int(duration / period) + 2 if duration is not None else 1024), spec.action_dim, spec.obs_dim)
-        worker = InferenceWorker(self.controller, period=period)
+        worker = self.worker or InferenceWorker(self.controller, period=period, interval=self.interval)
+        if not worker.started:
+            worker.start()  # before the priority goes up: nothing the worker starts inherits SCHED_FIFO
         shared_clock = getattr(self.robot, "clock", None) is self.clock
-        state = _RunState()
+        state = _RunState(speed=float(spec.speed))
         with contextlib.ExitStack() as stack:
             if self.handle_signals:
                 stack.enter_context(self.safety.signal_handlers())
-            stack.enter_context(_switch_interval(self.switch_interval))
-            state.rt_granted = stack.enter_context(_realtime_priority(self.rt_priority))
+            stack.enter_context(switch_interval(self.switch_interval))
+            stack.enter_context(cpu_affinity(worker.loop_cpus))
+            state.rt_granted = stack.enter_context(realtime_priority(self.rt_priority))
             try:
                 self._run(seed, max_ticks, duration, spec, period, worker, shared_clock, log, state)
             except RobotError as err:
@@ -337,7 +317,8 @@ class RealtimeLoop:
                     state.holds += 1
                 except Exception as err:  # the robot may be gone; the e-stop says so
                     self.safety.latch(f"robot lost: hold failed ({err})")
-                worker.stop()
+                if self.worker is None:
+                    worker.stop()
         failure = worker.failure
         ticks = log.arrays()
         counters = {"late": int(ticks["late"].sum()), "missed": int(ticks["missed"].sum()),
@@ -359,10 +340,17 @@ class RealtimeLoop:
         is reached or the e-stop latches."""
         robot, clock, safety = self.robot, self.clock, self.safety
 
-        def stamp(o: Observation) -> Observation:  # observation times on the loop's clock
+        mapped = not shared_clock and not self.lockstep
+
+        def stamp(o: Observation) -> Observation:  # observation times on the loop's clock (see the class docstring)
             if shared_clock:
                 return o
-            return replace(o, t=clock.now(), info={**o.info, "robot_t": o.t})
+            now = clock.now()
+            if not mapped:
+                return replace(o, t=now, info={**o.info, "robot_t": o.t})
+            offset = now - o.t / state.speed
+            state.offset = offset if state.offset is None else min(state.offset, offset)
+            return replace(o, t=state.offset + o.t / state.speed, info={**o.info, "robot_t": o.t, "arrived": now})
 
         started, violation = self._start(seed, worker, stamp, state)
         if not started:
@@ -371,7 +359,7 @@ class RealtimeLoop:
         pending: deque = deque()
         current = None
         nfe_seen = 0
-        ticker = state.ticker = self._ticker(obs, period, shared_clock)
+        ticker = state.ticker = self._ticker(obs, period, shared_clock or mapped)
         acted = 0
         while True:
             tick = ticker.wait()
@@ -387,14 +375,14 @@ class RealtimeLoop:
                     self._submit(worker, obs)
             if obs.done or last:
                 return
+            current = self._visible_plan(worker, pending, current, tick, period)
             if worker.failure is not None and not safety.latched:
                 safety.latch(f"inference failed: {worker.failure.summary}")
-            current = self._visible_plan(worker, pending, current, tick, period)
             nfe_total = worker.nfe_total
             nfe, nfe_seen = nfe_total - nfe_seen, nfe_total
             age = tick.wake - obs.t
             watch = safety.watchdog(age)
-            elapsed = -1 if current is None else max(0, math.floor((tick.scheduled - current.obs_t) / period + 1e-6))
+            elapsed = -1 if current is None else max(0, round((tick.scheduled - current.obs_t) / period))
             action, source, clamped, limited, nonfinite = self._act(current, elapsed, watch, violation)
             log.append(action, obs.values, index=tick.index, scheduled=tick.scheduled, wake=tick.wake,
                        lateness=tick.lateness, late=tick.late, missed=tick.missed, obs_seq=obs.seq, obs_t=obs.t,
@@ -415,19 +403,18 @@ class RealtimeLoop:
         state.obs = obs
         state.observations = 1
         violation = self.safety.check_signals(obs.signals)  # the newest observation's verdict, until a newer one
-        worker.start()
         worker.begin(seed, obs)
         if worker.wait_for(obs.seq, self.first_plan_timeout) is None:
             self.safety.latch(self._no_plan_reason(worker, "the first plan"))
             return False, violation
         return True, violation
 
-    def _ticker(self, obs: Observation, period: float, shared_clock: bool) -> Ticker:
-        """The run's deadlines: from now, or on a shared clock on the robot's observation grid (the first
-        observation's time + whole periods)."""
+    def _ticker(self, obs: Observation, period: float, on_grid: bool) -> Ticker:
+        """The run's deadlines: from now, or on the robot's observation grid (the first observation's time on the
+        loop's clock + whole periods)."""
         now = self.clock.now()
         t0 = now
-        if shared_clock:
+        if on_grid:
             t0 = obs.t + max(0, math.ceil((now - obs.t) / period - 1e-9)) * period
         return Ticker(self.clock, period, t0=t0, late_tolerance=self.late_tolerance)
 
@@ -490,3 +477,5 @@ class _RunState:
     observations: int = 0
     holds: int = 0
     rt_granted: bool = False
+    speed: float = 1.0  # the robot's seconds per wall second (mapping its times onto the loop's clock)
+    offset: float | None = None  # loop clock time of the robot's t = 0 (see RealtimeLoop's docstring)

@@ -47,10 +47,12 @@ from stlflow.control.robot import RobotError
 from stlflow.control.run_report import aggregate, episode_arrays, episode_record, markdown, write_outputs
 from stlflow.control.safety import SafetyConfig
 
-__all__ = ["MODES", "ROBOTS", "RobotJob", "RunResult", "check", "make_robot", "markdown", "run", "write_outputs"]
+__all__ = ["INFERENCE", "MODES", "ROBOTS", "EpisodeController", "RobotJob", "RunResult", "check", "make_robot",
+           "markdown", "run", "write_outputs"]
 
 ROBOTS = ("sim", "zmq")
 MODES = ("realtime", "lockstep")
+INFERENCE = ("auto", "process", "thread")
 RATE_TOLERANCE = 1e-3  # relative
 
 
@@ -80,6 +82,10 @@ class RobotJob:
         stale_timeout: zmq: seconds of silence from the twin after which the robot counts as lost.
         connect_timeout: zmq: seconds to wait for the twin's answer.
         handle_signals: SIGINT / SIGTERM latch the e-stop during an episode (needs the main thread).
+        inference: where the controller runs: ``process`` (:class:`~stlflow.control.inference.InferenceProcess`,
+            one for the whole run, on its own core), ``thread`` (a thread of this process per episode), ``auto``
+            (process in realtime mode, thread in lock-step, where the loop waits for every plan anyway, and for the
+            scripted expert, which reads the in-process simulator).
     """
 
     task: str
@@ -104,6 +110,7 @@ class RobotJob:
     stale_timeout: float = 1.0
     connect_timeout: float = 5.0
     handle_signals: bool = True
+    inference: str = "auto"
 
 
 @dataclass
@@ -165,6 +172,10 @@ def check(job: RobotJob, robot: Any = None, policy: Any = None) -> tuple[Any, An
         raise JobError(f"episodes must be >= 1, got {job.episodes}")
     if job.robot not in ROBOTS:
         raise JobError(f"unknown robot {job.robot!r}; choose one of {list(ROBOTS)}")
+    if job.inference not in INFERENCE:
+        raise JobError(f"unknown inference {job.inference!r}; choose one of {list(INFERENCE)}")
+    if job.controller.name == EXPERT and job.inference == "process":
+        raise JobError("controller=expert reads the in-process simulator's state: it runs with inference=thread")
     if job.controller.name == EXPERT and job.robot != "sim":
         raise JobError("controller=expert reads the simulator's state: it runs on robot=sim only")
     if job.controller.name in LOCKSTEP_ONLY:
@@ -223,19 +234,70 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
         raise JobError(str(err)) from err
     spec = robot.spec()
 
+    # the worker plans on the lock-step executor's schedule for the delay its plans act at (a wall-clock plan acts
+    # from the tick after its observation on)
+    delay = int(job.delay) if job.mode == "lockstep" else max(int(job.delay), 1)
+    interval, frozen = job.controller.worker_schedule(delay) if controller_factory is None else (1, 0)
+    recipe = EpisodeController(job.controller.per_tick(), job.policy if isinstance(job.policy, (str, Path))
+                               else policy, theta, frozen)
+
     def make_controller(seed: int) -> Any:
         if controller_factory is not None:
             return controller_factory(robot, seed)
         if job.controller.name == EXPERT:
             return job.controller.build(None, expert=robot.env.unwrapped.make_expert(seed))
-        # the loop's inference worker replans whenever it is free (the lock-step interval schedule does not apply)
-        return job.controller.per_tick().build(policy, seed=seed, stl_params=theta)
+        return recipe(seed)
 
+    process = None
+    if job.inference == "process" or (job.inference == "auto" and job.mode == "realtime" and
+                                      controller_factory is None and job.controller.name != EXPERT):
+        from stlflow.control.inference import InferenceProcess
+
+        if controller_factory is not None:
+            raise JobError("inference=process builds the controller from the job in the worker process; a "
+                           "controller_factory runs on a thread (inference=thread)")
+        process = InferenceProcess(recipe, spec.period, interval=interval)
     tally = _Tally()
-    interrupted = _run_episodes(job, robot, spec, task, out, make_controller, tally, on_episode, on_start)
+    try:
+        if process is not None:
+            process.start()
+        interrupted = _run_episodes(job, robot, spec, task, out, make_controller, tally, on_episode, on_start,
+                                    interval, process)
+    finally:
+        if process is not None:
+            process.stop()
     report = _report(job, task, spec, out, tally, interrupted)
     paths = write_outputs(report, out, tally.lateness)
     return RunResult(report, paths, tally.recorded, interrupted)
+
+
+class EpisodeController:
+    """Each episode's controller from a spec, picklable (it may be built in the inference process): ``recipe(seed)``
+    builds ``spec`` on ``policy`` (a Policy, or a checkpoint folder loaded on first use) for θ ``theta``, with
+    ``frozen`` actions of each RTI warm start pinned (:meth:`ControllerSpec.worker_schedule`)."""
+
+    def __init__(self, spec: ControllerSpec, policy: Any, theta: Mapping[str, float] | None = None,
+                 frozen: int = 0) -> None:
+        self.spec, self.policy, self.theta, self.frozen = spec, policy, theta, int(frozen)
+
+    def __call__(self, seed: int | None) -> Any:
+        if isinstance(self.policy, (str, Path)):
+            from stlflow.control.evaluate import load_policy
+
+            self.policy = load_policy(self.policy)
+        ctrl = self.spec.build(self.policy, seed=int(seed or 0), stl_params=self.theta)
+        if self.frozen:  # RTIController's warm start keeps this many actions (the ones running while it plans)
+            ctrl.frozen = self.frozen
+        return ctrl
+
+    def warmup(self, ticks: int = 3) -> None:
+        """A few plans on a zero observation, so that the first plan of an episode does not pay for the first
+        network calls of the process (allocations, lazy initialisation: tens to hundreds of ms)."""
+        ctrl = self(0)
+        obs = np.zeros(self.policy.obs_dim, np.float32)
+        ctrl.reset(seed=0, obs=obs)
+        for _ in range(ticks):
+            ctrl.act(obs)
 
 
 @dataclass
@@ -252,7 +314,7 @@ class _Tally:
 
 def _run_episodes(job: RobotJob, robot: Any, spec: Any, task: Any, out: Path, make_controller: Callable[[int], Any],
                   tally: _Tally, on_episode: Callable[[dict[str, Any]], None] | None,
-                  on_start: Callable[[int], None] | None) -> bool:
+                  on_start: Callable[[int], None] | None, interval: int = 1, process: Any = None) -> bool:
     """The episodes of ``job`` on the connected ``robot``, each through :func:`_episode` and :func:`_record`, with
     SIGINT / SIGTERM handled between them; closes the recording and the robot. Returns ``interrupted``."""
     from stlflow.control.realtime import RealtimeLoop
@@ -285,9 +347,10 @@ def _run_episodes(job: RobotJob, robot: Any, spec: Any, task: Any, out: Path, ma
                 interrupted = True
                 break
             seed = int(job.seed) + i
-            loop = RealtimeLoop(robot, make_controller(seed), safety=job.safety, delay=int(job.delay),
-                                lockstep=lockstep if job.robot == "zmq" else None, obs_wait=obs_wait,
-                                rt_priority=job.rt_priority, handle_signals=job.handle_signals and main_thread)
+            loop = RealtimeLoop(robot, None if process is not None else make_controller(seed), safety=job.safety,
+                                delay=int(job.delay), lockstep=lockstep if job.robot == "zmq" else None,
+                                obs_wait=obs_wait, rt_priority=job.rt_priority, interval=interval, worker=process,
+                                handle_signals=job.handle_signals and main_thread)
             current[:] = [loop]
             episode = _episode(job, robot, loop, seed, on_start)
             if episode is None:  # a signal came between the episodes

@@ -4,6 +4,8 @@ by elapsed ticks, a failing worker, and a 100 Hz wall-clock run with an RTI poli
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from stlflow.control.controllers import ControllerSpec
-from stlflow.control.inference import InferenceWorker, Plan
+from stlflow.control.inference import InferenceProcess, InferenceWorker, Plan
 from stlflow.control.loop import run_episode
 from stlflow.control.realtime import (
     CHUNK,
@@ -26,6 +28,7 @@ from stlflow.control.realtime import (
     VirtualClock,
 )
 from stlflow.control.robot import Observation
+from stlflow.control.robot_run import EpisodeController
 from stlflow.control.sim_robot import SimRobot
 from stlflow.control.tasks import get_task
 from stlflow.datasets import Normalizer
@@ -328,3 +331,124 @@ class _maybe_warns:
         self._cm.__exit__(*exc)
         msgs = [str(r.message) for r in self.records if issubclass(r.category, RuntimeWarning)]
         assert all("real-time priority" in m for m in msgs) and len(msgs) <= 1
+
+
+# ------------------------------------------------------------------------------------------ the worker's schedule
+@pytest.mark.parametrize("delay", [0, 1])
+def test_the_worker_on_the_interval_schedule_reproduces_the_lockstep_executor(delay):
+    # `stlflow eval delay=d` runs RTI every `interval` ticks through the AsyncExecutor; the loop's worker, given the
+    # spec's schedule for the same delay, must execute exactly the same actions (same plans, same warm starts)
+    seed, steps = 7, 30
+    spec = ControllerSpec.create("rti", k=2, interval=4)
+    interval, frozen = spec.worker_schedule(delay)
+    assert (interval, frozen) == (4, delay)
+    env = get_task("crossing").make_env()
+    ref = run_episode(env, spec.build(POLICY, seed=seed, delay=delay), seed, max_steps=steps)
+    env.close()
+    with SimRobot("crossing") as robot:
+        ctrl = EpisodeController(spec.per_tick(), POLICY, frozen=frozen)(seed)
+        res = RealtimeLoop(robot, ctrl, delay=delay, interval=interval).run(seed, max_ticks=steps)
+    assert res.estop is None and res.length == steps
+    np.testing.assert_array_equal(res.action, np.clip(ref.action.astype(np.float64), robot.spec().action_low,
+                                                      robot.spec().action_high))
+    assert res.counters["plans"] == len(range(0, steps, interval))  # a plan at ticks 0, 4, 8, ...
+    first_use = np.maximum(np.arange(steps) - delay, 0) // interval * interval  # the newest plan visible
+    np.testing.assert_array_equal(res.ticks["plan_seq"] - res.ticks["obs_seq"][0], first_use)
+    assert (res.ticks["nfe"][1:] > 0).sum() == res.counters["plans"] - 1
+
+
+def test_worker_schedule_follows_the_lockstep_rules():
+    assert ControllerSpec.create("rti", k=2).worker_schedule(0) == (1, 0)  # per-tick RTI, no delay: every tick
+    assert ControllerSpec.create("rti", k=2).worker_schedule(1) == (2, 1)  # at least 2 d, the delayed one pinned
+    assert ControllerSpec.create("rti", interval=8, commit=2).worker_schedule(1) == (8, 3)
+    assert ControllerSpec.create("rti", interval=3, pin=False).worker_schedule(2) == (4, 0)
+    assert ControllerSpec.create("receding").worker_schedule(1) == (1, 0)
+
+
+# ------------------------------------------------------------------------------------------ the worker process
+class FailingRTI:
+    """A picklable controller recipe (it is built in the worker process): RTI on POLICY, raising on call ``n``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, seed):
+        return _FailingRTI(self.n, seed)
+
+
+class _FailingRTI(RTIController):
+    def __init__(self, n: int, seed) -> None:
+        super().__init__(POLICY, k=2, seed=seed or 0)
+        self.n, self.calls = n, 0
+
+    def act(self, obs, elapsed=None, *, t=None):
+        self.calls += 1
+        if self.calls == self.n:
+            raise FloatingPointError("policy diverged in the worker process")
+        return super().act(obs, elapsed=elapsed, t=t)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_worker_process_plans_as_the_thread_does_on_the_interval_schedule():
+    recipe = EpisodeController(ControllerSpec.create("rti", k=2), POLICY)
+    obs = [_obs(s, 0.1 * s, np.full(20, 0.05 * s)) for s in range(10)]
+    plans = {}
+    for kind in ("thread", "process"):
+        worker = (InferenceWorker(recipe(3), period=0.1, interval=4) if kind == "thread" else
+                  InferenceProcess(recipe, period=0.1, interval=4))
+        worker.start()
+        worker.begin(3, obs[0])
+        got = [worker.wait_for(0, 60.0)]
+        for o in obs[1:]:
+            worker.submit(o)
+            got.append(worker.wait_for(o.seq, 30.0))
+        if kind == "process":
+            pid = worker.pid
+            assert pid != os.getpid() and worker.alive
+        worker.stop()
+        plans[kind] = got
+        assert worker.plans == 3 and worker.failure is None
+    assert _gone(pid)  # stopped: no process left behind
+    for a, b in zip(plans["thread"], plans["process"]):
+        assert a.obs_seq == b.obs_seq and a.index == b.index
+        np.testing.assert_array_equal(a.actions, b.actions)  # the same controller, bit for bit
+    assert [p.obs_seq for p in plans["process"]] == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
+
+
+def test_a_raising_worker_process_latches_the_estop_with_its_traceback():
+    with SimRobot("crossing") as robot:
+        worker = InferenceProcess(FailingRTI(6), period=robot.spec().period)
+        try:
+            res = RealtimeLoop(robot, None, worker=worker).run(0, max_ticks=50)
+        finally:
+            worker.stop()
+    assert res.estop.startswith("inference failed: FloatingPointError: policy diverged in the worker process")
+    assert "Traceback" in res.failure and "in act" in res.failure
+    assert res.sources()[-1] == "estop" and res.length == 6 and not worker.alive
+
+
+def test_a_killed_worker_process_latches_the_estop_and_a_new_run_refuses_to_start():
+    policy = crossing_policy(1, low=(0.0, -0.1), high=(0.2, 0.1))  # slow: the episode outlasts the run
+    with SimRobot("crossing", realtime=True, speed=5.0) as robot:
+        worker = InferenceProcess(EpisodeController(ControllerSpec.create("rti", k=2), policy), robot.spec().period)
+        worker.start()
+        killer = threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL))
+        killer.start()
+        try:
+            loop = RealtimeLoop(robot, None, worker=worker, obs_wait=0.006)
+            res = loop.run(0, duration=30.0)
+        finally:
+            killer.join()
+            worker.stop()
+    assert res.estop is not None and "inference process" in res.estop and "killed by signal 9" in res.estop
+    assert res.sources()[-1] == "estop" and res.length < 30.0 / robot.spec().period
+    assert res.ticks["scheduled"][-1] - res.t0 < 10.0  # stopped soon after the kill, not at the end of the run
+    with pytest.raises(EStopLatched):
+        loop.run(1)

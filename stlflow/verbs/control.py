@@ -5,13 +5,20 @@
     stlflow control ckpt=DIR robot=zmq addr=ipc:///tmp/stlflow-twin speed=5 rate_hz=50 mode=realtime
     stlflow control controller=expert robot=sim env.kwargs.max_steps=50
 
-Every episode runs through stlflow.control.realtime.RealtimeLoop: the controller on its inference thread, actions
+Every episode runs through stlflow.control.realtime.RealtimeLoop: the controller on its inference worker, actions
 through the safety layer (NaN hold, clamp, rate limit, stale-observation watchdog, e-stop latch). `robot=sim` is the
 MuJoCo task in this process (`mode=lockstep`: a virtual clock, reproducible; `mode=realtime`: the wall clock at
 dt/speed seconds per tick); `robot=zmq` drives a running `stlflow serve-sim` at `addr`. `rate_hz` must equal
-speed/dt. Writes OUT/report.json (per episode: success, e-stop and reason, lateness, overruns, observation and
-command age, action sources, safety counters; and the aggregate), OUT/report.md, OUT/lateness_hist.png and, with
-record=true, OUT/episodes.zarr (obs, action, per-tick timing keys, written off the loop's thread).
+speed/dt. `inference=auto|process|thread` (default auto: in mode=realtime the controller runs in a worker process
+of its own, pinned to another core than the loop, so it never holds the loop thread's GIL; in lock-step, and for
+the expert, on a thread). In realtime mode an RTI controller plans on the lock-step schedule of `stlflow eval
+delay=1` (a plan every `interval` ticks, at least 2; the action that runs while a plan is made kept fixed), and
+each tick reads the newest plan at the ticks elapsed since its observation. Writes OUT/report.json (per episode:
+success, e-stop and reason, lateness, overruns, observation age, command age (ticks from the tick of the observation
+a command was planned from to the tick it is applied: 1 when it lands on the step after its observation, as in
+`stlflow eval delay=1`), action sources, safety counters; and the aggregate), OUT/report.md,
+OUT/lateness_hist.png and, with record=true, OUT/episodes.zarr (obs, action, per-tick timing keys, written off the
+loop's thread).
 Exit status: 0; 2 for a refusal before connecting (dimensions, rate, robot kind, a twin that does not answer);
 130 after SIGINT / SIGTERM (the robot held, the partial episode saved with complete=false); 1 after an e-stop.
 """
@@ -31,14 +38,21 @@ def _config(argv: list[str]):
     return verb_config(VERB, [*argv, *(f"control={c}" for c in chosen[-1:])], __doc__, config_name="run")
 
 
+def _inference(argv: list[str]) -> tuple[list[str], str]:
+    """``inference=...`` (a verb option beside the composed config) taken out of ``argv``: (the rest, its value)."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("inference=")]
+    return [a for a in argv if not a.lstrip("+").startswith("inference=")], (chosen[-1] if chosen else "auto")
+
+
 def main(argv: list[str]) -> int:
+    argv, inference = _inference(argv)
     cfg = _config(argv)
     if cfg is None:
         return 0
-    return run_job(VERB, lambda: control_from_config(cfg))
+    return run_job(VERB, lambda: control_from_config(cfg, inference))
 
 
-def job_from_config(cfg):
+def job_from_config(cfg, inference: str = "auto"):
     from stlflow.control.controllers import EXPERT, ControllerSpec
     from stlflow.control.robot_run import RobotJob
     from stlflow.control.safety import SafetyConfig
@@ -52,7 +66,7 @@ def job_from_config(cfg):
         record=bool(cfg.record), rt_priority=opt(cfg.rt_priority, int), stl_params=plain(cfg.stl_params) or {},
         env_kwargs=plain(cfg.env.get("kwargs") or {}), safety=SafetyConfig(**safety), delay=int(cfg.delay),
         max_ticks=opt(cfg.max_ticks, int), obs_wait=opt(cfg.obs_wait, float),
-        stale_timeout=float(cfg.stale_timeout), connect_timeout=float(cfg.connect_timeout))
+        stale_timeout=float(cfg.stale_timeout), connect_timeout=float(cfg.connect_timeout), inference=inference)
 
 
 def opt(value, kind):
@@ -60,10 +74,10 @@ def opt(value, kind):
     return None if value is None else kind(value)
 
 
-def control_from_config(cfg) -> int:
+def control_from_config(cfg, inference: str = "auto") -> int:
     from stlflow.control.robot_run import run
 
-    job = job_from_config(cfg)
+    job = job_from_config(cfg, inference)
 
     def progress(rec) -> None:
         print(f"episode seed {rec['seed']}: {rec['end_reason']}, {rec['ticks']} ticks, lateness p99 "
