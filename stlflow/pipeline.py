@@ -1,7 +1,8 @@
 """The main job, stage by stage: demonstrations -> calibrated θ -> augmented data -> θ-conditioned policy -> loop.
 
-``stlflow demo`` (:func:`run_demo`) runs every stage on Crossing and writes a results folder. Each stage is one
-typed job (:mod:`stlflow.control.jobs`), the same functions the verbs and the benchmarks call:
+``stlflow demo`` (:func:`run_demo`) runs every stage on one task of the registry (``env=crossing``, the default, or
+``env=pickplace``; the task's own settings are ``tasks.<name>`` in ``conf/demo.yaml``) and writes a results folder.
+Each stage is one typed job (:mod:`stlflow.control.jobs`), the same functions the verbs and the benchmarks call:
 
 ==========  =================================================================  =================================
 stage       job -> function                                                    output
@@ -10,9 +11,10 @@ collect     ``CollectJob`` -> :func:`stlflow.control.collect.collect`          `
 calibrate   ``CalibrateJob`` -> :func:`stlflow.control.stl_data.calibrate`     ``stl_params`` per episode
 augment     ``AugmentJob`` -> :func:`stlflow.control.stl_data.augment`         ``data/augmented.zarr``
 train       ``TrainJob`` -> :func:`stlflow.control.training.train_policy`      ``policy/`` (θ-conditioned flow)
-evaluate    ``EvalJob`` -> :func:`stlflow.control.evaluate.evaluate` (RTI) at  metrics per requested θ
-            each requested θ, with and without STL guidance; diversity and
+evaluate    ``EvalJob`` -> :func:`stlflow.control.evaluate.evaluate` (RTI) at  metrics and one record per episode
+            each requested θ, with and without STL guidance; diversity and     per requested θ
             trajectories from extra closed-loop samples per start state
+            (:func:`stlflow.demo_scene.scene_samples`, which keep the scene)
 report      :mod:`stlflow.report`: tables, JSON, plots, MP4s                   ``report.json``, ``results.md``, ...
 ==========  =================================================================  =================================
 
@@ -40,15 +42,15 @@ from stlflow.control.jobs import (
     controller_defaults,
     policy_config,
 )
-from stlflow.control.samples import closed_loop_samples, sample_metrics
+from stlflow.control.samples import sample_metrics
 from stlflow.control.tasks import get_task
 from stlflow.policy.rti import DEFAULT_K
-from stlflow.report import EvalRow, results_table, write_demo_outputs
+from stlflow.report import EvalRow, episode_record, results_table, write_demo_outputs, write_json
 
 __all__ = ["StageError", "stage_collect", "stage_calibrate", "stage_augment", "stage_train", "stage_evaluate",
            "run_demo"]
 
-TASK = "crossing"  # the demo's task
+TASK = "crossing"  # the stages' default task (``stlflow demo env=...`` picks another)
 
 
 class StageError(RuntimeError):
@@ -100,13 +102,21 @@ def stage_calibrate(data: Path, q: float = 0.95, log: Callable[[str], None] = pr
 
 def stage_augment(data: Path, out: Path, per_demo: int, demos: int | None, workers: int = 1, seed: int = 0,
                   opt: Mapping[str, Any] | None = None, modes: Sequence[str] | None = None,
-                  progress: bool = True, task: str = TASK) -> dict[str, Any]:
-    """Augmentation of the first ``demos`` demonstrations; returns its report as a dict (with its text)."""
+                  progress: bool = True, task: str = TASK, stl_opt: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Augmentation of the first ``demos`` demonstrations; returns its report as a dict (with its text).
+
+    ``opt``: options under the task's own (``conf/stl/<task>.yaml`` ``opt``, which win); ``stl_opt``: overrides of
+    the task's own options (e.g. fewer CEM iterations for PickPlace in a smoke run)."""
     from stlflow.control.stl_data import augment, format_augment_report
 
+    stl = None
+    if stl_opt:
+        stl = get_task(task).stl_config()
+        stl["opt"] = {**dict(stl.get("opt") or {}), **dict(stl_opt)}
     report = augment(AugmentJob(data, out, task=task, per_demo=int(per_demo), episodes=demos,
                                 modes=list(modes) if modes else None, workers=int(workers), seed=int(seed),
-                                overwrite=True, progress=progress, opt=dict(opt or {})))
+                                overwrite=True, progress=progress, opt=dict(opt or {}), stl=stl))
     if report.n_accepted == 0:
         raise RuntimeError(f"augmentation accepted no episode ({report.n_replayed} replayed); "
                            "raise the optimisation budget (opt.iters, opt.n_init)")
@@ -143,9 +153,12 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
     ``guidance``: options of the task's :meth:`~stlflow.control.tasks.Task.guidance` (``enabled`` false: no
     guided rows). Metrics per row come
     from :func:`stlflow.control.evaluate.evaluate` (seeds ``seed ..``, satisfaction at the requested θ); diversity,
-    modes, realised max speed and trajectories from ``diversity_starts`` start states x ``diversity_samples``.
+    modes, realised max speed and trajectories from ``diversity_starts`` start states x ``diversity_samples``
+    (:func:`stlflow.demo_scene.scene_samples`: the samples keep their observations, collisions and rule violations
+    for the trajectory plot). Each row keeps one :func:`stlflow.report.episode_record` per evaluated episode.
     """
     from stlflow.control.evaluate import evaluate
+    from stlflow.demo_scene import scene_samples
 
     t = get_task(task)
     gopts = dict(guidance or {})
@@ -162,11 +175,12 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
             t0 = time.perf_counter()
             rep = evaluate(EvalJob(t.name, policy, spec, int(episodes), seed=int(seed), workers=int(workers),
                                    stl_params=theta, max_steps=max_steps, progress=progress))
-            row = EvalRow(label, theta, guided, dict(rep.metrics), list(rep.ticks["latency_ms"]))
+            row = EvalRow(label, theta, guided, dict(rep.metrics), list(rep.ticks["latency_ms"]), controller=spec,
+                          episodes=[episode_record(t, ep, theta, guided, max_steps) for ep in rep.episodes])
             if g is not None:
                 g.reset_counters()
-            row.samples = closed_loop_samples(policy, div_seeds, int(diversity_samples), theta, controller=spec,
-                                              max_steps=max_steps, task=t.name)
+            row.samples = scene_samples(policy, div_seeds, int(diversity_samples), theta, controller=spec,
+                                        max_steps=max_steps, task=t.name)
             if g is not None and g.calls:
                 ticks = sum(len(s["xy"]) - 1 for s in row.samples)
                 row.guidance_ms_per_tick = 1e3 * g.seconds / max(ticks, 1)
@@ -181,6 +195,29 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
 
 
 # ============================================================================================ the demo
+def demo_settings(c: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of one demo run from the composed ``demo`` config (plain dict): ``task`` (the registry's name for
+    ``env.name``), ``budget`` (``budgets.<budget>`` with the task's ``tasks.<name>.budgets.<budget>`` on top),
+    ``cond_params``, ``sweep`` (requested v_max), ``guidance`` (the task's block, then the non-null top-level
+    values). A top-level ``cond_params`` / ``v_max_sweep`` that is not null wins over the task's."""
+    name = get_task(str((c.get("env") or {}).get("name", TASK))).name
+    per_task = dict((c.get("tasks") or {}).get(name) or {})
+    if not per_task:
+        raise ValueError(f"conf/demo.yaml has no settings for task {name!r} (tasks.{name}); tasks with settings: "
+                         f"{sorted(c.get('tasks') or {})}")
+    if c["budget"] not in c["budgets"]:
+        raise ValueError(f"budget={c['budget']!r} is not one of {sorted(c['budgets'])}")
+    budget = {**c["budgets"][c["budget"]], **dict((per_task.get("budgets") or {}).get(c["budget"]) or {})}
+    guidance = {**dict(per_task.get("guidance") or {}),
+                **{k: v for k, v in dict(c.get("guidance") or {}).items() if v is not None}}
+    cond = c.get("cond_params") or per_task.get("cond_params")
+    sweep = c.get("v_max_sweep") or per_task.get("v_max_sweep")
+    if not cond or not sweep:
+        raise ValueError(f"task {name!r} needs cond_params and v_max_sweep (tasks.{name} in conf/demo.yaml)")
+    return {"task": name, "budget": budget, "cond_params": [str(x) for x in cond],
+            "sweep": [float(v) for v in sweep], "guidance": guidance}
+
+
 def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every stage of ``stlflow demo`` with the composed ``demo`` config; returns the summary (also in report.json).
 
@@ -191,64 +228,73 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     torch.set_num_threads(int(cfg.threads))
     c = OmegaConf.to_container(cfg, resolve=True)
-    if c["budget"] not in c["budgets"]:
-        raise StageError("config", f"budget={c['budget']!r} is not one of {sorted(c['budgets'])}")
-    b = c["budgets"][c["budget"]]
+    try:
+        d = demo_settings(c)
+    except ValueError as err:
+        raise StageError("config", err) from err
+    task, b = d["task"], d["budget"]
     out = Path(c["out"])
     out.mkdir(parents=True, exist_ok=True)
-    progress = bool(c["progress"])
-    seed = int(c["seed"])
+    progress, seed = bool(c["progress"]), int(c["seed"])
     workers = int(c["workers"] if c.get("workers") is not None else b.get("workers", 1))
-    summary: dict[str, Any] = {"budget": c["budget"], "budget_settings": b, "seed": seed, "stages": {},
-                               "eval_seed": int(c["eval_seed"])}
-    total = 6
-    t_start = time.perf_counter()
+    summary: dict[str, Any] = {"task": task, "budget": c["budget"], "budget_settings": b, "seed": seed,
+                               "stages": {}, "eval_seed": int(c["eval_seed"]), "config": c}
+    total, t_start = 6, time.perf_counter()
     demos, augmented = out / "data" / "demos.zarr", out / "data" / "augmented.zarr"
 
     with stage("collect demonstrations (scripted expert)", 1, total, log) as info:
-        stage_collect(demos, b["demos"], seed=seed, workers=workers, progress=progress)
+        stage_collect(demos, b["demos"], seed=seed, workers=workers, progress=progress, task=task)
     summary["stages"]["collect"] = {"seconds": info["seconds"], "episodes": b["demos"]}
 
     with stage("calibrate θ on the demonstrations", 2, total, log) as info:
-        cal = stage_calibrate(demos, q=float(c["calibrate_q"]), log=log)
+        cal = stage_calibrate(demos, q=float(c["calibrate_q"]), log=log, task=task)
     summary["stages"]["calibrate"] = {"seconds": info["seconds"], **{k: v for k, v in cal.items() if k != "table"}}
 
     with stage("augment (trajectory optimisation + MuJoCo replay)", 3, total, log) as info:
         aug = stage_augment(demos, augmented, b["per_demo"], b["augment_demos"], workers=workers, seed=seed,
-                            opt=b.get("augment_opt"), modes=b.get("augment_modes"), progress=progress)
+                            opt=b.get("augment_opt"), modes=b.get("augment_modes"), progress=progress, task=task,
+                            stl_opt=b.get("augment_stl_opt"))
         log(aug["text"])
     summary["stages"]["augment"] = {"seconds": info["seconds"], **{k: v for k, v in aug.items() if k != "text"}}
 
     train_threads = int(c.get("train_threads") or c["threads"])  # training runs alone: it may use every core
     with stage("train a θ-conditioned flow policy", 4, total, log) as info:
-        policy = stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy",
-                             list(c["cond_params"]), b["train_steps"], b["batch_size"], net=b.get("net"),
-                             seed=seed, threads=train_threads, progress=progress)
+        policy = stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy", d["cond_params"],
+                             b["train_steps"], b["batch_size"], net=b.get("net"), seed=seed, threads=train_threads,
+                             progress=progress, task=task)
     torch.set_num_threads(int(c["threads"]))  # the trainer set its own count; latency is measured on `threads`
     summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"],
                                   "parameters": policy.num_parameters(), "threads": train_threads}
 
-    k = int(controller_defaults("rti", TASK).get("k", DEFAULT_K)) if c.get("k") is None else int(c["k"])
+    k = int(controller_defaults("rti", task).get("k", DEFAULT_K)) if c.get("k") is None else int(c["k"])
+    summary["k"] = k
     dataset_theta = {name: float(v) for name, v in cal["dataset_theta"].items()}
-    thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": float(v)} for v in c["v_max_sweep"]]
+    thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": v} for v in d["sweep"]]
     with stage(f"evaluate closed loop (RTI k={k}) at {len(thetas)} requested θ", 5, total, log) as info:
         rows = stage_evaluate(policy, thetas, b["eval_episodes"], seed=int(c["eval_seed"]), k=k,
-                              guidance=c["guidance"], compare_guidance=True,
+                              guidance=d["guidance"], compare_guidance=True,
                               diversity_starts=b["diversity_starts"], diversity_samples=b["diversity_samples"],
-                              max_steps=b.get("max_steps"), workers=workers, progress=progress, log=log)
+                              max_steps=b.get("max_steps"), workers=workers, progress=progress, log=log, task=task)
     summary["stages"]["evaluate"] = {"seconds": info["seconds"]}
+    return _report_stage(out, rows, summary, policy, b, task, t_start, log)
 
-    with stage("report (table, JSON, plots, video)", 6, total, log) as info:
+
+def _report_stage(out: Path, rows: list[EvalRow], summary: dict[str, Any], policy: Any, b: Mapping[str, Any],
+                  task: str, t_start: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Stage 6: the files of :func:`stlflow.report.write_demo_outputs`, then the stage times into report.json."""
+    with stage("report (table, JSON, plots, videos)", 6, 6, log) as info:
         summary["total_seconds"] = time.perf_counter() - t_start
         paths = write_demo_outputs(out, rows, summary, policy=policy, video_episodes=b["video_episodes"],
-                                   video_max_steps=b.get("video_max_steps"), k=k, guidance=c["guidance"])
+                                   video_max_steps=b.get("video_max_steps"), task=task,
+                                   video_search_seeds=int(b.get("video_search_seeds", 0) or 0),
+                                   video_size=b.get("video_size") or (320, 240), log=log)
     summary["stages"]["report"] = {"seconds": info["seconds"]}
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["table"] = results_table(rows)
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     data = json.loads(paths["json"].read_text())
     data.update({k: summary[k] for k in ("stages", "total_seconds", "paths")})
-    from stlflow.control.evaluate import json_default
-
-    paths["json"].write_text(json.dumps(data, indent=1, default=json_default))
+    write_json(paths["json"], data)
+    stages = ", ".join(f"{name} {v['seconds']:.1f} s" for name, v in summary["stages"].items())
+    summary["stage_times"] = f"stage times: {stages}; total {summary['total_seconds']:.1f} s"
     return summary
