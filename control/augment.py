@@ -1,9 +1,11 @@
-"""STL augmentation of a whole EpisodeStore: every demonstration through
-:func:`stlflow.datasets.augment.augment_demo`, in worker processes, accepted episodes written in demo order.
+"""STL augmentation of a whole EpisodeStore: the demonstrations in batches of ``settings.batch_demos`` through
+:func:`stlflow.datasets.augment_batch.augment_demos` (one tensor program and one round of parallel replays per
+batch), batches in worker processes, accepted episodes written in demo order.
 
-The per-demonstration algorithm and its types live in :mod:`stlflow.datasets.augment`; this module is the
-driver: it opens the demo store, builds the task once per process, runs the demonstrations with
+The algorithm and its types live in :mod:`stlflow.datasets.augment` and :mod:`stlflow.datasets.augment_batch`;
+this module is the driver: it opens the demo store, builds the task once per process, runs the batches with
 :func:`stlflow.control.workers.parallel_map`, writes the output store and totals an :class:`AugmentReport`.
+Batches are cut from the demo order by ``batch_demos`` alone, so the output does not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from stlflow.control.workers import parallel_map
-from stlflow.datasets.augment import AugmentReport, AugmentSettings, AugmentTask, DemoResult, augment_demo
+from stlflow.datasets.augment import AugmentReport, AugmentSettings, AugmentTask, DemoResult
 
 if TYPE_CHECKING:
     from stlflow.datasets.store import EpisodeStore
@@ -34,29 +36,23 @@ def _worker_init(make_task: Callable[[], AugmentTask], data_path: str, parse: Ca
     _WORKER.update(task=make_task(), store=EpisodeStore.open(data_path), parse=parse, settings=settings, seed=seed)
 
 
-def _worker_demo(i: int) -> tuple[int, DemoResult, dict[str, Any]]:
+def _worker_batch(indices: list[int]) -> list[tuple[int, DemoResult, dict[str, Any]]]:
+    """Augment the demonstrations ``indices`` together (demo ``i`` with seed ``(seed, i)``)."""
+    from stlflow.datasets.augment_batch import DemoSpec, augment_demos
+
     task: AugmentTask = _WORKER["task"]
     store = _WORKER["store"]
-    attrs = store.episode_attrs(i)
-    episode = store.episode(i)
-    theta = {**task.defaults, **dict(attrs.get("stl_params") or {})}
-    result = augment_demo(
-        task.window(episode, attrs),
-        task.rules,
-        task.modes,
-        attrs.get("mode"),
-        theta,
-        task.param_ranges,
-        task.control_low,
-        task.control_high,
-        task.dt,
-        _WORKER["settings"],
-        seed=(int(_WORKER["seed"]), int(i)),
-        parse=_WORKER["parse"],
-        init_low=task.init_low,
-        init_high=task.init_high,
-    )
-    return i, result, attrs
+    specs, parents = [], []
+    for i in indices:
+        attrs = store.episode_attrs(i)
+        theta = {**task.defaults, **dict(attrs.get("stl_params") or {})}
+        specs.append(DemoSpec(task.window(store.episode(i), attrs), attrs.get("mode"), theta,
+                              (int(_WORKER["seed"]), int(i))))
+        parents.append(attrs)
+    results = augment_demos(specs, task.rules, task.modes, task.param_ranges, task.control_low, task.control_high,
+                            task.dt, _WORKER["settings"], _WORKER["parse"], init_low=task.init_low,
+                            init_high=task.init_high, stack=task.stack)
+    return list(zip(indices, results, parents))
 
 
 @contextlib.contextmanager
@@ -88,12 +84,13 @@ def augment_store(
 
     ``make_task`` builds the :class:`AugmentTask` (it runs once in each worker process, so it must be
     picklable: a module-level function or a ``functools.partial`` of one). Demo ``i`` is processed with seed
-    ``(seed, i)`` on one torch thread, and episodes are written in demo order, so the output is identical for
-    any ``workers`` (``workers <= 1``: in this process). Output keys: the demo store's ``obs``, ``action`` and
+    ``(seed, i)`` on one torch thread, together with the other demonstrations of its batch (consecutive runs of
+    ``settings.batch_demos`` of ``episodes``), and episodes are written in demo order, so the output is identical
+    for any ``workers`` (``workers <= 1``: in this process). Output keys: the demo store's ``obs``, ``action`` and
     ``signal_<name>`` (same dtypes, so the two stores merge); episode attrs ``source="augmented"``,
     ``stl_params``, ``mode``, ``seed`` (the parent's env seed), ``parent_episode``, ``rho_model``, ``rho_replay``.
-    A demonstration that fails raises :class:`stlflow.control.workers.WorkerError` naming its index, with the
-    traceback of the failure; the episodes of the demonstrations before it are already in the output store.
+    A batch that fails raises :class:`stlflow.control.workers.WorkerError` naming the batch's index (batch k holds
+    the demonstrations ``episodes[k * batch_demos : (k + 1) * batch_demos]``), with the traceback of the failure.
     """
     from stlflow.datasets.store import EpisodeStore
 
@@ -104,17 +101,19 @@ def augment_store(
 
     report = AugmentReport(n_demos=len(indices), per_demo=settings.per_demo)
     workers = max(1, int(workers))
-    results = parallel_map(
-        _worker_demo,
-        indices,
+    size = max(1, int(settings.batch_demos))
+    batches = [indices[k : k + size] for k in range(0, len(indices), size)]
+    results = (item for batch in parallel_map(
+        _worker_batch,
+        batches,
         workers=workers,
         initializer=_worker_init,
         initargs=(make_task, str(data_path), parse, settings, seed),
         threads_per_worker=1,
         desc="augment",
-        unit="demo",
+        unit="batch",
         progress=progress,
-    )
+    ) for item in batch)
     # In this process too, one torch thread: the results then do not depend on the number of workers.
     with _one_torch_thread() if workers == 1 else contextlib.nullcontext():
         try:

@@ -30,7 +30,6 @@ Symbols: B candidates, H horizon (control steps), Du control dimension, P positi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stlflow.datasets.augment_optim import CandidateGroup, cem_controls, group_index, optimise_controls
+from stlflow.datasets.augment_optim import CandidateGroup, WindowBatch
 from stlflow.datasets.augment_select import farthest_point_selection, mean_pairwise_distance
 from stlflow.datasets.augment_theta import sample_theta, spec_text
 
@@ -50,6 +49,7 @@ __all__ = [
     "DemoWindow",
     "ModeSpec",
     "ReplayResult",
+    "WindowBatch",
     "augment_demo",
 ]
 
@@ -104,6 +104,8 @@ class DemoWindow:
     - ``retime``: optional ``retime(nominal (T, Du), theta) -> (T', Du)``: the nominal adapted to a group's θ
       before the optimiser perturbs it (e.g. played faster or slower to match a requested speed limit, which
       small perturbations of the demo cannot do).
+    - ``data``: what the task's ``stack`` (:attr:`AugmentTask.stack`) reads to batch this window with others
+      (e.g. its start state and context); not used otherwise.
     """
 
     horizon: int
@@ -113,6 +115,7 @@ class DemoWindow:
     replay: Callable[[np.ndarray], ReplayResult]
     nominal: np.ndarray | dict[str, np.ndarray] | None = None
     retime: Callable[[np.ndarray, dict[str, float]], np.ndarray] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
     def nominal_for(self, mode: str, theta: dict[str, float] | None = None) -> np.ndarray:
         """The nominal controls (H, Du) of behaviour ``mode`` at θ (see the class docstring)."""
@@ -147,6 +150,10 @@ class AugmentSettings:
     tasks without one: ``cem_iters`` rounds of ``cem_samples`` perturbations of the window's nominal controls per
     group, knots drawn from N(mean, std²) starting at ``cem_std`` (Du,) (default 5% of the control range), the
     ``cem_elites`` best by exact robustness update mean and std with smoothing ``cem_alpha``).
+
+    Batching (``stlflow.datasets.augment_batch``): ``batch_demos`` demonstrations are optimised together in one
+    tensor program and their replays run together (1: one at a time); ``replay_threads`` threads replay them when
+    the task replays in parallel. Neither changes which episodes are stored beyond float round-off.
     """
 
     per_demo: int = 8
@@ -168,6 +175,8 @@ class AugmentSettings:
     cem_elites: int = 6
     cem_std: tuple[float, ...] | None = None
     cem_alpha: float = 0.7
+    batch_demos: int = 8
+    replay_threads: int = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,47 +236,11 @@ def augment_demo(
     ``init_low``/``init_high``: (Du,) range of the random initial controls (default: the control bounds).
     Deterministic for ``seed`` (an int or a sequence of ints, e.g. ``(seed, episode_index)``).
     """
-    t0 = time.perf_counter()
-    if not modes:
-        raise ValueError("augment_demo needs at least one ModeSpec")
-    rng, generator = _demo_random_streams(seed)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[settings.dtype]
-    low = torch.as_tensor(np.asarray(control_low), dtype=dtype)
-    high = torch.as_tensor(np.asarray(control_high), dtype=dtype)
+    from stlflow.datasets.augment_batch import DemoSpec, augment_demos
 
-    if settings.optimiser not in ("adam", "cem"):
-        raise ValueError(f"optimiser must be 'adam' or 'cem', got {settings.optimiser!r}")
-    n_per_group = settings.n_init if settings.optimiser == "adam" else settings.cem_iters * settings.cem_samples
-    groups: list[CandidateGroup] = []
-    for mode in modes:
-        groups += _mode_groups(mode, rules, parse, demo_mode, demo_theta, param_ranges, settings, dt, rng, n_per_group)
-
-    init = [None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype) for a in (init_low, init_high)]
-    if settings.optimiser == "adam":
-        controls, rho, positions = optimise_controls(groups, window, low, high, dt, settings, generator, *init)
-    else:
-        controls, rho, positions = cem_controls(groups, window, low, high, dt, settings, generator)
-    t_opt = time.perf_counter() - t0
-    group_of = group_index(groups)
-    ok, order, div_candidates, div_random = _select_diverse(
-        rho, positions, group_of, settings.margin, settings.per_demo, generator
-    )
-    replays = _replay_and_accept(order, groups, group_of, controls, rho, window, dt, settings)
-    return DemoResult(
-        episodes=replays.episodes,
-        n_candidates=len(rho),
-        n_satisfying=len(ok),
-        n_replayed=replays.n_replayed,
-        n_accepted=len(replays.episodes),
-        n_rejected_collision=replays.n_collided,
-        rejected_modes=replays.rejected_modes,
-        div_candidates=div_candidates,
-        div_random=div_random,
-        div_selected=mean_pairwise_distance(positions[replays.accepted]),
-        modes_satisfied=sorted({groups[int(group_of[i])].mode for i in ok.tolist()}),
-        seconds=time.perf_counter() - t0,
-        optimise_seconds=t_opt,
-    )
+    demo = DemoSpec(window, demo_mode, demo_theta, seed)
+    return augment_demos([demo], rules, modes, param_ranges, control_low, control_high, dt, settings, parse,
+                         init_low=init_low, init_high=init_high)[0]
 
 
 def _demo_random_streams(seed: int | Sequence[int]) -> tuple[np.random.Generator, torch.Generator]:
@@ -321,11 +294,13 @@ def _select_diverse(
     margin: float,
     per_demo: int,
     generator: torch.Generator,
+    max_order: int | None = None,
 ) -> tuple[torch.Tensor, list[int], float, float]:
     """Satisfying candidates (ρ ≥ margin) in replay order, by group-balanced farthest-point selection.
 
     Returns ``(ok, order, div_candidates, div_random)``: the satisfying indices, the candidates in selection
-    order, and the diversity of all satisfying candidates and of a random ``per_demo``-subset of them.
+    order (the first ``max_order`` of it: the greedy order's prefix does not depend on its length), and the
+    diversity of all satisfying candidates and of a random ``per_demo``-subset of them.
     """
     ok = torch.nonzero(rho >= margin).squeeze(1)
     feats = positions.reshape(positions.shape[0], -1)
@@ -334,57 +309,9 @@ def _select_diverse(
     perm = torch.randperm(len(ok), generator=generator)[:per_demo]
     div_random = mean_pairwise_distance(positions[ok[perm]])
 
-    order = [int(ok[i]) for i in farthest_point_selection(feats[ok], len(ok), group_of[ok].tolist())] if len(ok) else []
+    k = len(ok) if max_order is None else min(len(ok), int(max_order))
+    order = [int(ok[i]) for i in farthest_point_selection(feats[ok], k, group_of[ok].tolist())] if len(ok) else []
     return ok, order, div_candidates, div_random
-
-
-@dataclass
-class _Replays:
-    """The replay step's outcome: accepted episodes with their candidate indices, and the rejection counters."""
-
-    episodes: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    n_replayed: int = 0
-    n_collided: int = 0
-    rejected_modes: list[str] = field(default_factory=list)
-
-
-def _replay_and_accept(
-    order: list[int],
-    groups: list[CandidateGroup],
-    group_of: torch.Tensor,
-    controls: torch.Tensor,
-    rho: torch.Tensor,
-    window: DemoWindow,
-    dt: float,
-    settings: AugmentSettings,
-) -> _Replays:
-    """Replay candidates in selection order in the real env, keeping those that satisfy their θ without collision,
-    until ``per_demo`` are accepted or ``max_replays`` are spent."""
-    out = _Replays()
-    for i in order:
-        if len(out.episodes) >= settings.per_demo or out.n_replayed >= settings.max_replays:
-            break
-        g = groups[int(group_of[i])]
-        replay = window.replay(controls[i].numpy())
-        out.n_replayed += 1
-        rho_replay = _replay_robustness(g, replay, dt)
-        if replay.collision or not rho_replay >= 0.0:
-            out.n_collided += int(replay.collision)
-            out.rejected_modes.append(g.mode)
-            continue
-        arrays = {"obs": replay.obs, "action": replay.action, "signals": replay.signals}
-        attrs = {
-            **replay.attrs,
-            "collision": False,
-            "mode": g.mode,
-            "stl_params": dict(g.theta),
-            "rho_model": float(rho[i]),
-            "rho_replay": rho_replay,
-        }
-        out.episodes.append((arrays, attrs))
-        out.accepted.append(i)
-    return out
 
 
 def _replay_robustness(group: CandidateGroup, replay: ReplayResult, dt: float) -> float:
@@ -409,6 +336,8 @@ class AugmentTask:
     - ``control_low``/``control_high``: (Du,) control bounds in physical units; ``dt`` seconds per step.
     - ``window(episode, attrs) -> DemoWindow``: the optimisation problem from one demo's start state.
     - ``init_low``/``init_high``: (Du,) range of the random initial controls (default: the control bounds).
+    - ``stack(windows, replay_threads) -> WindowBatch``: several windows as one batched problem (None:
+      :meth:`WindowBatch.of`, which loops over the windows).
     """
 
     rules: str
@@ -421,6 +350,7 @@ class AugmentTask:
     window: Callable[[dict[str, np.ndarray], dict[str, Any]], DemoWindow]
     init_low: np.ndarray | None = None
     init_high: np.ndarray | None = None
+    stack: Callable[[Sequence[DemoWindow], int], WindowBatch] | None = None
 
 
 @dataclass

@@ -3,12 +3,19 @@
 Controls are piecewise linear between knots (:func:`knot_matrix`). Candidates come in :class:`CandidateGroup` s,
 each optimised against one specification at one θ; all groups share one batch.
 
-- :func:`optimise_controls`: Adam on smooth robustness through a differentiable dynamics model
-  (``optimiser="adam"``), satisfied candidates leaving the batch as they succeed.
+- :func:`optimise_batch`: Adam on smooth robustness through a differentiable dynamics model
+  (``optimiser="adam"``) for the groups of many demonstrations at once (a :class:`WindowBatch`: one tensor
+  program), satisfied candidates leaving the batch as they succeed; :func:`optimise_controls` is the same for
+  one demonstration.
 - :func:`cem_controls`: the cross-entropy method around a nominal control sequence, for tasks without a
   differentiable model (``optimiser="cem"``; the rollout may step the simulator).
 
-Symbols: B candidates, H horizon (control steps), Du control dimension, P position dimension.
+Time bounds of the form ``F[0,{T}](signal <= c)`` (or ``>=``, ``<``, ``>``), conjoined at the top of a
+specification, do not split the batch: rows with a smaller ``T`` see the signal replaced by a value that makes the
+predicate false by ``MASK`` beyond their own bound, and the whole unit is evaluated at its largest ``T`` -- exactly
+the same robustness (exact and smooth, to float round-off) with one evaluation instead of one per distinct ``T``.
+
+Symbols: B candidates, H horizon (control steps), Du control dimension, P position dimension, N demonstrations.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ __all__ = [
     "cem_controls",
     "group_index",
     "knot_matrix",
+    "DemoProblem",
+    "WindowBatch",
+    "maskable_time_bound",
+    "optimise_batch",
     "optimise_controls",
     "random_smooth_controls",
 ]
@@ -82,6 +93,65 @@ def group_index(groups: Sequence[CandidateGroup]) -> torch.Tensor:
     return torch.cat([torch.full((g.n,), i, dtype=torch.long) for i, g in enumerate(groups)])
 
 
+MASK = 1e6  # signal units: a masked sample sits this far on the wrong side of its threshold (see the module doc)
+
+
+@dataclass
+class WindowBatch:
+    """The windows of N demonstrations as one batched problem (built by the task's ``stack``, or :meth:`of`).
+
+    Row b of every call belongs to demonstration ``demo[b]`` ((B,) long, an index into the stacked windows):
+
+    - ``rollout(controls (B, H, Du), demo) -> states (B, H, Ds)``: each row from its demonstration's start state;
+    - ``signals(states, demo) -> {name: (B, H)}`` and ``positions(states) -> (B, H, P)`` as in ``DemoWindow``;
+    - ``replay(items) -> [ReplayResult]``: ``items`` is a list of ``(demo, controls (H, Du) ndarray)``, each
+      replayed in the real simulator from its demonstration's start (the task may run them in parallel).
+
+    ``horizon`` H is shared by every window of the batch.
+    """
+
+    horizon: int
+    rollout: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    signals: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    positions: Callable[[torch.Tensor], torch.Tensor]
+    replay: Callable[[list[tuple[int, np.ndarray]]], list[Any]]
+
+    @classmethod
+    def of(cls, windows: Sequence[DemoWindow]) -> WindowBatch:
+        """A batch that calls each window's own callables on its rows, one demonstration after the other (any
+        task; a task's ``stack`` runs every row in one program instead)."""
+        windows = list(windows)
+        horizons = sorted({w.horizon for w in windows})
+        if len(horizons) != 1:
+            raise ValueError(f"windows of one batch must share their horizon; got horizons {horizons}")
+
+        def per_demo(fn: Callable, x: torch.Tensor, demo: torch.Tensor) -> Any:
+            if len(windows) == 1:
+                return fn(windows[0], x)
+            order = torch.argsort(demo, stable=True)
+            parts = [fn(windows[int(i)], x[order[demo[order] == i]]) for i in demo.unique()]
+            inverse = torch.argsort(order)
+            if isinstance(parts[0], dict):
+                return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+            return torch.cat(parts)[inverse]
+
+        return cls(
+            horizon=horizons[0],
+            rollout=lambda controls, demo: per_demo(lambda w, c: w.rollout(c), controls, demo),
+            signals=lambda states, demo: per_demo(lambda w, st: w.signals(st), states, demo),
+            positions=windows[0].positions,
+            replay=lambda items: [windows[i].replay(c) for i, c in items],
+        )
+
+
+@dataclass
+class DemoProblem:
+    """One demonstration's share of a batch: its candidate groups and its random stream (its knots come from it)."""
+
+    groups: list[CandidateGroup]
+    generator: torch.Generator
+
+
 def optimise_controls(
     groups: Sequence[CandidateGroup],
     window: DemoWindow,
@@ -94,28 +164,51 @@ def optimise_controls(
     init_high: torch.Tensor | None = None,
     on_check: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adam on smooth robustness through the dynamics model, all groups in one batch.
+    """:func:`optimise_batch` for one demonstration (its window's own callables)."""
+    problem = DemoProblem(list(groups), generator)
+    return optimise_batch([problem], WindowBatch.of([window]), low, high, dt, settings, init_low, init_high,
+                          on_check)[0]
 
-    Knots start uniform in ``[init_low, init_high]`` (default the control bounds). Every ``check_every``
-    iterations the exact robustness of the still-active candidates is checked on clipped controls; those at or
-    above the margin are frozen as they are and leave the batch (so the batch shrinks as candidates succeed).
 
-    Returns ``controls (B, H, Du)`` clipped to the bounds, ``rho (B,)`` the exact robustness of each
-    candidate's own specification at its θ for those controls (in the model), and ``positions (B, H, P)``.
-    B = sum of the groups' ``n``, in group order. ``on_check(iteration, done (B,))`` follows each check.
+def optimise_batch(
+    problems: Sequence[DemoProblem],
+    batch: WindowBatch,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    dt: float,
+    settings: AugmentSettings,
+    init_low: torch.Tensor | None = None,
+    init_high: torch.Tensor | None = None,
+    on_check: Callable[[int, torch.Tensor], None] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Adam on smooth robustness through the dynamics model, the groups of every demonstration in one batch.
+
+    Problem i's knots start uniform in ``[init_low, init_high]`` (default the control bounds), drawn from its own
+    generator, so a candidate gets the same start whatever else shares the batch; Adam acts element-wise and each
+    candidate's loss is its own, so its path does not depend on the batch either (to float round-off). Every
+    ``check_every`` iterations the exact robustness of the still-active candidates is checked on clipped controls;
+    those at or above the margin are frozen as they are and leave the batch.
+
+    Returns, per problem, ``controls (B_i, H, Du)`` clipped to the bounds, ``rho (B_i,)`` the exact robustness of
+    each candidate's own specification at its θ for those controls (in the model), and ``positions (B_i, H, P)``,
+    B_i = sum of the problem's group sizes, in group order. ``on_check(iteration, done (B,))`` follows each check
+    (B = all candidates, problem after problem).
     """
-    horizon = window.horizon
-    w = knot_matrix(horizon, settings.knot_every).to(low.dtype)
-    n_total = sum(g.n for g in groups)
+    w = knot_matrix(batch.horizon, settings.knot_every).to(low.dtype)
+    groups = [g for p in problems for g in p.groups]
+    sizes = [sum(g.n for g in p.groups) for p in problems]
+    n_total = sum(sizes)
     lo0 = low if init_low is None else init_low.to(low)
     hi0 = high if init_high is None else init_high.to(low)
-    knots = random_smooth_controls(n_total, w.shape[1], lo0, hi0, generator).requires_grad_(True)
+    knots = torch.cat([random_smooth_controls(n, w.shape[1], lo0, hi0, p.generator)
+                       for n, p in zip(sizes, problems)]).requires_grad_(True)
     opt = torch.optim.Adam([knots], lr=settings.lr)
     group_of = group_index(groups)
-    units = _evaluation_units(groups, low.dtype)
+    row_demo = torch.repeat_interleave(torch.arange(len(problems)), torch.as_tensor(sizes))
+    units = _evaluation_units(groups, low.dtype, dt)
 
     def evaluate(controls: torch.Tensor, rows: torch.Tensor, smooth: float | None) -> torch.Tensor:
-        return _evaluate(window, units, group_of, controls, rows, dt, smooth)
+        return _evaluate(batch, units, group_of, row_demo, controls, rows, dt, smooth)
 
     active = torch.arange(n_total)
     check_every = max(int(settings.check_every), 1)
@@ -145,30 +238,47 @@ def optimise_controls(
         controls = torch.einsum("hk,bkd->bhd", w, knots).clamp(low, high)
         rows = torch.arange(n_total)
         rho = evaluate(controls, rows, None)
-        positions = window.positions(window.rollout(controls))
-    return controls.detach(), rho.detach(), positions.detach()
+        positions = batch.positions(batch.rollout(controls, row_demo))
+    return list(zip(controls.detach().split(sizes), rho.detach().split(sizes), positions.detach().split(sizes)))
+
+
+@dataclass
+class _Unit:
+    """Groups that share one robustness call: their specification, member groups, parameters (floats, or (B,)
+    per-candidate tables of thresholds) and the masked time bounds ``(signal, sign, steps (B,) long)``."""
+
+    spec: Any
+    member: torch.Tensor
+    params: dict[str, Any]
+    masks: list[tuple[str, float, torch.Tensor]]
 
 
 def _evaluate(
-    window: DemoWindow,
-    units: list[tuple[Any, torch.Tensor, dict]],
+    batch: WindowBatch,
+    units: list[_Unit],
     group_of: torch.Tensor,
+    row_demo: torch.Tensor,
     controls: torch.Tensor,
     rows: torch.Tensor,
     dt: float,
     smooth: float | None,
 ) -> torch.Tensor:
     """Robustness (len(rows),) of candidates ``rows`` (indices into the groups' layout) with ``controls``."""
-    sig = window.signals(window.rollout(controls))
+    demo = row_demo[rows]
+    sig = batch.signals(batch.rollout(controls, demo), demo)
     rho = torch.empty(len(rows), dtype=controls.dtype)
     gid = group_of[rows]
-    for spec, member, row_params in units:
-        sel = torch.nonzero(member[gid]).squeeze(1)
+    for unit in units:
+        sel = torch.nonzero(unit.member[gid]).squeeze(1)
         if len(sel) == 0:
             continue
-        part = {k: sig[k].index_select(0, sel).to(controls.dtype) for k in spec.signals}
-        params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in row_params.items()}
-        rho = rho.index_put((sel,), spec.robustness(part, dt=dt, params=params, smooth=smooth).to(rho.dtype))
+        part = {k: sig[k].index_select(0, sel).to(controls.dtype) for k in unit.spec.signals}
+        for name, sign, steps in unit.masks:
+            beyond = torch.arange(part[name].shape[1]) > steps[rows[sel], None]
+            part[name] = torch.where(beyond, torch.full_like(part[name], sign * MASK), part[name])
+        params = {k: v if isinstance(v, float) else v[rows[sel]] for k, v in unit.params.items()}
+        value = unit.spec.robustness(part, dt=dt, params=params, smooth=smooth)
+        rho = rho.index_put((sel,), value.to(rho.dtype))
     return rho
 
 
@@ -200,8 +310,9 @@ def cem_controls(
     n_g, n_k, n_u = len(groups), w.shape[1], low.numel()
     mean = torch.zeros(n_g, n_k, n_u, dtype=low.dtype)
     std = std0.expand(n_g, n_k, n_u).clone()
-    units = _evaluation_units(groups, low.dtype)
+    units = _evaluation_units(groups, low.dtype, dt)
     group_of = group_index(groups)
+    batch = WindowBatch.of([window])
     starts = torch.as_tensor(np.cumsum([0] + [g.n for g in groups])[:-1])
     n_total = int(group_of.numel())
     all_controls = torch.empty(n_total, window.horizon, n_u, dtype=low.dtype)
@@ -215,7 +326,8 @@ def cem_controls(
         controls = (base[:, None] + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
         rows = (starts[:, None] + r * n_s + torch.arange(n_s)[None]).reshape(-1)
         with torch.no_grad():
-            rho = _evaluate(window, units, group_of, controls.reshape(-1, window.horizon, n_u), rows, dt, None)
+            rho = _evaluate(batch, units, group_of, torch.zeros(n_total, dtype=torch.long),
+                            controls.reshape(-1, window.horizon, n_u), rows, dt, None)
         all_controls[rows] = controls.reshape(-1, window.horizon, n_u)
         all_rho[rows] = rho
         top = torch.topk(rho.reshape(n_g, n_s), n_elite, dim=1).indices  # (G, E)
@@ -228,18 +340,19 @@ def cem_controls(
     return all_controls, all_rho, positions
 
 
-def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype) -> list[tuple[Any, torch.Tensor, dict]]:
-    """Groups that share a specification (same mode, same time bounds) -> one robustness call each.
+def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype, dt: float) -> list[_Unit]:
+    """Groups that share a specification (same mode, same unmaskable time bounds) -> one robustness call each.
 
-    Returns ``(spec, member (n_groups,) bool, params)`` with ``params[name]`` a float when all the unit's groups
-    share the value (always so for time bounds) or a per-candidate tensor (n_total,) of real thresholds.
+    A parameter is a float when all the unit's groups share its value, else a per-candidate table (n_total,); a
+    time bound that :func:`maskable_time_bound` accepts and that differs between the groups is evaluated at its
+    largest value with the signal masked beyond each row's own bound.
     """
     time_names = {n for g in groups for n in getattr(g.spec, "interval_params", set())}
     n_total = sum(g.n for g in groups)
     keys: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
-        key = (str(g.spec), tuple(sorted((k, v) for k, v in g.theta.items() if k in time_names)))
-        keys.setdefault(key, []).append(i)
+        fixed = [(k, v) for k, v in g.theta.items() if k in time_names and maskable_time_bound(g.spec, k) is None]
+        keys.setdefault((str(g.spec), tuple(sorted(fixed))), []).append(i)
     starts = np.cumsum([0] + [g.n for g in groups])
     units = []
     for members in keys.values():
@@ -247,17 +360,55 @@ def _evaluation_units(groups: Sequence[CandidateGroup], dtype: torch.dtype) -> l
         member = torch.zeros(len(groups), dtype=torch.bool)
         member[members] = True
         params: dict[str, Any] = {}
+        masks: list[tuple[str, float, torch.Tensor]] = []
         for name in groups[members[0]].theta:
             values = {groups[i].theta[name] for i in members}
             if len(values) == 1:
                 params[name] = float(values.pop())
+                continue
+            table = torch.zeros(n_total, dtype=torch.float64)
+            for i in members:
+                table[starts[i] : starts[i + 1]] = groups[i].theta[name]
+            if name in time_names:  # maskable (else it is part of the key): the largest bound, rows masked
+                signal, sign = maskable_time_bound(spec, name)
+                params[name] = float(max(values))
+                masks.append((signal, sign, torch.round(table / dt).long()))
             else:
-                table = torch.zeros(n_total, dtype=dtype)
-                for i in members:
-                    table[starts[i] : starts[i + 1]] = groups[i].theta[name]
-                params[name] = table
-        units.append((spec, member, params))
+                params[name] = table.to(dtype)
+        units.append(_Unit(spec, member, params, masks))
     return units
+
+
+def maskable_time_bound(spec: Any, name: str) -> tuple[str, float] | None:
+    """``(signal, sign)`` when time-bound parameter ``name`` occurs only in one top-level conjunct
+    ``F[0,{name}](signal <op> expr)`` (``expr`` free of signals), whose signal occurs nowhere else in ``spec``; else
+    None. Replacing the signal by ``sign * MASK`` beyond a row's own bound then gives that row's robustness at any
+    larger bound. ``sign`` is +1 for ``signal <= expr`` / ``signal < expr`` and -1 for ``>=`` / ``>`` (mirrored when
+    the signal is on the right)."""
+    from stlflow.stl.syntax import And, Num, Param, Predicate, Signal, Temporal
+
+    def conjuncts(f: Any) -> list[Any]:
+        return [c for a in f.args for c in conjuncts(a)] if isinstance(f, And) else [f]
+
+    found, rest = [], []
+    for c in conjuncts(spec):
+        iv = getattr(c, "interval", None)
+        hit = (isinstance(c, Temporal) and c.op == "F" and isinstance(iv.lo, Num) and iv.lo.value == 0
+               and iv.hi == Param(name) and isinstance(c.arg, Predicate))
+        (found if hit else rest).append(c)
+    if len(found) != 1 or any(name in c.params for c in rest):
+        return None
+    pred = found[0].arg
+    less = pred.op in ("<=", "<")
+    if isinstance(pred.left, Signal) and not pred.right.names(Signal):
+        signal, sign = pred.left.name, 1.0 if less else -1.0
+    elif isinstance(pred.right, Signal) and not pred.left.names(Signal):
+        signal, sign = pred.right.name, -1.0 if less else 1.0
+    else:
+        return None
+    if name in pred.params or any(signal in c.signals for c in rest):
+        return None
+    return signal, sign
 
 
 def _mask(rows: torch.Tensor, n: int) -> torch.Tensor:

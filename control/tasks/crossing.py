@@ -108,7 +108,7 @@ class CrossingTask(Task):
             defaults={k: float(v) for k, v in u.rule_defaults.items()},
             control_low=np.asarray(aug.model.control_low, dtype=np.float64),
             control_high=np.asarray(aug.model.control_high, dtype=np.float64),
-            dt=float(u.dt), window=window, **initial_control_range(stl_cfg))
+            dt=float(u.dt), window=window, stack=aug.stack, **initial_control_range(stl_cfg))
 
 
 class CrossingAugmentation:
@@ -163,5 +163,14 @@ class CrossingAugmentation:
             result.signals.update(self.mode_signals_from_obs(ep.obs[1:], dir_y))
             return result
 
+        data = {"state0": state0, "ctx": ctx, "ped0": ped0, "dir_y": dir_y, "replay_scene": (self.env, seed, dir_y)}
         return DemoWindow(horizon=horizon, rollout=rollout, signals=signals,
-                          positions=lambda states: states[..., :2], replay=replay)
+                          positions=lambda states: states[..., :2], replay=replay, data=data)
+
+    @staticmethod
+    def stack(windows: Sequence[Any], replay_threads: int = 1) -> Any:
+        """Several windows of :meth:`window` as one batched problem (see
+        :func:`stlflow.control.tasks.crossing_augment.stack_windows`)."""
+        from stlflow.control.tasks.crossing_augment import stack_windows
+
+        return stack_windows(windows, replay_threads)
