@@ -188,36 +188,60 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
 
 
 # ------------------------------------------------------------------------------------------------ (b) equivalence
-def equivalence(ckpt: str, seeds: int, folder: Path, what: str) -> None:
-    from stlflow.control.evaluate import evaluate
-    from stlflow.control.jobs import EvalJob
+def _ticks_per_plan(episodes: list[dict]) -> float:
+    return sum(e["ticks"] for e in episodes) / max(1, sum(e["safety"].get("plans", 0) for e in episodes))
 
-    print(f"\n(b) equivalence over {seeds} seeds, policy: {what}")
-    spec = ControllerSpec.create("rti", k=2)
+
+def _twin_age_p50(episodes: list[dict]) -> float:
+    """Median command age on the twin's count (ticks from the state a command was computed from to the state it is
+    applied to), over every command of every episode."""
+    hist: dict[int, int] = {}
+    for e in episodes:
+        for age, n in (e.get("twin") or {}).get("command_age", {}).get("hist", []):
+            hist[int(age)] = hist.get(int(age), 0) + int(n)
+    if not hist:
+        return float("nan")
+    ages = np.repeat(list(hist), list(hist.values()))
+    return float(np.percentile(ages, 50))
+
+
+def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[str]) -> None:
+    from stlflow.control.evaluate import evaluate
+    from stlflow.control.jobs import EvalJob, controller_defaults
+
+    spec = ControllerSpec.create("rti", **controller_defaults("rti", TASK))
+    print(f"\n(b) equivalence over {seeds} seeds (1000..), policy: {what}; controller: {spec.label()} (the shipped "
+          f"one); load average {load()} at the start")
     t0 = time.perf_counter()
     rep = evaluate(EvalJob(TASK, ckpt, spec, seeds, seed=1000, delay=1, progress=False,
                            workers=min(8, os.cpu_count() or 1)))
     t_eval = time.perf_counter() - t0
-    addr = f"ipc://{folder}/eq"
-    twin = start_twin(addr, "mode=realtime", "speed=5")
-    try:
-        t0 = time.perf_counter()
-        out = folder / "eq_out"
-        r = subprocess.run([*PY, "control", f"ckpt={ckpt}", "robot=zmq", f"addr={addr}", "mode=realtime", "speed=5",
-                            "rate_hz=50", "controller=rti", "k=2", f"episodes={seeds}", "seed=1000", f"out={out}"],
-                           capture_output=True, text=True, env=ENV)
-        t_zmq = time.perf_counter() - t0
-    finally:
-        stop(twin)
-    if r.returncode != 0:
-        print(f"  stlflow control failed ({r.returncode}): {r.stderr.strip()[-500:]}")
-        return
-    agg = json.loads((out / "report.json").read_text())["aggregate"]
-    print(f"{'run':<44} {'success':>8} {'cmd age p50':>12} {'e-stops':>8} {'wall s':>7}")
-    print(f"{'evaluate lock-step, delay=1':<44} {rep.metrics['success_rate']:>8.1%} {'1 (fixed)':>12} {'-':>8} "
-          f"{t_eval:>7.1f}")
-    print(f"{'stlflow control robot=zmq, twin 5x (50 Hz)':<44} {agg['success_rate']:>8.1%} "
-          f"{agg['command_age_ticks_p50']:>12.0f} {agg['estops']:>8} {t_zmq:>7.1f}")
+    print("    cmd age: ticks from the tick of the observation a command was planned from to the tick it is applied "
+          "(loop: the plan's age when sent; twin: counted where it lands)")
+    print(f"{'run':<52} {'success':>8} {'cmd age p50':>12} {'twin age p50':>13} {'ticks/plan':>11} {'e-stops':>8} "
+          f"{'wall s':>7} {'load 1/5/15 min':>16}")
+    print(f"{'evaluate lock-step, delay=1':<52} {rep.metrics['success_rate']:>8.1%} {'1 (fixed)':>12} {'-':>13} "
+          f"{'-':>11} {'-':>8} {t_eval:>7.1f} {load():>16}", flush=True)
+    for worker in workers:
+        addr = f"ipc://{folder}/eq-{worker}"
+        twin = start_twin(addr, "mode=realtime", "speed=5")
+        try:
+            t0 = time.perf_counter()
+            out = folder / f"eq_out_{worker}"
+            r = subprocess.run([*PY, "control", f"ckpt={ckpt}", "robot=zmq", f"addr={addr}", "mode=realtime",
+                                "speed=5", "rate_hz=50", "controller=rti", f"inference={worker}", f"episodes={seeds}",
+                                "seed=1000", f"out={out}"], capture_output=True, text=True, env=ENV)
+            t_zmq = time.perf_counter() - t0
+        finally:
+            stop(twin)
+        if r.returncode != 0:
+            print(f"  stlflow control inference={worker} failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+            continue
+        report = json.loads((out / "report.json").read_text())
+        agg, eps = report["aggregate"], report["episodes"]
+        print(f"{f'stlflow control robot=zmq, twin 5x (50 Hz), {worker}':<52} {agg['success_rate']:>8.1%} "
+              f"{agg['command_age_ticks_p50']:>12.0f} {_twin_age_p50(eps):>13.0f} {_ticks_per_plan(eps):>11.2f} "
+              f"{agg['estops']:>8} {t_zmq:>7.1f} {load():>16}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ (c) faults
@@ -408,6 +432,7 @@ def main() -> None:
     ap.add_argument("--rates", default="100,50", help="rates (Hz) of the timing rows (a)")
     ap.add_argument("--workers", default="thread,process", help="inference workers of the timing rows (a)")
     ap.add_argument("--robots", default="sim,zmq", help="robots of the timing rows (a): sim (in-process), zmq (twin)")
+    ap.add_argument("--eq-workers", default="process,thread", help="inference workers of the twin rows of (b)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -422,7 +447,7 @@ def main() -> None:
         what = (f"trained here ({args.train_steps} steps on 60 expert demos, {time.perf_counter() - t0:.0f} s; "
                 f"no --ckpt given)")
     if "b" not in skip:
-        equivalence(ckpt, args.seeds, folder, what)
+        equivalence(ckpt, args.seeds, folder, what, args.eq_workers.split(","))
     if "c" not in skip:
         faults(folder, ckpt)
 

@@ -85,6 +85,7 @@ SOURCES = ("fresh", "chunk", "hold", "estop")
 plan's action for a later tick, or a one-action plan held), ``hold`` (no usable action: the robot held still),
 ``estop`` (the e-stop latched on this tick; the robot held and the run ended)."""
 FRESH, CHUNK, HOLD, ESTOP = range(4)
+OFFSET_WINDOW = 4  # observations over which a robot clock's offset to the loop's clock is estimated (see RealtimeLoop)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -239,9 +240,10 @@ class RealtimeLoop:
 
     Observation times: on a robot with the loop's clock (``robot.clock``) as they come. Otherwise, in wall-clock
     runs, a robot time ``t`` (robot seconds) is mapped onto the loop's clock as ``offset + t / speed``, the offset
-    being the earliest ``arrival - t / speed`` seen this run (the arrival of the least delayed observation), so the
-    ticks elapsed since an observation count the robot's ticks, not the transport's delay, and the deadlines lie on
-    the robot's grid as on a shared clock. In lock-step runs an observation is stamped when it arrives.
+    being the least ``arrival - t / speed`` of the last :data:`OFFSET_WINDOW` observations (the arrival of the least
+    delayed one; a window, so that a simulator whose clock falls behind the wall clock is followed), so the ticks
+    elapsed since an observation count the robot's ticks, not the transport's delay, and the deadlines lie on the
+    robot's grid as on a shared clock. In lock-step runs an observation is stamped when it arrives.
     """
 
     def __init__(self, robot: Any, controller: Any, *, clock: Clock | None = None, period: float | None = None,
@@ -348,9 +350,9 @@ class RealtimeLoop:
             now = clock.now()
             if not mapped:
                 return replace(o, t=now, info={**o.info, "robot_t": o.t})
-            offset = now - o.t / state.speed
-            state.offset = offset if state.offset is None else min(state.offset, offset)
-            return replace(o, t=state.offset + o.t / state.speed, info={**o.info, "robot_t": o.t, "arrived": now})
+            state.offsets.append(now - o.t / state.speed)
+            offset = min(state.offsets)
+            return replace(o, t=offset + o.t / state.speed, info={**o.info, "robot_t": o.t, "arrived": now})
 
         started, violation = self._start(seed, worker, stamp, state)
         if not started:
@@ -478,4 +480,5 @@ class _RunState:
     holds: int = 0
     rt_granted: bool = False
     speed: float = 1.0  # the robot's seconds per wall second (mapping its times onto the loop's clock)
-    offset: float | None = None  # loop clock time of the robot's t = 0 (see RealtimeLoop's docstring)
+    # loop clock time of the robot's t = 0 as each recent observation says (arrival - t / speed); the least is used
+    offsets: deque = field(default_factory=lambda: deque(maxlen=OFFSET_WINDOW))

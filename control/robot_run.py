@@ -27,6 +27,14 @@ observation: the command's age) / ``infer_s`` / ``nfe`` / ``busy_s`` / ``source`
 :data:`stlflow.control.realtime.SOURCES`: 0 fresh, 1 chunk, 2 hold, 3 estop) / ``clamped`` / ``rate_limited`` /
 ``nonfinite`` / ``stale``; attributes ``seed``, ``success``, ``complete``, ``end_reason``, ``estop``, ``robot``,
 ``controller``.
+
+Command age, one convention for the loop and the twin: the ticks from the tick of the observation a command was
+planned from to the tick it is applied (the robot's step that acts on the state observed at that tick). The loop's
+deadlines lie on the robot's observation grid and a command goes out right after the tick's observation arrives,
+so a command sent at tick k is applied at tick k: the loop's ``elapsed`` is the age, and the twin's ``command_age``
+(counted where the command lands) agrees. A plan's first command is 1 tick old when the plan was ready within the
+tick (``plan_delay_ticks``), as in ``stlflow eval delay=1``; with RTI's ``interval`` a plan then serves ``interval``
+ticks, so the ages run 1 .. interval (median (interval + 1) / 2), in lock-step evaluation as here.
 """
 
 from __future__ import annotations
@@ -392,7 +400,21 @@ def _episode(job: RobotJob, robot: Any, loop: Any, seed: int,
         return None
     lost = res.estop is not None and res.estop.startswith("robot lost")
     stats = _twin_stats(robot) if job.robot == "zmq" and not lost else None
-    return res, episode_record(res, job, seed, stats)
+    rec = episode_record(res, job, seed, stats)
+    delays = plan_delays(res.ticks)
+    rec["plan_delay_ticks"] = {"p50": float(np.percentile(delays, 50)) if delays.size else float("nan"),
+                               "max": float(delays.max()) if delays.size else float("nan")}
+    return res, rec
+
+
+def plan_delays(ticks: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Ticks from each plan's observation to the first tick that acted on it (the episode's first plan, made before
+    the first deadline, left out): the delay the plans act at, 1 when a plan is ready within the tick. The command
+    age of a tick (``elapsed``) is that plus the ticks the plan has run since."""
+    used = np.isin(np.asarray(ticks["source"]), (0, 1))
+    plan, elapsed = np.asarray(ticks["plan_seq"])[used], np.asarray(ticks["elapsed"], np.float64)[used]
+    first = np.r_[True, plan[1:] != plan[:-1]] if plan.size else np.zeros(0, bool)
+    return elapsed[first][1:]
 
 
 def _record(res: Any, rec: dict[str, Any], job: RobotJob, task: Any, seed: int, tally: _Tally,
@@ -413,6 +435,7 @@ def _record(res: Any, rec: dict[str, Any], job: RobotJob, task: Any, seed: int, 
 def _report(job: RobotJob, task: Any, spec: Any, out: Path, tally: _Tally, interrupted: bool) -> dict[str, Any]:
     """``report.json`` of a run: the job, the episode records and their aggregate."""
     lateness, elapsed, ages = tally.lateness, tally.elapsed, tally.ages
+    delays = [r["plan_delay_ticks"]["p50"] for r in tally.records if np.isfinite(r["plan_delay_ticks"]["p50"])]
     return {
         "task": task.name, "robot": job.robot, "mode": job.mode, "addr": job.addr, "speed": float(spec.speed),
         "dt": float(spec.dt), "rate_hz": float(spec.speed / spec.dt), "controller": job.controller.as_dict(),
@@ -423,6 +446,7 @@ def _report(job: RobotJob, task: Any, spec: Any, out: Path, tally: _Tally, inter
         "aggregate": aggregate(tally.records, np.concatenate(lateness) if lateness else np.zeros(0),
                                np.concatenate(elapsed) if elapsed else np.zeros(0),
                                np.concatenate(ages) if ages else np.zeros(0)),
+        "plan_delay_ticks_p50": float(np.median(delays)) if delays else float("nan"),  # median of the episodes'
         "recorded": str(out / "episodes.zarr") if job.record else None,
     }
 

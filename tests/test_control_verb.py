@@ -86,6 +86,9 @@ def test_lockstep_sim_two_episodes_report_and_store(folder):
     (("ckpt={ckpt}", "robot=zmq", "addr=ipc://{folder}/nobody", "connect_timeout=0.5"),
      "the sim twin at ipc://{folder}/nobody did not answer"),
     (("controller=expert", "robot=zmq", "addr=ipc://{folder}/nobody"), "runs on robot=sim only"),
+    (("ckpt={ckpt}", "robot=sim", "inference=gpu"), "unknown inference 'gpu'; choose one of ['auto', 'process', "
+                                                    "'thread']"),
+    (("controller=expert", "robot=sim", "inference=process"), "it runs with inference=thread"),
 ])
 def test_refusals_exit_2_with_one_line(folder, args, message):
     fill = {"ckpt": folder / "ckpt", "ckpt7": folder / "ckpt7", "folder": folder}
@@ -111,6 +114,36 @@ def _wait_line(lines: list[str], text: str, proc: subprocess.Popen, timeout: flo
         time.sleep(0.02)
 
 
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _all_gone(pids: list[int], timeout: float = 20.0) -> bool:
+    """Whether every process of ``pids`` ends within ``timeout`` s (the inference process, and multiprocessing's
+    resource tracker, which ends when the last process using it has)."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
 def test_sigint_exits_130_with_the_partial_episode_committed(folder):
     out = folder / "sigint"
     proc = subprocess.Popen([*CONTROL, f"ckpt={folder / 'ckpt'}", "robot=sim", "mode=realtime", "speed=1",
@@ -118,11 +151,14 @@ def test_sigint_exits_130_with_the_partial_episode_committed(folder):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     lines = _reader(proc)
     _wait_line(lines, "running on robot=sim", proc)
+    workers = _children(proc.pid)
+    assert len(workers) >= 1  # the inference process (realtime mode runs the policy in a process of its own)
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(60)
     err = proc.stderr.read()
     assert rc == 130, (rc, "".join(lines), err)
+    assert _all_gone(workers)  # stopped on the way out: no orphan
     report = json.loads((out / "report.json").read_text())
     assert report["interrupted"] and len(report["episodes"]) == 1
     ep = report["episodes"][0]
@@ -132,6 +168,19 @@ def test_sigint_exits_130_with_the_partial_episode_committed(folder):
         attrs = store.episode_attrs(0)
         assert attrs["complete"] is False and attrs["end_reason"] == "estop: SIGINT"
         assert store.episode_lengths[0] == ep["ticks"] >= 5  # about 15 ticks in 1.5 s at 10 Hz
+
+
+def test_a_sigkilled_control_process_leaves_no_inference_process(folder):
+    proc = subprocess.Popen([*CONTROL, f"ckpt={folder / 'ckpt'}", "robot=sim", "mode=realtime", "speed=1",
+                             "rate_hz=10", f"out={folder / 'killed'}", "env.kwargs.max_steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    lines = _reader(proc)
+    _wait_line(lines, "running on robot=sim", proc)
+    workers = _children(proc.pid)
+    assert len(workers) >= 1
+    proc.kill()
+    proc.wait(10)
+    assert _all_gone(workers)  # the worker sees its pipe close and ends by itself
 
 
 def test_zmq_robot_against_a_serve_sim_twin(folder):
@@ -150,6 +199,11 @@ def test_zmq_robot_against_a_serve_sim_twin(folder):
         ep = report["episodes"][0]
         assert ep["complete"] and ep["end_reason"] in ("truncated", "terminated", "success") and ep["ticks"] >= 20
         assert ep["sources"]["fresh"] + ep["sources"]["chunk"] > 0 and ep["twin"]["command_age"]["n"] > 0
+        # one convention, ticks from the observation a command was planned from to the tick it is applied: a plan's
+        # first command lands one tick after its observation (the loop's deadlines lie on the twin's grid, and the
+        # command goes out right after the next observation arrives), and the loop and the twin count alike
+        assert ep["plan_delay_ticks"]["p50"] == 1, ep
+        assert abs(ep["command_age_ticks"]["p50"] - ep["twin"]["command_age"]["p50"]) <= 0.5, ep
         with EpisodeStore.open(out / "episodes.zarr") as store:
             assert len(store) == 1 and set(TIMING_KEYS) <= set(store.keys)
     finally:
