@@ -2,6 +2,8 @@
 
     python benchmarks/d4rl_learning.py --minutes 120 --seeds 0,1,2 [--data umaze.hdf5] [--out runs/learning]
     python benchmarks/d4rl_learning.py --minutes 3 --seeds 0 --eval-every 2000 --samples 200000   (a smoke run)
+    python benchmarks/d4rl_learning.py --steps 24000 --minutes 600 --seeds 0 --agents ofql,bc-flow \
+        --set ofql.precision="'bf16'"   (a fixed number of updates, whatever the machine's load)
 
 Each agent trains through ``stlflow.control.d4rl_run.run`` (one process per seed, one torch thread each,
 ``--workers`` at a time) for ``--minutes`` of training time per seed (``max_minutes``; evaluations are not
@@ -35,6 +37,7 @@ def _pm(stat) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=120.0, help="training minutes per seed and agent")
+    ap.add_argument("--steps", type=int, default=10**9, help="at most this many updates per seed and agent")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--agents", default=",".join(AGENTS))
     ap.add_argument("--data", default=None, help="a maze2d-umaze-v1 HDF5 file (default: generate one)")
@@ -61,7 +64,7 @@ def main() -> None:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     reports = {}
     for agent in args.agents.split(","):
-        job = D4RLRunJob(task=TASK, data=str(data), out=str(out / agent), agent=agent, steps=10**9,
+        job = D4RLRunJob(task=TASK, data=str(data), out=str(out / agent), agent=agent, steps=args.steps,
                          eval_every=args.eval_every, eval_episodes=args.episodes, seeds=seeds, workers=args.workers,
                          agent_settings=settings.get(agent, {}), max_minutes=args.minutes,
                          resume=(out / agent).exists())

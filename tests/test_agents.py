@@ -1,6 +1,7 @@
-"""Offline-RL agents (stlflow.policy.agents): OFQL's MeanFlow target against finite differences, the activation and
-critic building blocks, checkpoints with exact resume, and the two-armed toy problem (OFQL picks the better
-arm, bc-flow covers both)."""
+"""Offline-RL agents (stlflow.policy.agents): OFQL's MeanFlow target against finite differences, the fused actor pass
+against the head's loss, the bfloat16 update against the float32 one, the activation and critic building blocks,
+checkpoints with exact resume, the one-step actions held inside the action bounds, and the two-armed toy problem
+(OFQL picks the better arm, bc-flow covers both)."""
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from stlflow.policy.agents import (
     make_agent,
     save_agent,
 )
-from stlflow.policy.agents.base import EnsembleMLP, FastMish
+from stlflow.policy.agents.base import EnsembleMLP, FastMish, mish_and_slope
 from stlflow.policy.checkpoint import CheckpointError
 
 SMALL = {"width": 64, "layers": 2}
@@ -198,3 +199,95 @@ def test_task_defaults_follow_diffusion_ql_where_published():
     assert OFQLAgent.task_defaults("hopper-medium-v2") == {"grad_norm": 9.0}
     assert BCFlowAgent.task_defaults("walker2d-medium-v2") == {"grad_norm": 1.0}
     assert OFQLAgent.task_defaults("maze2d-umaze-v1") == {} and TD3BCAgent.task_defaults("hopper-medium-v2") == {}
+
+
+def test_fused_actor_pass_equals_head_loss_and_one_step():
+    """flow_and_one_step (one network pass over the JVP rows, the r = t rows and the one-step rows) gives the
+    head's MeanFlow loss, its gradients, and the one-step actions of separate calls (float32)."""
+    torch.manual_seed(0)
+    agent = OFQLAgent(4, 2, seed=0, **SMALL_Q)
+    obs, act = torch.randn(64, 4), torch.rand(64, 2) * 2 - 1
+    noise = agent.actor.draw_noise(64, generator=torch.Generator().manual_seed(3))
+    assert 0 < int((noise["r"] < noise["t"]).sum()) < 64  # both kinds of rows
+    eps = torch.randn(64, 1, 2)
+    fused, raw = agent.flow_and_one_step(obs, act, noise, eps)
+    ref = agent.actor.loss(act[:, None], obs, noise=noise)
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(raw, (eps - agent.actor.u(eps, torch.zeros(64), torch.ones(64), obs)).squeeze(1))
+    params = list(agent.actor.parameters())
+    for g1, g2 in zip(torch.autograd.grad(fused, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    # no r < t row at all (flow_ratio 1) and no one-step rows (bc-flow)
+    flat = {**noise, "r": noise["t"].clone()}
+    loss, none = agent.flow_and_one_step(obs, act, flat)
+    assert none is None
+    torch.testing.assert_close(loss, agent.actor.loss(act[:, None], obs, noise=flat))
+
+
+def test_mish_and_slope_is_the_derivative():
+    x = torch.randn(300, dtype=torch.float64) * 6
+    y, slope = mish_and_slope(x.clone().requires_grad_())
+    torch.testing.assert_close(y.detach(), torch.nn.functional.mish(x))
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(torch.nn.functional.mish(xg).sum(), xg)
+    torch.testing.assert_close(slope, g)
+
+
+def _grads(agent, batch):
+    """(losses, critic gradients, actor gradients) of one update's two steps, without stepping."""
+    for opt in agent.optimizers.values():  # capture the gradients the steps would apply
+        opt.step = lambda *a, **k: None
+    out = agent.update(batch)
+    grads = {n: torch.cat([p.grad.flatten() for p in getattr(agent, n).parameters() if p.grad is not None])
+             for n in ("critic", "actor")}
+    return out, grads
+
+
+def test_bf16_update_agrees_with_fp32():
+    """The bfloat16-autocast update (precision="bf16") against the float32 reference on one small batch, same
+    weights and random draws: losses within 3%, gradients within 10% in norm and pointing the same way."""
+    data = Transitions(_random_data(do=4))
+    batch = data.sample(64, torch.Generator().manual_seed(0))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        agent = OFQLAgent(4, 2, seed=0, precision=precision, grad_norm=0.0)
+        agent.prepare(data)
+        results[precision] = _grads(agent, batch)
+    (out32, g32), (out16, g16) = results["fp32"], results["bf16"]
+    for key in ("critic_loss", "flow_loss", "q_loss", "q_mean"):
+        assert out16[key] == pytest.approx(out32[key], rel=0.03, abs=1e-3), key
+    for name in ("critic", "actor"):
+        a, b = g32[name], g16[name]
+        assert torch.linalg.norm(a - b) < 0.1 * torch.linalg.norm(a), name
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OFQLAgent(4, 2, precision="fp16")
+
+
+def _ramp(n=4000, seed=0):
+    """One state; actions uniform in [-0.9, 0.9]²; reward a_1 + a_2: the Q term pushes towards the (1, 1) corner."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-0.9, 0.9, (n, 2))
+    obs = rng.normal(0, 0.01, (n, 1))
+    return {"observations": obs, "actions": a, "rewards": a.sum(1), "next_observations": obs,
+            "terminals": np.ones(n, bool)}
+
+
+def test_one_step_actions_stay_inside_the_action_bounds():
+    """The maze2d collapse in small: a Q term that rises towards the bounds drove the one-step actions beyond
+    [-1, 1], where the clamp gives them no gradient and the flow loss (trained at logit-normal (r, t), almost never
+    at the one-step pair (0, 1)) did not pull them back; the policy then sat in a corner. With the one-step pair in
+    the flow loss and the clip penalty (the defaults) they stay inside; without both, nearly all leave."""
+    data = Transitions(_ramp())
+    eps = torch.randn(400, 1, 2, generator=torch.Generator().manual_seed(1))
+    outside = {}
+    for label, extra in (("defaults", {}), ("neither", {"one_step_ratio": 0.0, "clip_penalty": 0.0})):
+        agent = OFQLAgent(1, 2, seed=0, **SMALL_Q, lr=1e-3, ema_start=10**9, **extra)
+        agent.prepare(data)
+        for _ in range(150):
+            agent.update(data.sample(64, agent.generator))
+        with torch.no_grad():
+            raw = (eps - agent.actor.net(eps, agent.ONE_STEP_TIMES, torch.zeros(400, 1))).squeeze(1)
+        outside[label] = float((raw.abs() > 1.1).float().mean())
+    assert outside["defaults"] < 0.05, outside
+    assert outside["neither"] > 0.5, outside

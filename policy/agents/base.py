@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from stlflow.policy.checkpoint import CheckpointError, read_config, resolve_file, write_checkpoint
 
 __all__ = ["Agent", "EnsembleMLP", "FastMish", "ObsNormalizer", "OfflineAgent", "Transitions", "ema_update",
-           "frozen_copy", "load_agent", "save_agent"]
+           "frozen_copy", "load_agent", "mish_and_slope", "save_agent",
+           "use_compiled_mish"]
 
 WEIGHTS_FILE, STATE_FILE = "model.safetensors", "training_state.pt"
 
@@ -107,6 +108,50 @@ def _mish_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return inv.mul(-2.0).add_(1.0), e, inv
 
 
+def _mish_value_slope(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mish(x), mish'(x)) eagerly: the one-exponential formulas of :class:`_MishFn`, in place where it can."""
+    tsp, e, inv = _mish_parts(x)
+    slope = (e + 1.0).mul_(e).mul_(x).mul_(inv).mul_(inv).mul_(4.0).add_(tsp)
+    return tsp.mul_(x), slope
+
+
+def _mish_value(x: Tensor) -> Tensor:
+    tsp, _, _ = _mish_parts(x)
+    return tsp.mul_(x)
+
+
+def _mish_value_slope_pure(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The same pair written without in-place ops, for ``torch.compile`` (one fused loop instead of ~16 passes)."""
+    e = torch.exp(x.clamp(max=20.0))
+    inv = 1.0 / ((e + 2.0) * e + 2.0)
+    tsp = 1.0 - 2.0 * inv
+    return tsp * x, tsp + 4.0 * x * e * (e + 1.0) * inv * inv
+
+
+def _mish_value_pure(x: Tensor) -> Tensor:
+    e = torch.exp(x.clamp(max=20.0))
+    return x * (1.0 - 2.0 / ((e + 2.0) * e + 2.0))
+
+
+# The activation's elementwise kernels: eager by default; use_compiled_mish() swaps in fused torch.compile versions.
+_KERNELS = {"value_slope": _mish_value_slope, "value": _mish_value}
+
+
+def use_compiled_mish(enabled: bool = True) -> None:
+    """Evaluate :class:`FastMish` and :func:`mish_and_slope` with ``torch.compile``-fused kernels (process-wide).
+
+    On one CPU thread the eager activation (about 16 elementwise passes) costs as much as the 256-wide matmuls
+    around it; the fused loop is 5-8x cheaper. Same values to float rounding. The first call compiles (about a
+    minute; needs a C++ compiler; inductor caches the result on disk for later processes) and shapes are
+    compiled dynamically, so batches of any size reuse it. ``enabled=False`` restores the eager kernels.
+    """
+    if enabled:
+        _KERNELS["value_slope"] = torch.compile(_mish_value_slope_pure, dynamic=True)
+        _KERNELS["value"] = torch.compile(_mish_value_pure, dynamic=True)
+    else:
+        _KERNELS.update(value_slope=_mish_value_slope, value=_mish_value)
+
+
 class _MishFn(torch.autograd.Function):
     """mish(x) = x tanh(softplus(x)) through one exponential: with e = exp(x) and n = e (e + 2),
     tanh(softplus(x)) = n / (n + 2) = 1 - 2 / (n + 2) and mish'(x) = tanh(softplus(x)) + 4 x e (1 + e) / (n + 2)².
@@ -114,9 +159,7 @@ class _MishFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        tsp, e, inv = _mish_parts(x)
-        slope = (e + 1.0).mul_(e).mul_(x).mul_(inv).mul_(inv).mul_(4.0).add_(tsp)
-        return tsp.mul_(x), slope
+        return _KERNELS["value_slope"](x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -136,6 +179,14 @@ class _MishFn(torch.autograd.Function):
         return x_tangent * slope, None
 
 
+def mish_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mish(x), mish'(x))``, differentiable in the first (through :class:`_MishFn` when ``x`` needs gradients):
+    a forward-mode derivative through the activation is then one product with the slope, at no extra cost."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MishFn.apply(x)
+    return _MishFn.forward(x)
+
+
 class FastMish(nn.Mish):
     """``nn.Mish`` with a cheaper kernel: same values (to float rounding) and derivatives, about half the
     forward-plus-backward time of ``torch.nn.functional.mish`` on one CPU thread (where the activation, not the
@@ -144,8 +195,7 @@ class FastMish(nn.Mish):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _MishFn.apply(x)[0]
-        tsp, _, _ = _mish_parts(x)
-        return tsp.mul_(x)
+        return _KERNELS["value"](x)
 
 
 class EnsembleMLP(nn.Module):

@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stlflow.policy.agents.base import EnsembleMLP, FastMish, OfflineAgent, ema_update, frozen_copy
+from stlflow.policy.agents.base import (
+    EnsembleMLP,
+    FastMish,
+    OfflineAgent,
+    ema_update,
+    frozen_copy,
+    mish_and_slope,
+    use_compiled_mish,
+)
 from stlflow.policy.meanflow import MeanFlowHead
 from stlflow.policy.nets import TimeEncoder, linear_jvp, mish_jvp
 
@@ -58,10 +66,36 @@ class FlowMLP(nn.Module):
         self.out = nn.Linear(width, horizon * action_dim)
 
     def forward(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
-        h = torch.cat([x.flatten(1), self.time_encoder(times), cond], dim=-1)
+        """``times`` (B, n_times), or (1, n_times) for times shared by every row (embedded once)."""
+        te = self.time_encoder(times)
+        h = torch.cat([x.flatten(1), te.expand(x.shape[0], -1), cond], dim=-1)
         for lin in self.hidden:
             h = self.act(lin(h))
         return self.out(h).view(x.shape)
+
+    def forward_jvp_rows(self, x: Tensor, times: Tensor, cond: Tensor, dx: Tensor, dtimes: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """One pass over all ``B`` rows and the derivative of the first ``n = dx.shape[0]`` rows along
+        ``(dx, dtimes, 0)``: ``(y (B, Tp, Da), dy (n, Tp, Da))``, ``dy`` not differentiable.
+
+        The same values as :meth:`forward` on all rows and :meth:`forward_jvp` on the first ``n``, with one matmul
+        per layer for the rows instead of two, and the activation's slope taken from its forward pass.
+        """
+        n = dx.shape[0]
+        te, dte = self.time_encoder.forward_jvp(times[:n], dtimes)
+        if n < x.shape[0]:
+            te = torch.cat([te, self.time_encoder(times[n:])])
+        h = torch.cat([x.flatten(1), te, cond], dim=-1)
+        with torch.no_grad():
+            dh = torch.cat([dx.flatten(1), dte, cond.new_zeros(n, cond.shape[1])], dim=-1)
+        for lin in self.hidden:
+            h, slope = mish_and_slope(lin(h))
+            with torch.no_grad():
+                dh = nn.functional.linear(dh, lin.weight) * slope[:n]
+        y = self.out(h)
+        with torch.no_grad():
+            dy = nn.functional.linear(dh, self.out.weight)
+        return y.view(x.shape), dy.view(dx.shape)
 
     def forward_jvp(self, x: Tensor, times: Tensor, cond: Tensor, dx: Tensor, dtimes: Tensor
                     ) -> tuple[Tensor, Tensor]:
@@ -97,8 +131,19 @@ ACTOR_DEFAULTS: dict[str, Any] = {
     "lr": 3e-4, "grad_norm": 5.0,  # Adam; gradient-norm clip (0 = off)
     # the flow loss: share λ of r = t pairs, (t, r) from two logit-normal (or uniform) draws, MeanFlow's adaptive weight
     "flow_ratio": 0.5, "time_sampling": "logit_normal", "logit_mean": -0.4, "logit_std": 1.0, "adaptive_p": 0.0,
+    # share of the r < t rows given the one-step pair (r, t) = (0, 1) itself: the logit-normal draws almost never
+    # reach it, and without it the flow loss does not hold the one-step actions (those the Q term trains and the
+    # agent acts with) to the data (on maze2d they left [-1, 1] and the policy collapsed to a corner)
+    "one_step_ratio": 0.25,
+    # weight of mean ((a - clamp(a, -1, 1))²) of the one-step actions a in the actor loss: the clamp gives actions
+    # beyond [-1, 1] no Q gradient, this brings them back
+    "clip_penalty": 1.0,
     "ema_decay": 0.995, "ema_every": 5, "ema_start": 1000,
+    # the update's matrix products: "fp32", or "bf16" (bfloat16 autocast; weights, optimiser and losses stay float32)
+    "precision": "fp32",
+    "compile": False,  # fuse the activation's elementwise work with torch.compile (process-wide; compiles once)
 }
+PRECISIONS = ("fp32", "bf16")
 
 
 class OFQLAgent(OfflineAgent):
@@ -116,6 +161,13 @@ class OFQLAgent(OfflineAgent):
         c = self.config
         if not 0.0 <= c["flow_ratio"] <= 1.0:
             raise ValueError(f"flow_ratio must be in [0, 1] (share of r = t pairs), got {c['flow_ratio']}")
+        if not 0.0 <= c["one_step_ratio"] <= 1.0:
+            raise ValueError(f"one_step_ratio must be in [0, 1] (share of r < t rows at (r, t) = (0, 1)), got "
+                             f"{c['one_step_ratio']}")
+        if c["precision"] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {c['precision']!r}")
+        if c["compile"]:
+            use_compiled_mish()
         net = FlowMLP(action_dim, 1, obs_dim, width=int(c["width"]), layers=int(c["layers"]),
                       time_embed_dim=int(c["time_embed_dim"]))
         self.actor = MeanFlowHead(net, horizon=1, action_dim=action_dim, ratio_r_neq_t=1.0 - c["flow_ratio"],
@@ -135,16 +187,18 @@ class OFQLAgent(OfflineAgent):
         return {k: v for k, v in task_settings(task).items() if k in cls.defaults}
 
     # -- sampling --------------------------------------------------------------------------------------
+    ONE_STEP_TIMES = torch.tensor([[1.0, 1.0]])  # the network's times (t, t - r) of the one-step jump r = 0, t = 1
+
     def one_step(self, head: MeanFlowHead, obs_n: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Actions ``(B, Da)`` = ε - u(ε, r=0, t=1; s), clamped to [-1, 1]; differentiable in the head's weights."""
         b = obs_n.shape[0]
         eps = torch.randn((b, 1, self.action_dim), generator=generator)
-        u = head.u(eps, torch.zeros(b), torch.ones(b), obs_n)
-        return (eps - u).squeeze(1).clamp(-1.0, 1.0)
+        u = head.net(eps, self.ONE_STEP_TIMES, obs_n)  # = head.u(eps, 0, 1, obs_n), the time embedded once
+        return (eps - u.float()).squeeze(1).clamp(-1.0, 1.0)
 
     def q_values(self, critic: nn.Module, obs_n: Tensor, actions: Tensor) -> Tensor:
-        """Twin Q-values ``(2, B)``."""
-        return critic(torch.cat([obs_n, actions], dim=-1)).squeeze(-1)
+        """Twin Q-values ``(2, B)`` (float32)."""
+        return critic(torch.cat([obs_n, actions], dim=-1)).squeeze(-1).float()
 
     def reset_act_noise(self, seed: int) -> None:
         """Seed the noise of :meth:`act` (evaluations are then repeatable)."""
@@ -161,6 +215,41 @@ class OFQLAgent(OfflineAgent):
         return a[best]
 
     # -- training --------------------------------------------------------------------------------------
+    def autocast(self) -> torch.autocast:
+        """The update's precision: bfloat16 autocast of the matrix products with ``precision="bf16"``, else off."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config["precision"] == "bf16")
+
+    def flow_and_one_step(self, obs_n: Tensor, actions: Tensor, noise: dict[str, Tensor],
+                          eps_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The actor's flow loss and, for noise ``eps_new`` (B, 1, Da), its one-step actions (B, Da), from one pass.
+
+        Equal to ``actor.loss(actions[:, None], obs_n, noise)`` and :meth:`one_step` with that noise (before its
+        clamp to [-1, 1]): the r < t rows
+        (with the JVP), the r = t rows and the one-step rows go through the network together
+        (:meth:`FlowMLP.forward_jvp_rows`). ``obs_n`` (B, Do) normalised, ``actions`` (B, Da).
+        """
+        t, r, eps = noise["t"], noise["r"], noise["eps"]
+        x0 = actions[:, None, :]
+        z = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
+        v = eps - x0
+        jvp = r < t
+        order = torch.cat([jvp.nonzero().squeeze(1), (~jvp).nonzero().squeeze(1)])  # the JVP rows first
+        n, b = int(jvp.sum()), len(t)
+        z, v, obs_o, times = z[order], v[order], obs_n[order], torch.stack([t, t - r], dim=-1)[order]
+        if eps_new is not None:
+            z, obs_o = torch.cat([z, eps_new]), torch.cat([obs_o, obs_n])
+            times = torch.cat([times, self.ONE_STEP_TIMES.expand(len(eps_new), 2)])
+        y, dudt = self.actor.net.forward_jvp_rows(z, times, obs_o, v[:n], torch.ones(n, 2))
+        y = y.float()
+        # MeanFlow target u = v - (t - r) du/dt on the r < t rows (times[:, 1] is t - r), v on the r = t rows
+        target = torch.cat([v[:n] - times[:n, 1, None, None] * dudt.float(), v[n:b]])
+        err = (y[:b] - target).pow(2).flatten(1).mean(1)
+        p = float(self.config["adaptive_p"])
+        if p > 0:
+            err = err / (err.detach() + 1e-3).pow(p)
+        a_new = None if eps_new is None else (eps_new - y[b:]).squeeze(1)
+        return err.mean(), a_new
+
     def _clip_step(self, name: str, params) -> float:
         gn = float(self.config["grad_norm"])
         norm = nn.utils.clip_grad_norm_(params, gn) if gn > 0 else torch.zeros(())
@@ -169,7 +258,7 @@ class OFQLAgent(OfflineAgent):
 
     def _critic_update(self, obs_n: Tensor, b: Mapping[str, Tensor]) -> dict[str, float]:
         c = self.config
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             next_n = self.obs_norm(b["next_obs"])
             if c["max_q_backup"]:
                 k = int(c["backup_samples"])
@@ -180,31 +269,45 @@ class OFQLAgent(OfflineAgent):
                 a_next = self.one_step(self.ema_actor, next_n, self.generator)
                 q_next = self.q_values(self.critic_target, next_n, a_next).min(0).values
             target = b["rewards"] + float(c["discount"]) * b["not_done"] * q_next
-        q = self.q_values(self.critic, obs_n, b["actions"])
+        with self.autocast():
+            q = self.q_values(self.critic, obs_n, b["actions"])
         loss = (q - target).pow(2).mean(1).sum()
         self.optimizers["critic"].zero_grad(set_to_none=True)
         loss.backward()
         norm = self._clip_step("critic", self.critic.parameters())
         return {"critic_loss": loss.item(), "q_mean": q.detach().mean().item(), "critic_grad_norm": norm}
 
+    def draw_flow_noise(self, batch: int) -> dict[str, Tensor]:
+        """The head's (t, r, ε) draws, with a ``one_step_ratio`` share of the r < t rows set to (r, t) = (0, 1)."""
+        noise = self.actor.draw_noise(batch, generator=self.generator)
+        corner = (torch.rand(batch, generator=self.generator) < float(self.config["one_step_ratio"]))
+        corner &= noise["r"] < noise["t"]
+        noise["t"] = torch.where(corner, 1.0, noise["t"])
+        noise["r"] = torch.where(corner, 0.0, noise["r"])
+        return noise
+
     def _actor_update(self, obs_n: Tensor, actions: Tensor) -> dict[str, float]:
         b = obs_n.shape[0]
-        noise = self.actor.draw_noise(b, generator=self.generator)
-        flow_loss = self.actor.loss(actions[:, None, :], obs_n, noise=noise)
+        noise = self.draw_flow_noise(b)
+        eps_new = torch.randn((b, 1, self.action_dim), generator=self.generator) if self.uses_critic else None
+        with self.autocast():
+            flow_loss, a_new = self.flow_and_one_step(obs_n, actions, noise, eps_new)
         loss, out = flow_loss, {"flow_loss": flow_loss.item()}
         if self.uses_critic:
-            a_new = self.one_step(self.actor, obs_n, self.generator)
             # One critic, drawn at random, scores the new actions and (detached) sets the weight α = η / mean |Q|
             # (Diffusion-QL normalises by the other critic; one critic's forward and backward less per update).
             i = int(torch.randint(2, (1,), generator=self.generator))
+            a_in = a_new.clamp(-1.0, 1.0)
             self.critic.requires_grad_(False)  # the Q term trains the actor only: no critic weight gradients
             try:
-                q = self.critic(torch.cat([obs_n, a_new], dim=-1), member=i).squeeze(-1)
+                with self.autocast():
+                    q = self.critic(torch.cat([obs_n, a_in], dim=-1), member=i).squeeze(-1).float()
             finally:
                 self.critic.requires_grad_(True)
             q_loss = -q.mean() / q.detach().abs().mean().clamp_min(1e-6)
-            loss = flow_loss + float(self.config["eta"]) * q_loss
-            out["q_loss"] = q_loss.item()
+            clip_loss = (a_new - a_in).pow(2).sum(-1).mean()
+            loss = flow_loss + float(self.config["eta"]) * q_loss + float(self.config["clip_penalty"]) * clip_loss
+            out.update(q_loss=q_loss.item(), clip_loss=clip_loss.item())
         self.optimizers["actor"].zero_grad(set_to_none=True)
         loss.backward()
         out["actor_grad_norm"] = self._clip_step("actor", self.actor.parameters())
