@@ -67,23 +67,63 @@ class _DriveScan(torch.autograd.Function):
         return torch.from_numpy(lam), torch.from_numpy(gu).permute(1, 0, 2), None
 
 
+class _StepSums(torch.autograd.Function):
+    """Per control step, the sums over its K sub-steps ``sx = sum_i v_i cos(yaw_i)`` and ``sy = sum_i v_i sin(yaw_i)``
+    with ``v_i = p + d i/K`` and ``yaw_i = Y + h (w i + e i (i + 1) / 2K)``, i = 1..K.
+
+    Inputs (B, H) each: ``Y`` yaw at the step's start, ``p``/``d`` speed before the step and its change, ``w``/``e``
+    turn rate before the step and its change. Forward keeps the moments of cos and sin against the K-vectors
+    (1, i/K, i, i^2/K, c_i, c_i i/K) with c_i = i (i + 1) / 2K, so that every input's gradient is a (B, H)
+    combination of them: backward never touches a (B, H, K) array.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, Y: torch.Tensor, p: torch.Tensor, d: torch.Tensor, w: torch.Tensor, e: torch.Tensor,
+                h: float) -> tuple[torch.Tensor, torch.Tensor]:
+        K = SUBSTEPS
+        i = torch.arange(1, K + 1, dtype=Y.dtype)
+        c = i * (i + 1) / (2 * K)
+        weights = torch.stack([torch.ones_like(i), i / K, i, i * i / K, c, c * i / K], dim=1)  # (K, 6)
+        yaw = Y[..., None] + h * (w[..., None] * i + e[..., None] * c)  # (B, H, K)
+        mc = torch.cos(yaw) @ weights  # (B, H, 6)
+        ms = torch.sin(yaw) @ weights
+        ctx.save_for_backward(p, d, mc, ms)
+        ctx.h = h
+        return p * mc[..., 0] + d * mc[..., 1], p * ms[..., 0] + d * ms[..., 1]
+
+    @staticmethod
+    def backward(ctx: Any, gx: torch.Tensor, gy: torch.Tensor) -> tuple:
+        p, d, mc, ms = ctx.saved_tensors
+        gx = torch.zeros_like(p) if gx is None else gx
+        gy = torch.zeros_like(p) if gy is None else gy
+        # d/dv_i: gx cos + gy sin; d/dyaw_i: v_i (gy cos - gx sin), v_i = p + d i/K
+        turn = gy[..., None] * mc - gx[..., None] * ms  # (B, H, 6): moments of (gy cos - gx sin)
+        g_p = gx * mc[..., 0] + gy * ms[..., 0]
+        g_d = gx * mc[..., 1] + gy * ms[..., 1]
+        g_Y = p * turn[..., 0] + d * turn[..., 1]
+        g_w = ctx.h * (p * turn[..., 2] + d * turn[..., 3])
+        g_e = ctx.h * (p * turn[..., 4] + d * turn[..., 5])
+        return g_Y, g_p, g_d, g_w, g_e, None
+
+
 def drive_rollout(state0: torch.Tensor, controls: torch.Tensor, model: CrossingDynamics) -> torch.Tensor:
     """States after each control (B, H, 5) from ``state0 (B, 5)`` and ``controls (B, H, 2)``, as
-    ``model.rollout`` computes them (the same equations; differentiable; controls clipped to the model's bounds)."""
+    ``model.rollout`` computes them (the same equations, summed in another order; differentiable; controls
+    clipped to the model's bounds)."""
+    if model.substeps != SUBSTEPS:
+        raise ValueError(f"drive_rollout integrates the env's {SUBSTEPS} sub-steps; the model has {model.substeps}")
     lo, hi = model.control_low.to(controls), model.control_high.to(controls)
     u = torch.minimum(torch.maximum(controls, lo), hi)
     c = torch.tensor([ACCEL_V * DT, ACCEL_W * DT], dtype=controls.dtype)
     prev, d = _DriveScan.apply(state0[:, 3:5].contiguous(), u.contiguous(), c)
-    K, h = model.substeps, DT / model.substeps
-    i = torch.arange(1, K + 1, dtype=controls.dtype)  # (K,) sub-step index within a control step
-    v_k = prev[..., 0, None] + d[..., 0, None] * (i / K)  # (B, H, K)
-    # yaw at each sub-step: the step's start yaw (a sum over whole steps) + h * (i w + dw i (i + 1) / 2K)
-    turn = h * (K * prev[..., 1] + d[..., 1] * (K + 1) / 2)  # (B, H) yaw change over each step
-    yaw0 = state0[:, 2, None] + torch.cumsum(turn, dim=1) - turn  # (B, H) yaw at the start of each step
-    yaw_k = yaw0[..., None] + h * (prev[..., 1, None] * i + d[..., 1, None] * (i * (i + 1) / (2 * K)))
-    x = state0[:, 0, None] + h * torch.cumsum((v_k * torch.cos(yaw_k)).sum(-1), dim=1)
-    y = state0[:, 1, None] + h * torch.cumsum((v_k * torch.sin(yaw_k)).sum(-1), dim=1)
-    return torch.stack([x, y, yaw_k[..., -1], v_k[..., -1], prev[..., 1] + d[..., 1]], dim=-1)
+    K, h = SUBSTEPS, DT / SUBSTEPS
+    p, dv, w, dw = prev[..., 0], d[..., 0], prev[..., 1], d[..., 1]
+    turn = h * (K * w + dw * (K + 1) / 2)  # (B, H) yaw change over each step: h sum_i (w + dw i/K)
+    start = state0[:, 2, None] + torch.cumsum(turn, dim=1) - turn  # (B, H) yaw at the start of each step
+    sx, sy = _StepSums.apply(start, p, dv, w, dw, h)
+    x = state0[:, 0, None] + h * torch.cumsum(sx, dim=1)
+    y = state0[:, 1, None] + h * torch.cumsum(sy, dim=1)
+    return torch.stack([x, y, start + turn, p + dv, w + dw], dim=-1)
 
 
 def stack_windows(windows: Sequence[Any], replay_threads: int = 1) -> WindowBatch:
