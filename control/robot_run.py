@@ -265,6 +265,8 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
             raise JobError("inference=process builds the controller from the job in the worker process; a "
                            "controller_factory runs on a thread (inference=thread)")
         process = InferenceProcess(recipe, spec.period, interval=interval)
+    elif controller_factory is None and job.controller.name != EXPERT and job.mode == "realtime":
+        recipe.warmup()  # the thread worker's first plans would otherwise pay for the process's first network calls
     tally = _Tally()
     try:
         if process is not None:

@@ -21,8 +21,10 @@ Modes
     In both modes a command computed from an observation of an earlier episode (``obs_seq`` below the seq of the
     newest reset) or arriving after the episode ended is dropped and counted, and a malformed one is rejected and
     counted (the twin keeps running). The command age recorded when a command lands is ``seq of the state it is
-    applied to - obs_seq``: 0 when it acts on the very state it was computed from (always so in lock-step),
-    1 when the twin ticked once in between.
+    applied to - obs_seq``: the ticks from the tick of the observation it was planned from to the tick it is
+    applied (the convention of the control loop's report too, :mod:`stlflow.control.robot_run`): 0 when it acts on
+    the very state it was computed from (always so in lock-step), 1 when the twin ticked once in between (a command
+    sent right after the next observation arrived, as the wall-clock loop sends them).
 
 Shutdown: SIGTERM / SIGINT (the verb turns them into ``should_stop``), or a ``close`` request. The twin publishes
 ``{"closed": True}``, closes its sockets (which removes its ipc socket files) and returns; the verb exits 0. An
