@@ -38,9 +38,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalEmbedding", "UNet1D", "ResidualMLP", "build_net", "count_parameters", "layer_norm_jvp",
+__all__ = ["Conv1d", "SinusoidalEmbedding", "UNet1D", "ResidualMLP", "build_net", "count_parameters", "layer_norm_jvp",
            "linear_jvp", "mish_jvp"]
 
 
@@ -104,13 +105,95 @@ class TimeEncoder(nn.Module):
         return linear_jvp(lin2, *mish_jvp(act, *linear_jvp(lin1, emb, demb)))
 
 
+class _Conv1dGemmWeightGrad(torch.autograd.Function):
+    """``F.conv1d`` whose weight gradient is one matrix product over the unfolded input windows.
+
+    On CPU, torch's convolution backward computes the weight and bias gradients of a short-signal, wide
+    convolution through a slow path: at Diffusion Policy's deepest level (1024 channels, 4 time steps, kernel 5,
+    batch 64, one thread) it took 470 ms against 50 ms for the input gradient and 73 ms for the forward. As
+    ``(B Lout, Co)^T @ (B Lout, C k)`` the same weight gradient is one GEMM (~4x less time there); the input
+    gradient stays torch's own. Forward-mode AD (``torch.func.jvp``) goes through :meth:`jvp`.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
+        return F.conv1d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, stride, padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, weight, None, [s], [p], [1], False, [0], 1,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            c_out, c_in, k = weight.shape
+            windows = F.pad(x, (p, p)).unfold(2, k, s)  # (B, C, Lout, k)
+            rows = windows.permute(0, 2, 1, 3).reshape(-1, c_in * k)  # (B Lout, C k)
+            gw = (grad.transpose(1, 2).reshape(-1, c_out).t() @ rows).view(c_out, c_in, k)
+        if ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2))
+        return gx, gw, gb, None, None
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dw: Tensor | None, db: Tensor | None, _ds, _dp) -> Tensor:
+        x, weight = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        # conv1d is linear in x and in (weight, bias): d out = conv(dx, w) + conv(x, dw) + db
+        out = F.conv1d(torch.zeros_like(x) if dx is None else dx, weight, db, s, p)
+        return out if dw is None else out + F.conv1d(x, dw, None, s, p)
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` (same parameters, state-dict keys and forward) whose training backward computes the weight
+    gradient as one GEMM (:class:`_Conv1dGemmWeightGrad`) where that is faster than torch's own.
+
+    ``weight_grad``: ``"auto"`` (default) takes the GEMM for inputs of at least ``GEMM_MIN_CHANNELS`` channels,
+    ``"gemm"`` always, ``"aten"`` never. Measured per layer (fp32, batch 256, one thread, kernel 5, backward of a
+    C -> C convolution): torch's / GEMM time 3.5x at C = 1024 and 4 time steps, 1.8x at 8, 1.2x at 16; 2.0x, 1.5x,
+    1.0x at C = 512; 0.9-1.1x at C = 256 and 0.5-0.9x below, where the unfold copy costs more than it saves.
+    Under CPU autocast the input, weight and bias are cast to the autocast dtype first, as autocast does for
+    ``conv1d``, so that the backward's products run in that dtype too.
+    """
+
+    GEMM_MIN_CHANNELS = 512
+    weight_grad = "auto"  # "auto" | "gemm" | "aten": an attribute, not a parameter; checkpoints do not record it
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__(c_in, c_out, kernel_size, stride=stride, padding=padding)
+
+    def _gemm(self) -> bool:
+        if self.weight_grad == "auto":
+            return self.in_channels >= self.GEMM_MIN_CHANNELS
+        if self.weight_grad not in ("gemm", "aten"):
+            raise ValueError(f"Conv1d.weight_grad must be 'auto', 'gemm' or 'aten', got {self.weight_grad!r}")
+        return self.weight_grad == "gemm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and self._gemm()):
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        return _Conv1dGemmWeightGrad.apply(x, w, b, self.stride[0], self.padding[0])
+
+
 class Conv1dBlock(nn.Module):
     """Conv1d -> GroupNorm -> Mish, length preserving."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, n_groups: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+            Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
             nn.GroupNorm(n_groups, c_out),
             nn.Mish(),
         )
@@ -127,7 +210,7 @@ class FiLMResBlock(nn.Module):
         self.conv1 = Conv1dBlock(c_in, c_out, kernel_size, n_groups)
         self.conv2 = Conv1dBlock(c_out, c_out, kernel_size, n_groups)
         self.film = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
-        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.skip = Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         h = self.conv1(x)
@@ -188,7 +271,7 @@ class UNet1D(nn.Module):
         self.down = nn.ModuleList()
         for i, (ci, co) in enumerate(pairs):
             last = i == len(pairs) - 1
-            sample = nn.Identity() if last else nn.Conv1d(co, co, 3, stride=2, padding=1)
+            sample = nn.Identity() if last else Conv1d(co, co, 3, stride=2, padding=1)
             self.down.append(nn.ModuleList([block(ci, co), block(co, co), sample]))
         mid = down_dims[-1]
         self.mid = nn.ModuleList([block(mid, mid), block(mid, mid)])
@@ -197,7 +280,7 @@ class UNet1D(nn.Module):
         for ci, co in reversed(pairs[1:]):
             self.up.append(nn.ModuleList([block(2 * co, ci), block(ci, ci), nn.ConvTranspose1d(ci, ci, 4, 2, 1)]))
         self.final = nn.Sequential(
-            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], action_dim, 1)
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), Conv1d(down_dims[0], action_dim, 1)
         )
 
     def forward(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:

@@ -65,6 +65,7 @@ from stlflow.policy.train_checkpoints import (
 __all__ = ["TrainConfig", "Trainer", "EMA", "adamw", "ema_decay", "lr_lambda"]
 
 EvalFn = Callable[[Policy, int], dict[str, float]]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # train.precision -> autocast dtype (None: no autocast)
 
 
 @dataclass
@@ -96,6 +97,9 @@ class TrainConfig:
     distil: str = "velocity"  # velocity (teacher velocity in the MeanFlow loss) | trajectory (flow-map regression)
     distil_pairs: int = 4  # trajectory: grid pairs per teacher path (batch_size // distil_pairs paths per step)
     distil_steps: int = 0  # trajectory: teacher solver steps per path (0: the teacher's default)
+    # fp32 | bf16: bfloat16 autocast over the training forward and loss; weights, gradients, AdamW, EMA, validation
+    # and checkpoints stay fp32 (benchmarks/train_throughput.py measures each against Diffusion Policy's step)
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -216,6 +220,8 @@ class Trainer:
         self.device = _device(cfg.device)
         if self.device.type == "cpu" and cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={cfg.precision!r} is not one of {sorted(PRECISIONS)}")
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.local_batch = cfg.batch_size // self.world
@@ -254,6 +260,11 @@ class Trainer:
         if resume:
             self._resume()
         self._writer = None
+
+    def autocast(self) -> torch.autocast:
+        """The training forward's autocast context (``train.precision``; disabled for fp32)."""
+        dtype = PRECISIONS[self.cfg.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     # ------------------------------------------------------------------ data and noise
     def _indices(self, step: int) -> list[int]:
@@ -414,7 +425,9 @@ class Trainer:
         t_last = time.perf_counter()
         while self.step < until:
             batch = {k: v.to(self.device) for k, v in self.train_data.batch(self._indices(self.step)).items()}
-            loss = self.model(batch, self._noise(self.step))
+            noise = self._noise(self.step)
+            with self.autocast():
+                loss = self.model(batch, noise)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
