@@ -4,7 +4,7 @@ each run for a whole batch of demonstrations.
 1. θ groups per demonstration, each from the demonstration's own random streams (seed pair).
 2. One optimisation for all of them: :func:`~stlflow.datasets.augment_optim.optimise_batch` over a
    :class:`~stlflow.datasets.augment_optim.WindowBatch` (``optimiser="adam"``); the cross-entropy method runs
-   per demonstration.
+   per demonstration, its rollouts through the batch's (PickPlace: ``mujoco.rollout`` in threads).
 3. Diverse selection per demonstration, as before.
 4. Replays in rounds: each round replays, for every demonstration still short of ``per_demo`` accepted episodes,
    its next candidates in selection order (as many as it still needs, within ``max_replays``), all in one call
@@ -135,8 +135,8 @@ def augment_demos(
         if settings.optimiser == "adam":
             outs = optimise_batch([problems[i] for i in idx], batch, low, high, dt, settings, *init)
         else:
-            outs = [cem_controls(problems[i].groups, demos[i].window, low, high, dt, settings, problems[i].generator)
-                    for i in idx]
+            outs = [cem_controls(problems[i].groups, demos[i].window, low, high, dt, settings, problems[i].generator,
+                                 batch, k) for k, i in enumerate(idx)]
         for i, (controls, rho, positions) in zip(idx, outs):
             p = problems[i]
             cands[i] = _Candidates(p.groups, group_index(p.groups), controls, rho, positions, p.generator)

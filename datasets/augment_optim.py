@@ -290,6 +290,8 @@ def cem_controls(
     dt: float,
     settings: AugmentSettings,
     generator: torch.Generator,
+    batch: WindowBatch | None = None,
+    demo: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy method around each group's nominal (``window.nominal_for(mode, theta)``), all groups' samples
     rolled out together each round.
@@ -297,7 +299,8 @@ def cem_controls(
     Each group's ``n`` must be ``cem_iters * cem_samples``: every sample of every round is a candidate (round r,
     sample j of group g sits at ``start_g + r * cem_samples + j``); round 0 includes the nominal itself. The
     perturbation is piecewise linear between knots (``knot_every``). Returns ``controls (B, H, Du)`` clipped to
-    the bounds, exact ``rho (B,)`` and ``positions (B, H, P)`` as :func:`optimise_controls` does.
+    the bounds, exact ``rho (B,)`` and ``positions (B, H, P)`` as :func:`optimise_controls` does. With ``batch``
+    (holding ``window`` as its demonstration ``demo``) the rollouts run through the batch's (e.g. in parallel).
     """
     n_s, n_r = int(settings.cem_samples), int(settings.cem_iters)
     for g in groups:
@@ -312,7 +315,7 @@ def cem_controls(
     std = std0.expand(n_g, n_k, n_u).clone()
     units = _evaluation_units(groups, low.dtype, dt)
     group_of = group_index(groups)
-    batch = WindowBatch.of([window])
+    batch = WindowBatch.of([window]) if batch is None else batch
     starts = torch.as_tensor(np.cumsum([0] + [g.n for g in groups])[:-1])
     n_total = int(group_of.numel())
     all_controls = torch.empty(n_total, window.horizon, n_u, dtype=low.dtype)
@@ -326,7 +329,7 @@ def cem_controls(
         controls = (base[:, None] + torch.einsum("hk,gskd->gshd", w, knots)).clamp(low, high)
         rows = (starts[:, None] + r * n_s + torch.arange(n_s)[None]).reshape(-1)
         with torch.no_grad():
-            rho = _evaluate(batch, units, group_of, torch.zeros(n_total, dtype=torch.long),
+            rho = _evaluate(batch, units, group_of, torch.full((n_total,), demo, dtype=torch.long),
                             controls.reshape(-1, window.horizon, n_u), rows, dt, None)
         all_controls[rows] = controls.reshape(-1, window.horizon, n_u)
         all_rho[rows] = rho
@@ -336,7 +339,7 @@ def cem_controls(
         mean = (1 - a) * mean + a * elite.mean(1)
         std = (1 - a) * std + a * elite.std(1, unbiased=False).clamp_min(1e-6)
     with torch.no_grad():
-        positions = window.positions(window.rollout(all_controls))
+        positions = batch.positions(batch.rollout(all_controls, torch.full((n_total,), demo, dtype=torch.long)))
     return all_controls, all_rho, positions
 
 

@@ -288,3 +288,21 @@ def test_bad_batches_are_refused_clearly(demos):
         augment_demos(specs[:1], task.rules, [], task.param_ranges, task.control_low, task.control_high, task.dt,
                       AugmentSettings(**SMALL), parse)
     assert _run(task, [], task.stack) == []
+
+
+def test_pickplace_rollout_equals_the_step_by_step_rollout(tmp_path):
+    """PickPlace's CEM rollouts through mujoco.rollout (2 threads) equal stepping the env, bit for bit."""
+    from stlflow.control.collect import collect
+    from stlflow.control.jobs import CollectJob
+    from stlflow.control.stl_data import make_augment_task
+
+    store = collect(CollectJob("pickplace", 2, tmp_path / "pp.zarr", seed=3, progress=False))
+    task = make_augment_task("stlflow/PickPlace-v0", {}, {"retime": {"speed_fraction": 0.85}}, None, "float32")
+    windows = [task.window(store.episode(i), store.episode_attrs(i)) for i in range(2)]
+    rng = np.random.default_rng(0)
+    for w in windows:
+        batch, k = task.stack([w], 2), 0  # windows of different horizons go to different batches
+        nom = w.nominal_for("*", {"v_max": 0.4})
+        noise = np.concatenate([rng.normal(0, 0.01, (3, *nom[:, :3].shape)), np.zeros((3, len(nom), 1))], -1)
+        c = torch.as_tensor(nom[None] + noise)
+        np.testing.assert_array_equal(batch.rollout(c, torch.full((3,), k)).numpy(), w.rollout(c).numpy())

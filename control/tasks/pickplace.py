@@ -70,7 +70,7 @@ class PickPlaceTask(Task):
             defaults={k: float(v) for k, v in pp.u.rule_defaults.items()},
             control_low=np.asarray(space.low, dtype=np.float64),
             control_high=np.asarray(space.high, dtype=np.float64),
-            dt=float(pp.u.dt), window=pp.window, **initial_control_range(stl_cfg))
+            dt=float(pp.u.dt), window=pp.window, stack=pp.stack, **initial_control_range(stl_cfg))
 
 
 class PickPlaceAugmentation:
@@ -152,7 +152,32 @@ class PickPlaceAugmentation:
             return replay_controls(self.env, seed, controls)[0]
 
         return DemoWindow(horizon, rollout, signals, lambda states: states[..., :3], replay, nominal=nominal,
-                          retime=retime)
+                          retime=retime, data={"state0": state0})
+
+    def stack(self, windows: Sequence[Any], replay_threads: int = 1) -> Any:
+        """The windows as one batch whose rollout runs MuJoCo's multi-threaded ``mujoco.rollout``
+        (:func:`stlflow.control.tasks.pickplace_rollout.rollout_states`: the same states as the window's own
+        step-by-step rollout) with ``replay_threads`` threads; replays go through each window's own."""
+        import torch
+
+        from stlflow.control.tasks.pickplace_rollout import rollout_states
+        from stlflow.datasets.augment import WindowBatch
+
+        horizons = sorted({w.horizon for w in windows})
+        if len(horizons) != 1:
+            raise ValueError(f"PickPlace windows of one batch must share their horizon; got {horizons}")
+        states0 = [w.data["state0"] for w in windows]
+
+        def rollout(controls: torch.Tensor, demo: torch.Tensor) -> torch.Tensor:
+            c = controls.detach().cpu().numpy()
+            out = np.empty((len(c), horizons[0], 3 + len(self.SIGNALS)))
+            for i in np.unique(demo.numpy()):
+                rows = np.flatnonzero(demo.numpy() == i)
+                out[rows] = rollout_states(self.env, states0[i], c[rows], self.SIGNALS, threads=replay_threads)
+            return torch.as_tensor(out)
+
+        return WindowBatch(horizons[0], rollout, lambda states, demo: windows[0].signals(states),
+                           windows[0].positions, lambda items: [windows[i].replay(c) for i, c in items])
 
 
 def retime_pick_place(actions: np.ndarray, scale: float, start: np.ndarray | None = None,
