@@ -10,14 +10,27 @@ One update (batch ``B``; ``Q'``, ``π'`` the target critics and the EMA actor):
 
 - critics: ``y = r + γ (1 - terminal) min_i Q'_i(s', a')``, ``a' = π'(s')`` (with ``max_q_backup``: the max over
   ``backup_samples`` draws of a', then the min over the twins); loss ``Σ_i mean (Q_i(s, a) - y)²``;
-- actor: ``L = L_flow + η · (-mean Q_i(s, π(s)) / mean |Q_i(s, π(s))|)`` with i ∈ {1, 2} drawn at random and the
-  denominator detached (Diffusion-QL's normalised Q weight α = η / mean |Q|, which makes η portable across tasks;
-  Diffusion-QL takes the denominator from the other critic);
+- actor: ``L = L_flow + η · (-mean Q_i(s, π(s)) / mean |Q_i(s, π(s))|) + c · mean |a - clamp(a, -1, 1)|²`` with
+  i ∈ {1, 2} drawn at random and the denominator detached (Diffusion-QL's normalised Q weight α = η / mean |Q|,
+  which makes η portable across tasks; Diffusion-QL takes the denominator from the other critic); π(s) is the
+  one-step action a clamped to [-1, 1], and the last term (``clip_penalty`` c) gives actions beyond the bounds,
+  which the clamp leaves without a Q gradient, a way back;
   ``L_flow`` is the head's average-velocity loss: u(a_t, r, t; s) regressed on the MeanFlow target
-  ``v - (t - r)(v ∂_a u + ∂_t u)`` (one Jacobian-vector product, the network's hand-written ``forward_jvp``), with
-  (t, r) the max and min of two logit-normal(-0.4, 1) draws and r = t for a ``flow_ratio`` share of the batch;
+  ``v - (t - r)(v ∂_a u + ∂_t u)`` (one Jacobian-vector product, hand-written), with (t, r) the max and min of two
+  logit-normal(-0.4, 1) draws, r = t for a ``flow_ratio`` share of the batch, and (r, t) = (0, 1), the one-step
+  jump itself, for a ``one_step_ratio`` share of the r < t rows;
 - targets: Polyak averaging of the critics (``tau``); the EMA actor copies the actor until ``ema_start`` updates,
   then follows it with decay ``ema_decay`` every ``ema_every`` updates (Diffusion-QL's schedule).
+
+Why the one-step rows and the clip penalty: the logit-normal pairs almost never reach (0, 1), so ``L_flow`` alone
+hardly constrains the one-step map that the Q term trains and the agent acts with. On maze2d-umaze the Q term
+then pushed the one-step actions beyond [-1, 1] (median |a| 2.6 after 18k updates), where the clamp gave them no
+gradient; the policy sat at the (-1, -1) corner, the critics extrapolated upwards there (Q ~ 72 against ~3 for
+TD3+BC's) and the score stayed below random actions' (tests/test_agents.py reproduces it on a toy problem).
+
+The actor's flow rows and one-step rows go through the network in one pass (:meth:`FlowMLP.forward_jvp_rows`).
+``precision="bf16"`` runs the update's matrix products in bfloat16 (autocast; weights, optimiser state and losses
+stay float32); ``compile=True`` fuses the activation's elementwise work with ``torch.compile``. Acting is float32.
 
 ``bc-flow`` (:mod:`stlflow.policy.agents.bc_flow`) is the same actor trained on ``L_flow`` alone.
 """
