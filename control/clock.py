@@ -243,12 +243,14 @@ def cpu_affinity(cpus: set[int] | None) -> Iterator[set[int] | None]:
             os.sched_setaffinity(0, old)
 
 
-def split_cpus() -> tuple[set[int] | None, set[int] | None]:
-    """``(loop cores, worker cores)``: with 2+ cores allowed, the inference worker gets the last one and the loop the
-    others, so a busy worker never runs on the loop's core; with one core (or no affinity call) ``(None, None)``."""
-    if not hasattr(os, "sched_getaffinity"):
+def split_cpus(worker: set[int] | None | str = "auto") -> tuple[set[int] | None, set[int] | None]:
+    """``(loop cores, worker cores)`` of the cores this process may use: ``worker="auto"``: with 2+ cores the
+    inference worker gets the last one and the loop the others, so a busy worker never runs on the loop's core;
+    a set: those cores (of the allowed ones) for the worker, the rest for the loop; None, one core or no affinity
+    call: ``(None, None)`` (unpinned)."""
+    if worker is None or not hasattr(os, "sched_getaffinity"):
         return None, None
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None, None
-    return set(cpus[:-1]), {cpus[-1]}
+    allowed = os.sched_getaffinity(0)
+    mine = {sorted(allowed)[-1]} if worker == "auto" else set(worker) & allowed
+    rest = allowed - mine
+    return (rest, mine) if mine and rest else (None, None)

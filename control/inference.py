@@ -41,6 +41,7 @@ import multiprocessing.connection as mpc
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -114,6 +115,13 @@ def _takes_elapsed(controller: Any) -> bool:
     return "elapsed" in params and "t" in params
 
 
+def _check_schedule(period: float, interval: int) -> None:
+    if not period > 0:
+        raise ValueError(f"period must be > 0 seconds, got {period}")
+    if int(interval) < 1:
+        raise ValueError(f"interval must be >= 1 tick, got {interval}")
+
+
 class _Planner:
     """The worker's side of either worker: the controller, its schedule, and the plans it makes.
 
@@ -184,10 +192,7 @@ class InferenceWorker:
     loop_cpus: set[int] | None = None  # the worker does not ask the loop to keep off a core
 
     def __init__(self, controller: Any, period: float, *, interval: int = 1, name: str = "stlflow-inference") -> None:
-        if not period > 0:
-            raise ValueError(f"period must be > 0 seconds, got {period}")
-        if int(interval) < 1:
-            raise ValueError(f"interval must be >= 1 tick, got {interval}")
+        _check_schedule(period, interval)
         self.controller, self.period, self.name = controller, float(period), name
         self._planner = _Planner(controller, period, interval)
         self.chunks, self.interval = self._planner.chunks, self._planner.interval
@@ -318,7 +323,7 @@ def _process_main(conn: Any, make_controller: Callable[[int | None], Any], perio
             while conn.poll():
                 msgs.append(conn.recv())
             if any(m[0] == "stop" for m in msgs):
-                return
+                _exit(0)
             starts = [i for i, m in enumerate(msgs) if m[0] == "begin"]
             if starts:
                 _, episode, seed, values, t, seq = msgs[starts[-1]]
@@ -333,7 +338,7 @@ def _process_main(conn: Any, make_controller: Callable[[int | None], Any], perio
             plan = planner.take(backlog)
             conn.send(("taken", episode, seq) if plan is None else ("plan", episode, plan, dropped))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent is gone or stopping: nothing to report
-        return
+        _exit(0)
     except BaseException as err:  # noqa: BLE001 -- anything the controller raises goes to the loop
         tb = traceback.format_exc()
         try:
@@ -342,18 +347,25 @@ def _process_main(conn: Any, make_controller: Callable[[int | None], Any], perio
             err = RuntimeError(f"{type(err).__name__}: {err}")
         with contextlib.suppress(OSError, EOFError):
             conn.send(("failure", episode, err, tb, seq))
+        _exit(1)
+
+
+def _exit(code: int) -> None:
+    """End the worker process now: it has nothing to save, and an orderly shutdown takes seconds on a busy machine."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 class InferenceProcess:
     """Runs the controller in a worker process of its own, with :class:`InferenceWorker`'s interface.
 
-    The process is started once (:meth:`start`: a fresh interpreter, ``spawn``; it imports torch and the policy, so
-    a few seconds) and serves every episode: :meth:`begin` builds the episode's controller there with
-    ``make_controller(seed)``. Observations go down a pipe (values, time, seq only); plans come back stamped with
-    their observation and episode, and plans of an earlier episode are dropped. The process runs at normal priority
-    with one torch thread; with ``cpus="auto"`` and 2+ cores it is pinned to the last core and :attr:`loop_cpus`
-    names the others, for the loop's thread. It ignores SIGINT (the loop's process handles it and stops it) and
-    ends by itself when the loop's process goes away.
+    Started once (:meth:`start`: a fresh ``spawn`` interpreter importing torch and the policy: seconds), it serves
+    every episode: :meth:`begin` builds the episode's controller there with ``make_controller(seed)``. Observations
+    go down a pipe (values, time, seq); plans come back stamped with their observation and episode (an earlier
+    episode's are dropped). It runs at normal priority with one torch thread; with ``cpus="auto"`` and 2+ cores on
+    the last core, :attr:`loop_cpus` naming the others. It ignores SIGINT (the loop's process handles it and stops
+    it) and ends by itself when the loop's process goes away.
 
     Args:
         make_controller: ``make_controller(seed) -> controller``, called in the worker process; it and what it
@@ -367,18 +379,8 @@ class InferenceProcess:
     def __init__(self, make_controller: Callable[[int | None], Any], period: float, *, interval: int = 1,
                  cpus: str | set[int] | None = "auto", start_timeout: float = 120.0,
                  name: str = "stlflow-inference") -> None:
-        if not period > 0:
-            raise ValueError(f"period must be > 0 seconds, got {period}")
-        if int(interval) < 1:
-            raise ValueError(f"interval must be >= 1 tick, got {interval}")
-        if cpus == "auto":
-            self.loop_cpus, self.cpus = split_cpus()
-        elif cpus is None:
-            self.loop_cpus, self.cpus = None, None
-        else:
-            allowed = os.sched_getaffinity(0)
-            self.cpus = set(cpus) & allowed or None
-            self.loop_cpus = (allowed - self.cpus) or None if self.cpus else None
+        _check_schedule(period, interval)
+        self.loop_cpus, self.cpus = split_cpus(cpus)
         self.make_controller, self.period, self.interval = make_controller, float(period), int(interval)
         self.start_timeout, self.name = float(start_timeout), name
         self._proc: Any = None
@@ -457,12 +459,10 @@ class InferenceProcess:
             self._drain()
         return self._plan if self.failure is None else None
 
-    # -------------------------------------------------------------------------------------------- internals
     def _send(self, msg: tuple) -> None:
-        if self.failure is not None:
-            return
         try:
-            self._conn.send(msg)
+            if self.failure is None:
+                self._conn.send(msg)
         except (OSError, EOFError, ValueError):
             self._died()
 
@@ -496,5 +496,4 @@ class InferenceProcess:
         self._proc.join(1.0)
         code = self._proc.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        self.failure = InferenceFailure(InferenceProcessDied(f"the inference process {self._proc.pid} died ({how})"),
-                                        "", -1)
+        self.failure = InferenceFailure(InferenceProcessDied(f"the inference process {self.pid} died ({how})"), "", -1)

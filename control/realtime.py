@@ -1,5 +1,5 @@
 """The wall-clock control loop: a :class:`~stlflow.control.robot.Robot` driven at fixed deadlines, its controller
-on a worker thread, every action through the safety layer.
+on an inference worker (a thread, or a process of its own), every action through the safety layer.
 
 Pieces (each usable on its own):
 
@@ -10,10 +10,11 @@ Pieces (each usable on its own):
   :mod:`stlflow.control.clock` and are importable from here too);
 - :class:`RealtimeLoop`: the loop; :class:`LoopResult`: what one run recorded, one row per tick.
 
-The controller runs on :class:`stlflow.control.inference.InferenceWorker`'s thread on the newest observation only;
-the loop never waits for it (except in lock-step, where the clock stands still while it thinks). Each plan is
-stamped with the observation it was computed from, and the loop reads the action for a tick from the newest plan
-by the ticks that have actually elapsed since that observation::
+The controller runs on an inference worker (:class:`stlflow.control.inference.InferenceWorker`'s thread, or
+:class:`~stlflow.control.inference.InferenceProcess`) on the newest observation only; the loop never waits for it
+(except in lock-step, where the clock stands still while it thinks). Each plan is stamped with the observation it
+was computed from, and the loop reads the action for a tick from the newest plan by the ticks that have actually
+elapsed since that observation::
 
     clock     t0      t0+P    t0+2P   t0+3P   t0+4P   t0+5P   t0+6P     (P = period = spec.dt / spec.speed)
     deadline  k=0     k=1     k=2     k=3     k=4     k=5     k=6
@@ -254,6 +255,8 @@ class RealtimeLoop:
                  worker: Any = None) -> None:
         if int(delay) < 0:
             raise ValueError(f"delay must be >= 0 ticks, got {delay}")
+        if controller is None and worker is None:
+            raise ValueError("give a controller (run on a thread each run) or a worker (e.g. an InferenceProcess)")
         if period is not None and not period > 0:
             raise ValueError(f"period must be > 0 seconds, got {period}")
         if max_plan_age is not None and int(max_plan_age) < 0:

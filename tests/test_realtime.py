@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from stlflow.control.clock import split_cpus
 from stlflow.control.controllers import ControllerSpec
 from stlflow.control.inference import InferenceProcess, InferenceWorker, Plan
 from stlflow.control.loop import run_episode
@@ -412,6 +413,8 @@ def test_the_worker_process_plans_as_the_thread_does_on_the_interval_schedule():
         if kind == "process":
             pid = worker.pid
             assert pid != os.getpid() and worker.alive
+            if worker.cpus is not None:  # 2+ cores: the worker on its own core, the loop kept off it
+                assert os.sched_getaffinity(pid) == worker.cpus and not worker.cpus & worker.loop_cpus
         worker.stop()
         plans[kind] = got
         assert worker.plans == 3 and worker.failure is None
@@ -420,6 +423,16 @@ def test_the_worker_process_plans_as_the_thread_does_on_the_interval_schedule():
         assert a.obs_seq == b.obs_seq and a.index == b.index
         np.testing.assert_array_equal(a.actions, b.actions)  # the same controller, bit for bit
     assert [p.obs_seq for p in plans["process"]] == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8]
+
+
+def test_split_cpus_gives_the_worker_a_core_of_its_own():
+    allowed = os.sched_getaffinity(0)
+    loop_cpus, worker_cpus = split_cpus()
+    if len(allowed) >= 2:
+        assert len(worker_cpus) == 1 and loop_cpus | worker_cpus == allowed and not loop_cpus & worker_cpus
+    else:
+        assert (loop_cpus, worker_cpus) == (None, None)
+    assert split_cpus(None) == (None, None) and split_cpus(allowed) == (None, None)  # nothing left for the loop
 
 
 def test_a_raising_worker_process_latches_the_estop_with_its_traceback():
