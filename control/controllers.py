@@ -50,14 +50,14 @@ LOCKSTEP_ONLY = ("sync", "async", "ensemble", "rtc")  # always an AsyncExecutor:
 # RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
 # ``commit`` actions fixed beyond the ones an inference delay commits; ``nfe_per_tick``: size each plan by a per-tick
 # budget (k = nfe_per_tick x the ticks between plans) instead of a fixed k
-_RTI_ASYNC_OPTIONS = ("interval", "commit", "pin", "nfe_per_tick")
+RTI_ASYNC_OPTIONS = ("interval", "commit", "pin", "nfe_per_tick")
 
 
 def rti_options() -> tuple[str, ...]:
     """The keyword options of :class:`RTIController` a spec may set (``k``, ``t_start``, ``renoise``, ...), and the
     executor's ``interval`` / ``commit``."""
     names = inspect.signature(RTIController.__init__).parameters
-    return tuple(n for n in names if n not in _RTI_NOT_OPTIONS) + _RTI_ASYNC_OPTIONS
+    return tuple(n for n in names if n not in _RTI_NOT_OPTIONS) + RTI_ASYNC_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -123,13 +123,18 @@ class ControllerSpec:
     def asynchronous(self) -> bool:
         """Whether :meth:`build` returns an :class:`~stlflow.control.async_exec.AsyncExecutor` at delay 0 too."""
         return self.name in ASYNC_MODES and (self.name != "rti" or any(k in dict(self.options)
-                                                                        for k in _RTI_ASYNC_OPTIONS))
+                                                                        for k in RTI_ASYNC_OPTIONS))
 
-    def per_tick(self) -> ControllerSpec:
-        """This spec without the lock-step executor's schedule options (``interval``, ``commit``): the RTI controller
-        as the wall-clock loop's inference worker runs it, replanning whenever the worker is free."""
-        return ControllerSpec(self.name, tuple((k, v) for k, v in self.options if k not in _RTI_ASYNC_OPTIONS),
-                              self.guidance)
+    def per_tick(self, delay: int = 1) -> ControllerSpec:
+        """This spec without the lock-step executor's schedule options (``interval``, ``commit``, ...): the RTI
+        controller as the wall-clock loop's inference worker runs it on :meth:`worker_schedule`'s schedule for
+        ``delay``. A per-tick budget (``nfe_per_tick``) becomes the k of a plan on that schedule."""
+        options = dict(self.options)
+        per_tick = options.get("nfe_per_tick")
+        kept = {k: v for k, v in options.items() if k not in RTI_ASYNC_OPTIONS}
+        if self.name == "rti" and per_tick is not None:
+            kept["k"] = max(1, round(float(per_tick) * self.worker_schedule(delay)[0]))
+        return ControllerSpec(self.name, tuple(sorted(kept.items())), self.guidance)
 
     def worker_schedule(self, delay: int) -> tuple[int, int]:
         """``(interval, frozen)`` of the :meth:`per_tick` controller on the wall-clock loop's inference worker, when

@@ -246,7 +246,7 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     # from the tick after its observation on)
     delay = int(job.delay) if job.mode == "lockstep" else max(int(job.delay), 1)
     interval, frozen = job.controller.worker_schedule(delay) if controller_factory is None else (1, 0)
-    recipe = EpisodeController(job.controller.per_tick(), job.policy if isinstance(job.policy, (str, Path))
+    recipe = EpisodeController(job.controller.per_tick(delay), job.policy if isinstance(job.policy, (str, Path))
                                else policy, theta, frozen)
 
     def make_controller(seed: int) -> Any:

@@ -124,6 +124,13 @@ def test_a_per_tick_budget_sizes_each_plan_by_the_ticks_between_plans(delay, int
         ControllerSpec.create("rti", nfe_per_tick=0)
 
 
+def test_the_wall_clock_worker_spends_the_same_budget_per_tick():
+    spec = ControllerSpec.create("rti", k=2, interval=4, nfe_per_tick=1, t_start=0.4)
+    assert dict(spec.per_tick(1).options) == {"k": 4, "t_start": 0.4}  # a plan every 4 ticks: 4 steps
+    assert dict(spec.per_tick(3).options) == {"k": 6, "t_start": 0.4}  # every 2 d = 6 ticks: 6 steps
+    assert spec.worker_schedule(3) == (6, 3)
+
+
 @pytest.mark.parametrize("spec", [ControllerSpec.create("sync"), ControllerSpec.create("async"),
                                   ControllerSpec.create("ensemble"), ControllerSpec.create("rtc", steps=4),
                                   ControllerSpec.create("rti", k=1), ControllerSpec.create("rti", k=2, commit=1)])
