@@ -66,13 +66,13 @@ def trajectory_figure(task: str | Task, rows: Sequence[Any]) -> Any:
         (first.area[1] - first.area[0]) > 1.5 * (first.area[3] - first.area[2])
     n = len(groups)
     nrows, ncols = (n, 1) if wide else (1, n)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(10.5, 3.3 * n + 0.6) if wide else (4.6 * n, 4.9),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5, 4.4 * n + 0.8) if wide else (4.6 * n, 5.2),
                              squeeze=False)
     for ax, (theta, group) in zip(axes.ravel(), groups):
         _draw_panel(ax, t, theta, group)
     handles, labels = _legend_entries(axes.ravel())
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.07 if wide else 0.12, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3 if wide else 5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))
     return fig
 
 

@@ -54,9 +54,10 @@ def _crossing_scene(obs: np.ndarray) -> Scene:
         if obs[0, j] > 0.5:  # present
             tracks[f"pedestrian {i}"] = xy + obs[:, j + 1:j + 3]
     goal = (obs[0, :2] + obs[0, 6:8]).astype(np.float64)
-    walls = [((-1.0, y), (10.5, y)) for y in (HALF_WIDTH, -HALF_WIDTH)]
+    w = HALF_WIDTH
+    walls = [((-1.0, w), (10.5, w)), ((-1.0, -w), (10.5, -w)), ((-1.0, -w), (-1.0, w)), ((10.5, -w), (10.5, w))]
     # pedestrians start beyond the walls (their walk is extended backwards): show 1.3 m past each wall
-    return Scene(xy, tracks, [("goal", goal, GOAL_RADIUS)], walls, (-1.0, 10.5, -HALF_WIDTH - 1.3, HALF_WIDTH + 1.3))
+    return Scene(xy, tracks, [("goal", goal, GOAL_RADIUS)], walls, (-1.2, 10.7, -w - 1.3, w + 1.3))
 
 
 def _pickplace_scene(obs: np.ndarray) -> Scene:

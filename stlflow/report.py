@@ -128,12 +128,12 @@ def summary_sentence(task: Task, rows: Sequence[EvalRow], summary: Mapping[str, 
     vmax = ", ".join(f"{v:g}" for v in dict.fromkeys(r.theta.get("v_max", float("nan")) for r in rows))
     n = int(rows[0].metrics["episodes"]) if rows else 0
     guided = " each without and with STL guidance," if any(r.guided for r in rows) else ""
+    per_row = f"{n} episode{'s' if n != 1 else ''} per row"
     return (f"We recorded {demos} scripted-expert demonstrations of {task.env_id}, added {aug} rule-satisfying "
             f"augmented episodes, trained a θ-conditioned flow policy for {steps} steps and ran it in closed loop "
-            f"with the RTI controller (k={summary.get('k', '?')}) at the requested speed limits v_max = {vmax},"
-            f"{guided} {n} episodes per row; the table shows how often the robot succeeded, kept every rule and "
-            f"collided (with 95% intervals), how fast it went, how varied its behaviour was and how long a control "
-            f"tick took.")
+            f"with the RTI controller (k={summary.get('k', '?')}) at the requested speed limits v_max = {vmax} m/s,"
+            f"{guided} {per_row}; the table shows how often the robot succeeded, kept every rule and collided (with "
+            f"95% intervals), how fast it went, how varied its behaviour was and how long a control tick took.")
 
 
 def results_markdown(task: Task, rows: Sequence[EvalRow], summary: Mapping[str, Any], notes: Sequence[str] = ()
