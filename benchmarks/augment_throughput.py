@@ -16,7 +16,8 @@ Both keep only episodes that, replayed in MuJoCo, satisfy their θ without colli
 replay-verified trajectories stored per second of wall time, model-satisfying candidates per second of
 optimisation, the share of candidates that satisfy in the model, the acceptance rate of replays, behaviour modes
 per start state, the diversity of the stored episodes (mean pairwise RMS distance of model trajectories, m) and
-whether the two paths stored the same episodes (same parents, modes, θ; actions within 1e-4). Then the targets
+how many stored episodes the two paths share (same demonstration, mode and θ) with the largest difference of
+their actions. Then the targets
 (Crossing >= 20/s, PickPlace >= 2/s) marked ok or MISSED, and, for Crossing, the replay alone: the control loop
 against ``mujoco.rollout`` (1 and 2 threads) on the stored episodes' controls, with the largest difference of
 the replayed signals. ``--opt`` overrides augmentation options of both paths (``conf/augment.yaml`` opt block;
@@ -92,21 +93,22 @@ def run_path(task: Any, demos: Path, out: Path, opt: dict[str, Any], args: argpa
 
 
 def same_episodes(a: Path, b: Path) -> str:
-    """Whether two augmented stores hold the same episodes (parents, modes, θ; actions within 1e-4)."""
+    """How many stored episodes two augmented stores share, position by position (both are in demonstration order
+    and, within a demonstration, in selection order): same demonstration, mode and θ; and the largest difference
+    of their actions (float32 round-off differs between the two drive models and grows over the Adam steps)."""
     from stlflow.datasets import EpisodeStore
 
     sa, sb = EpisodeStore.open(a), EpisodeStore.open(b)
-    if sa.n_episodes != sb.n_episodes:
-        return f"no ({sa.n_episodes} vs {sb.n_episodes} episodes)"
-    for i in range(sa.n_episodes):
+    same, diff = 0, 0.0
+    for i in range(min(sa.n_episodes, sb.n_episodes)):
         x, y = sa.episode_attrs(i), sb.episode_attrs(i)
-        if (x["parent_episode"], x["mode"]) != (y["parent_episode"], y["mode"]) or x["stl_params"] != y["stl_params"]:
-            return f"no (episode {i}: {x['mode']} of demo {x['parent_episode']} vs {y['mode']} of demo " \
-                   f"{y['parent_episode']})"
+        if (x["parent_episode"], x["mode"], x["stl_params"]) != (y["parent_episode"], y["mode"], y["stl_params"]):
+            continue
+        same += 1
         ea, eb = sa.episode(i)["action"], sb.episode(i)["action"]
-        if ea.shape != eb.shape or np.abs(ea - eb).max() > 1e-4:
-            return f"no (episode {i}: actions differ)"
-    return f"yes ({sa.n_episodes} episodes)"
+        n = min(len(ea), len(eb))
+        diff = max(diff, float(np.abs(ea[:n] - eb[:n]).max()))
+    return f"{same} of {sa.n_episodes} / {sb.n_episodes} (same demo, mode, θ); largest action difference {diff:.1e}"
 
 
 def replay_comparison(demos: Path, augmented: Path) -> list[str]:
@@ -173,7 +175,7 @@ def main() -> int:
         if len(reports) == 2:
             old_r, new_r = reports.values()
             print(f"speed-up {new_r.satisfying_per_second / max(old_r.satisfying_per_second, 1e-9):.2f}x; "
-                  f"same stored episodes: {same_episodes(work / 'old.zarr', work / 'new.zarr')}")
+                  f"stored episodes in common: {same_episodes(work / 'old.zarr', work / 'new.zarr')}")
         best = list(reports.values())[-1].satisfying_per_second
         mark = "ok" if best >= TARGETS[name] else "MISSED"
         summary.append(f"target {name}: >= {TARGETS[name]:g}/s replay-verified: {best:.2f}/s  {mark}")

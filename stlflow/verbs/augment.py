@@ -11,6 +11,12 @@ dynamics model (hinge on smooth robustness at a small positive margin, plus a co
 ``per_demo`` of the candidates that satisfy their θ by group-balanced farthest-point selection; replay each in
 the real MuJoCo env and keep it only if it satisfies its θ there (exact robustness >= 0) without collision.
 
+Demonstrations are processed in batches of ``opt.batch_demos`` (default 8): the candidates of a whole batch are
+optimised in one tensor program (Crossing: a batched drive model) and replayed together (Crossing and PickPlace:
+MuJoCo's multi-threaded ``mujoco.rollout`` with ``opt.replay_threads`` threads; every Crossing rollout is verified
+against the env's own step, else replayed through the env); ``opt.batch_demos=1`` augments one demonstration at a
+time. The stored episodes do not depend on the batching beyond float round-off.
+
 The demonstrations need ``stl_params`` (run ``stlflow calibrate`` first; without it the task defaults are used).
 Output: an EpisodeStore with the demo store's keys (obs, action, signal_*) and per-episode attributes
 ``source=augmented``, ``mode``, ``stl_params``, ``seed``, ``parent_episode``. Deterministic for a seed, for any
