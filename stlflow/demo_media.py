@@ -24,8 +24,8 @@ import numpy as np
 from stlflow.control.tasks import Task, get_task
 from stlflow.demo_scene import end_reason, planned_path, run_scene_episode, scene_of
 
-__all__ = ["trajectory_figure", "project_points", "Clip", "render_clip", "choose_video_seeds", "write_video_grid",
-           "theta_groups"]
+__all__ = ["trajectory_figure", "project_points", "Clip", "render_clip", "render_clips", "choose_video_seeds",
+           "write_video_grid", "theta_groups"]
 
 MARKERS = ("v", "s", "D", "*", "P", "^")  # one per rule, in the task's rule order
 RULE_COLOURS = ("gold", "magenta", "cyan", "white", "lime", "pink")
@@ -229,6 +229,25 @@ def _annotate(frame: np.ndarray, trail: np.ndarray, plan: np.ndarray | None, tit
     if red_border:
         draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=(220, 40, 40), width=4)
     return np.asarray(img)
+
+
+def _clip_of(job: tuple) -> Clip:
+    """:func:`render_clip` of one job (task, policy or checkpoint directory, spec, seed, θ, guided, max_steps,
+    size); module level so that worker processes can run it."""
+    from stlflow.control.evaluate import load_policy
+
+    task, ref, spec, seed, theta, guided, max_steps, size = job
+    policy = None if ref is None else load_policy(ref)
+    return render_clip(task, policy, spec, seed, theta, guided, max_steps=max_steps, size=size)
+
+
+def render_clips(jobs: Sequence[tuple], workers: int = 1) -> list[Clip]:
+    """The clips of ``jobs`` (see :func:`_clip_of`) in order, in ``workers`` processes (1: in this process; more:
+    each job's policy must be a checkpoint directory, which each worker loads once)."""
+    from stlflow.control.workers import parallel_map
+
+    return list(parallel_map(_clip_of, list(jobs), workers=max(1, min(int(workers), len(jobs) or 1)),
+                             desc="videos", unit="clip", progress=False))
 
 
 def choose_video_seeds(episodes: Sequence[Mapping[str, Any]], n: int, search: Any = None, search_seeds: int = 0

@@ -276,18 +276,19 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
                               diversity_starts=b["diversity_starts"], diversity_samples=b["diversity_samples"],
                               max_steps=b.get("max_steps"), workers=workers, progress=progress, log=log, task=task)
     summary["stages"]["evaluate"] = {"seconds": info["seconds"]}
-    return _report_stage(out, rows, summary, policy, b, task, t_start, log)
+    return _report_stage(out, rows, summary, policy, b, task, t_start, log, workers)
 
 
 def _report_stage(out: Path, rows: list[EvalRow], summary: dict[str, Any], policy: Any, b: Mapping[str, Any],
-                  task: str, t_start: float, log: Callable[[str], None]) -> dict[str, Any]:
+                  task: str, t_start: float, log: Callable[[str], None], workers: int = 1) -> dict[str, Any]:
     """Stage 6: the files of :func:`stlflow.report.write_demo_outputs`, then the stage times into report.json."""
     with stage("report (table, JSON, plots, videos)", 6, 6, log) as info:
         summary["total_seconds"] = time.perf_counter() - t_start
         paths = write_demo_outputs(out, rows, summary, policy=policy, video_episodes=b["video_episodes"],
                                    video_max_steps=b.get("video_max_steps"), task=task,
                                    video_search_seeds=int(b.get("video_search_seeds", 0) or 0),
-                                   video_size=b.get("video_size") or (320, 240), log=log)
+                                   video_size=b.get("video_size") or (320, 240), log=log,
+                                   workers=workers, policy_dir=out / "policy")
     summary["stages"]["report"] = {"seconds": info["seconds"]}
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["table"] = results_table(rows)

@@ -199,9 +199,10 @@ def write_json(path: Path, data: Any) -> Path:
 def write_demo_outputs(out: Path, rows: Sequence[EvalRow], summary: Mapping[str, Any], policy: Any = None,
                        video_episodes: int = 0, video_max_steps: int | None = None, task: str = "crossing",
                        video_search_seeds: int = 0, video_size: Sequence[int] = (320, 240),
-                       log: Any = print) -> dict[str, Path]:
+                       log: Any = print, workers: int = 1, policy_dir: str | Path | None = None) -> dict[str, Path]:
     """``report.json``, ``results.md``, ``trajectories.png``, ``satisfaction_diversity.png``, ``latency_hist.png``
-    and, with ``video_episodes`` > 0, ``videos/grid.mp4`` plus one MP4 per tile (see :mod:`stlflow.demo_media`)."""
+    and, with ``video_episodes`` > 0, ``videos/grid.mp4`` plus one MP4 per tile (see :mod:`stlflow.demo_media`;
+    rendered in ``workers`` processes from the checkpoint ``policy_dir`` when both are given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +217,7 @@ def write_demo_outputs(out: Path, rows: Sequence[EvalRow], summary: Mapping[str,
     notes: list[str] = []
     if video_episodes > 0 and policy is not None and rows:
         paths.update(write_demo_videos(out / "videos", t, policy, rows, int(video_episodes), video_max_steps,
-                                       int(video_search_seeds), tuple(video_size), notes, log))
+                                       int(video_search_seeds), tuple(video_size), notes, log, workers, policy_dir))
     paths["markdown"].write_text(results_markdown(t, rows, summary, notes))
     episodes = [{"row": r.label, **e} for r in rows for e in r.episodes]
     write_json(paths["json"], {"env_id": t.env_id, "task": t.name, **dict(summary), "versions": versions(),
@@ -263,14 +264,17 @@ def write_bars(path: Path, rows: Sequence[EvalRow]) -> None:
 
 def write_demo_videos(out: Path, task: Task, policy: Any, rows: Sequence[EvalRow], per_theta: int,
                       max_steps: int | None, search_seeds: int, size: tuple[int, int], notes: list[str],
-                      log: Any = print) -> dict[str, Path]:
+                      log: Any = print, workers: int = 1, policy_dir: str | Path | None = None) -> dict[str, Path]:
     """The video grid: per requested θ (its guided row when there is one) up to ``per_theta`` episodes, a success
-    first (searching up to ``search_seeds`` seeds past the evaluated ones when none succeeded), then a failure."""
-    from stlflow.demo_media import choose_video_seeds, render_clip, theta_groups, write_clip, write_video_grid
+    first (searching up to ``search_seeds`` seeds past the evaluated ones when none succeeded), then a failure.
+
+    With ``workers`` > 1 and the policy's checkpoint ``policy_dir`` the clips render in worker processes."""
+    from stlflow.demo_media import choose_video_seeds, render_clips, theta_groups, write_clip, write_video_grid
     from stlflow.demo_scene import run_scene_episode
 
     fps = max(1, round(1.0 / task.info.dt))
-    grid, paths = [], {}
+    ref = str(policy_dir) if (workers > 1 and policy_dir is not None) else policy
+    jobs, counts = [], []
     for theta, group in theta_groups(rows):
         row = next((r for r in group if r.guided), group[0])
         first_new = max(e["seed"] for e in row.episodes) + 1 if row.episodes else 0
@@ -283,13 +287,17 @@ def write_demo_videos(out: Path, task: Task, policy: Any, rows: Sequence[EvalRow
         if note:
             notes.append(f"videos, {row.label}: {note}")
             log(f"  videos, {row.label}: {note}")
-        clips = [render_clip(task, policy, row.controller, s, theta, row.guided, max_steps=max_steps, size=size)
-                 for s in seeds]
-        for c in clips:
-            name = f"{task.name}_{theta_label_file(theta)}_{'guided' if c.guided else 'unguided'}_seed{c.seed}_" \
-                   f"{c.outcome.replace(' ', '_')}.mp4"
-            paths[f"video_{len(paths)}"] = write_clip(out / name, c, fps)
-        grid.append(clips)
+        jobs += [(task.name, ref, row.controller, s, theta, row.guided, max_steps, size) for s in seeds]
+        counts.append(len(seeds))
+    clips = render_clips(jobs, workers=workers if ref is not policy else 1)
+    grid, paths = [], {}
+    for n in counts:
+        grid.append(clips[:n])
+        clips = clips[n:]
+    for c in (c for row in grid for c in row):
+        name = f"{task.name}_{theta_label_file(c.theta)}_{'guided' if c.guided else 'unguided'}_seed{c.seed}_" \
+               f"{c.outcome.replace(' ', '_')}.mp4"
+        paths[f"video_{len(paths)}"] = write_clip(out / name, c, fps)
     if any(grid):
         paths["video_grid"] = out / "grid.mp4"
         write_video_grid(paths["video_grid"], [row for row in grid if row], fps)

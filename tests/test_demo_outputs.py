@@ -214,6 +214,19 @@ def test_render_clip_and_grid_have_the_frames_and_labels(tmp_path):
     assert not list(tmp_path.glob("*.partial*"))
 
 
+@pytest.mark.slow  # ~20 s: two spawned workers import torch and MuJoCo; the other tests render in this process
+def test_clips_render_the_same_in_worker_processes():
+    """Two worker processes give the clips one process gives, frame for frame, in job order."""
+    from stlflow.demo_media import render_clips
+
+    jobs = [("crossing", None, EXPERT, s, {"v_max": 1.5}, False, 4, (96, 72)) for s in (3, 4)]
+    here, there = render_clips(jobs, workers=1), render_clips(jobs, workers=2)
+    assert [c.seed for c in there] == [3, 4]
+    for a, b in zip(here, there):
+        assert a.outcome == b.outcome and len(a.frames) == len(b.frames) == 5
+        assert all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
+
+
 def test_episode_record_reads_max_speed_from_the_speed_rule():
     from stlflow.control.evaluate import evaluate_episode
     from stlflow.control.jobs import EvalJob
