@@ -126,10 +126,10 @@ def timing(seconds: float, rates: list[int], workers: list[str], robots: list[st
                     print(timing_row(policy, robot, worker, rate, prio, seconds, folder), flush=True)
 
 
-def _timing_robot(kind: str, rate: int, folder: Path):
-    """A connected robot for (a) and what to call when the row is done."""
+def _timing_robot(kind: str, rate: int, prio: int | None, folder: Path):
+    """A connected robot for (a) and what to call when the row is done (the sim's thread at the loop's priority)."""
     if kind == "sim":
-        robot = SimRobot(TASK, realtime=True, speed=rate * 0.1, env_kwargs={"max_steps": 10**7})
+        robot = SimRobot(TASK, realtime=True, speed=rate * 0.1, env_kwargs={"max_steps": 10**7}, rt_priority=prio)
         robot.connect()
         return robot, robot.close
     twin = start_twin(f"ipc://{folder}/t{rate}", "mode=realtime", f"speed={rate * 0.1:g}",
@@ -152,7 +152,7 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
     from stlflow.policy.rti import RTIController
 
     late, infer, overruns, missed, ticks, episodes, granted, estop = [], [], 0, 0, 0, 0, "off", None
-    robot, close = _timing_robot(robot_kind, rate, folder)
+    robot, close = _timing_robot(robot_kind, rate, prio, folder)
     period = robot.spec().period
     process = None
     if worker_kind == "process":

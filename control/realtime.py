@@ -72,6 +72,7 @@ from stlflow.control.clock import (
     Ticker,
     VirtualClock,
     cpu_affinity,
+    frozen_gc,
     realtime_priority,
     switch_interval,
 )
@@ -307,6 +308,7 @@ class RealtimeLoop:
             if self.handle_signals:
                 stack.enter_context(self.safety.signal_handlers())
             stack.enter_context(switch_interval(self.switch_interval))
+            stack.enter_context(frozen_gc(not self.lockstep))
             stack.enter_context(cpu_affinity(worker.loop_cpus))
             state.rt_granted = stack.enter_context(realtime_priority(self.rt_priority))
             try:

@@ -148,7 +148,8 @@ def make_robot(job: RobotJob) -> Any:
     if job.robot == "sim":
         from stlflow.control.sim_robot import SimRobot
 
-        return SimRobot(job.task, env_kwargs=job.env_kwargs, realtime=job.mode == "realtime", speed=float(job.speed))
+        return SimRobot(job.task, env_kwargs=job.env_kwargs, realtime=job.mode == "realtime", speed=float(job.speed),
+                        rt_priority=job.rt_priority)
     from stlflow.control.zmq_robot import ZmqRobot
 
     if not job.addr:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from stlflow.control.clock import realtime_priority
 from stlflow.control.realtime import MonotonicClock, VirtualClock
 from stlflow.control.robot import Observation, RobotError, RobotSpec, hold_action
 
@@ -49,11 +50,14 @@ class SimRobot:
             :func:`~stlflow.control.robot.hold_action`).
         max_catchup: wall clock: steps run back to back when the thread is late by whole periods; beyond that the
             missed steps are skipped and counted (``stats["overruns"]``).
+        rt_priority: wall clock: SCHED_FIFO priority of the stepping thread (None: normal). Give it the loop's: the
+            thread shares the loop's GIL, and a thread preempted by other work while it holds the GIL stalls a
+            real-time loop thread that wants it (refused without CAP_SYS_NICE: a warning, normal priority).
     """
 
     def __init__(self, task: Any, *, env_kwargs: Mapping[str, Any] | None = None, realtime: bool = False,
                  clock: Any = None, speed: float = 1.0, hold: Callable[[np.ndarray], np.ndarray] | None = None,
-                 max_catchup: int = 5) -> None:
+                 max_catchup: int = 5, rt_priority: int | None = None) -> None:
         from stlflow.control.tasks import get_task
 
         if not speed > 0:
@@ -74,6 +78,7 @@ class SimRobot:
         self._spec = self._make_spec()
         self.period = self._spec.period
         self.max_catchup = int(max_catchup)
+        self.rt_priority = rt_priority
         self._cv = threading.Condition(threading.RLock())
         self._connected = self._closed = False
         self._thread: threading.Thread | None = None
@@ -224,6 +229,19 @@ class SimRobot:
 
     def _run(self) -> None:
         """Wall clock: step every period from the reset, with the newest command."""
+        with realtime_priority(self.rt_priority):
+            self._step_on_the_clock()
+
+    def _sleep_until(self, due: float) -> None:
+        """Wall clock: sleep until ``due`` without the clock's final spin. A spinning thread holds the GIL, and the
+        control loop's thread wakes for the same deadline: the robot steps a few tens of µs late instead."""
+        if not isinstance(self.clock, MonotonicClock):
+            self.clock.sleep_until(due)
+            return
+        while (rest := due - self.clock.now()) > 0:
+            time.sleep(rest)
+
+    def _step_on_the_clock(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._active:
@@ -231,7 +249,7 @@ class SimRobot:
                 if self._closed:
                     return
                 epoch, due = self._epoch, self._step_time(self._n + 1)
-            self.clock.sleep_until(due)
+            self._sleep_until(due)
             with self._cv:
                 if self._closed:
                     return

@@ -452,7 +452,14 @@ def test_a_killed_worker_process_latches_the_estop_and_a_new_run_refuses_to_star
     with SimRobot("crossing", realtime=True, speed=5.0) as robot:
         worker = InferenceProcess(EpisodeController(ControllerSpec.create("rti", k=2), policy), robot.spec().period)
         worker.start()
-        killer = threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL))
+
+        def kill_when_running() -> None:  # once the loop has commanded the robot a few times
+            deadline = time.monotonic() + 60.0
+            while robot.stats["sends"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.kill(worker.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_running)
         killer.start()
         try:
             loop = RealtimeLoop(robot, None, worker=worker, obs_wait=0.006)
