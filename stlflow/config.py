@@ -84,7 +84,8 @@ def run_job(verb: str, fn: Callable[[], int | None]) -> int:
 
 def controller_options(cfg: DictConfig, expert_note: str = "") -> dict[str, Any]:
     """The controller block of a verb's config (``controller=NAME`` / ``control.*``) with the ``k=`` shortcut
-    applied; refuses ``k`` for a controller without it and a missing ``ckpt`` for a policy controller."""
+    applied (a fixed k solver steps a plan: it turns RTI's per-tick budget ``nfe_per_tick`` off); refuses ``k`` for
+    a controller without it and a missing ``ckpt`` for a policy controller."""
     from stlflow.control.controllers import EXPERT
     from stlflow.control.jobs import JobError
 
@@ -93,6 +94,7 @@ def controller_options(cfg: DictConfig, expert_note: str = "") -> dict[str, Any]
         if "k" not in control:
             raise JobError(f"controller {control['name']!r} takes no k")
         control["k"] = int(cfg.k)
+        control.pop("nfe_per_tick", None)
     if control["name"] != EXPERT and cfg.ckpt is None:
         raise JobError(f"ckpt=DIR is required (or controller=expert{expert_note})")
     return control

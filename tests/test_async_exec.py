@@ -155,3 +155,13 @@ def test_the_wall_clock_loop_runs_rti_per_tick_and_refuses_lockstep_only_control
     for name in ("sync", "async", "ensemble", "rtc"):
         with pytest.raises(JobError, match=f"controller={name} simulates an inference worker"):
             check(RobotJob(task="crossing", robot="sim", policy=None, controller=ControllerSpec.create(name)))
+
+
+def test_the_k_shortcut_replaces_the_per_tick_budget_and_the_default_keeps_it():
+    from stlflow.config import compose, controller_options
+
+    shipped = controller_options(compose("eval", ["ckpt=x"]))
+    assert shipped["name"] == "rti" and shipped["nfe_per_tick"] == 1 and shipped["interval"] == 4
+    fixed = controller_options(compose("eval", ["ckpt=x", "k=3"]))
+    assert fixed["k"] == 3 and "nfe_per_tick" not in fixed
+    assert ControllerSpec.from_dict(fixed).build(tiny_policy("flow"), seed=0).planner.ctrl.k == 3
