@@ -239,3 +239,29 @@ def test_episode_record_reads_max_speed_from_the_speed_rule():
     assert rec["steps"] == 40 and rec["end_reason"] == "cut at max_steps" and rec["guided"] is False
     assert set(rec["rule_satisfied"]) == {"speed", "clearance", "corridor", "reach"}
     assert rec["stl_satisfied"] == all(rec["rule_satisfied"].values())
+
+
+def test_demo_settings_per_task_and_overrides():
+    """``env=`` picks the task's block of conf/demo.yaml; a top-level value that is not null wins; the task's tiny
+    budget overrides only its own keys; a task without settings is refused by name."""
+    from omegaconf import OmegaConf
+
+    from stlflow.config import compose
+    from stlflow.pipeline import demo_settings
+
+    def settings(*overrides):
+        return demo_settings(OmegaConf.to_container(compose("demo", list(overrides)), resolve=True))
+
+    cross = settings("budget=tiny")
+    assert cross["task"] == "crossing" and cross["sweep"] == [1.0, 1.25, 1.5]
+    assert cross["guidance"]["rules"] == ["speed", "clearance", "corridor"] and cross["guidance"]["enabled"]
+    pick = settings("env=pickplace", "budget=tiny", "guidance.scale=0.02", "v_max_sweep=[0.3]")
+    assert pick["task"] == "pickplace" and pick["cond_params"] == ["v_max", "h_min", "T"] and pick["sweep"] == [0.3]
+    assert pick["guidance"] == {"enabled": True, "rules": ["speed_limit"], "iters": 2, "t_max": 0.25,
+                                "particles": 1, "scale": 0.02}
+    assert pick["budget"]["augment_modes"] == ["left"] and pick["budget"]["train_steps"] == 30
+    assert "augment_stl_opt" not in settings("env=pickplace")["budget"]  # the default budget keeps the task's CEM
+    cfg = OmegaConf.to_container(compose("demo", []), resolve=True)
+    del cfg["tasks"]["crossing"]
+    with pytest.raises(ValueError, match="no settings for task 'crossing'"):
+        demo_settings(cfg)
