@@ -39,9 +39,9 @@ import numpy as np
 from stlflow.control.tasks import get_task
 from stlflow.control.workers import limit_threads
 
-TARGETS = {"crossing": 20.0, "pickplace": 2.0}
+TARGETS = {"crossing": 20.0, "pickplace": 2.0}  # replay-verified trajectories per second (issue targets)
 # The old path also runs the task's optimiser settings from before batching (PickPlace: 4 CEM rounds of 12).
-OLD_STL_OPT = {"pickplace": {"cem_iters": 4, "cem_samples": 12}}  # replay-verified trajectories per second (issue targets)
+OLD_STL_OPT = {"pickplace": {"cem_iters": 4, "cem_samples": 12}}
 DEFAULT_DEMOS = {"crossing": 8, "pickplace": 2}
 
 
