@@ -347,7 +347,7 @@ def test_the_worker_on_the_interval_schedule_reproduces_the_lockstep_executor(de
     ref = run_episode(env, spec.build(POLICY, seed=seed, delay=delay), seed, max_steps=steps)
     env.close()
     with SimRobot("crossing") as robot:
-        ctrl = EpisodeController(spec.per_tick(), POLICY, frozen=frozen)(seed)
+        ctrl = EpisodeController(spec.per_tick(delay), POLICY, frozen=frozen)(seed)
         res = RealtimeLoop(robot, ctrl, delay=delay, interval=interval).run(seed, max_ticks=steps)
     assert res.estop is None and res.length == steps
     np.testing.assert_array_equal(res.action, np.clip(ref.action.astype(np.float64), robot.spec().action_low,
