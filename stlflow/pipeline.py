@@ -142,13 +142,33 @@ def stage_train(stores: Sequence[Path], merged: Path, out: Path, cond_params: Se
     return train_policy(TrainJob(task, data, out, policy=policy, train=train))
 
 
+def rti_options(task: str, k: int | None = None) -> dict[str, Any]:
+    """The RTI controller's options for ``task`` as ``stlflow eval`` ships them (``conf/control/rti.yaml``); ``k``
+    (not None) fixes the solver steps of a plan and turns the per-tick budget ``nfe_per_tick`` off, as the ``k=``
+    shortcut of ``stlflow eval`` does."""
+    opts = dict(controller_defaults("rti", task))
+    if k is not None:
+        opts["k"] = int(k)
+        opts.pop("nfe_per_tick", None)
+    return opts
+
+
+def describe_rti(opts: Mapping[str, Any]) -> str:
+    """``a plan every 4 ticks, 1 network evaluation per tick``: the RTI schedule of :func:`rti_options` in words."""
+    every = f"a plan every {opts['interval']} ticks" if opts.get("interval") else "a plan every tick"
+    if opts.get("nfe_per_tick"):
+        per = float(opts["nfe_per_tick"])
+        return f"{every}, {per:g} network evaluation{'s' if per != 1 else ''} per tick"
+    return f"{every}, k={int(opts.get('k', DEFAULT_K))} solver steps a plan"
+
+
 def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes: int, *, seed: int = 1000,
-                   k: int = DEFAULT_K, guidance: Mapping[str, Any] | None = None, compare_guidance: bool = True,
+                   k: int | None = None, guidance: Mapping[str, Any] | None = None, compare_guidance: bool = True,
                    diversity_starts: int = 2, diversity_samples: int = 4, max_steps: int | None = None,
                    workers: int = 1, progress: bool = True, log: Callable[[str], None] = print,
                    task: str = TASK) -> list[EvalRow]:
-    """Closed loop with the RTI controller (the shipped options of ``conf/control/rti.yaml`` for the task, k solver
-    steps per plan) at each requested θ, without and with STL guidance.
+    """Closed loop with the RTI controller (:func:`rti_options`: the shipped options of ``conf/control/rti.yaml`` for
+    the task, or a fixed ``k`` solver steps per plan) at each requested θ, without and with STL guidance.
 
     ``guidance``: options of the task's :meth:`~stlflow.control.tasks.Task.guidance` (``enabled`` false: no
     guided rows). Metrics per row come
@@ -170,7 +190,7 @@ def stage_evaluate(policy: Any, thetas: Sequence[Mapping[str, float]], episodes:
         theta = {k_: float(v) for k_, v in theta.items()}
         for guided in settings:
             g = t.guidance(theta, **gopts) if guided else None
-            spec = ControllerSpec.create("rti", **{**controller_defaults("rti", t.name), "k": int(k)}, guidance=g)
+            spec = ControllerSpec.create("rti", **rti_options(t.name, k), guidance=g)
             label = f"v_max={theta.get('v_max', float('nan')):.2f}" + (" +guidance" if guided else "")
             t0 = time.perf_counter()
             rep = evaluate(EvalJob(t.name, policy, spec, int(episodes), seed=int(seed), workers=int(workers),
@@ -266,11 +286,13 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"],
                                   "parameters": policy.num_parameters(), "threads": train_threads}
 
-    k = int(controller_defaults("rti", task).get("k", DEFAULT_K)) if c.get("k") is None else int(c["k"])
-    summary["k"] = k
+    k = None if c.get("k") is None else int(c["k"])
+    summary["controller"] = {"name": "rti", **rti_options(task, k)}
+    summary["controller_text"] = describe_rti(summary["controller"])
     dataset_theta = {name: float(v) for name, v in cal["dataset_theta"].items()}
     thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": v} for v in d["sweep"]]
-    with stage(f"evaluate closed loop (RTI k={k}) at {len(thetas)} requested θ", 5, total, log) as info:
+    with stage(f"evaluate closed loop (RTI: {summary['controller_text']}) at {len(thetas)} requested θ", 5, total,
+               log) as info:
         rows = stage_evaluate(policy, thetas, b["eval_episodes"], seed=int(c["eval_seed"]), k=k,
                               guidance=d["guidance"], compare_guidance=True,
                               diversity_starts=b["diversity_starts"], diversity_samples=b["diversity_samples"],

@@ -131,7 +131,8 @@ def summary_sentence(task: Task, rows: Sequence[EvalRow], summary: Mapping[str, 
     per_row = f"{n} episode{'s' if n != 1 else ''} per row"
     return (f"We recorded {demos} scripted-expert demonstrations of {task.env_id}, added {aug} rule-satisfying "
             f"augmented episodes, trained a θ-conditioned flow policy for {steps} steps and ran it in closed loop "
-            f"with the RTI controller (k={summary.get('k', '?')}) at the requested speed limits v_max = {vmax} m/s,"
+            f"with the RTI controller ({summary.get('controller_text', '?')}) at the requested speed limits v_max = "
+            f"{vmax} m/s,"
             f"{guided} {per_row}; the table shows how often the robot succeeded, kept every rule and collided (with "
             f"95% intervals), how fast it went, how varied its behaviour was and how long a control tick took.")
 
