@@ -8,7 +8,7 @@ the same demonstrations with the same seed twice:
 
   old   each demonstration alone (``batch_demos=1``), through the task's own window callables: the robot model's
         ``rollout`` and one control-loop replay in MuJoCo per candidate, with the task's optimiser settings from
-        before batching (PickPlace: 4 CEM rounds of 12 samples; now 2 of 6) -- the path before batching;
+        before batching (no pruning; PickPlace: 4 CEM rounds of 12 samples, now 2 of 6) -- the path before;
   new   ``--batch-demos`` demonstrations in one tensor program (the task's ``stack``: Crossing's batched drive
         model) and their replays together (Crossing: MuJoCo's multi-threaded ``mujoco.rollout``, each episode
         verified against the env's own step, else replayed through the env).
@@ -90,7 +90,8 @@ def run_path(task: Any, demos: Path, out: Path, opt: dict[str, Any], args: argpa
         stl_cfg["opt"] = {**stl_cfg.get("opt", {}), **OLD_STL_OPT[task.name]}
     settings = augment_settings(AugmentJob(demos, out, task=task.name, per_demo=args.per_demo, opt=opt), stl_cfg)
     settings = dataclasses.replace(settings, batch_demos=1 if old else args.batch_demos,
-                                   replay_threads=1 if old else args.replay_threads)
+                                   replay_threads=1 if old else args.replay_threads,
+                                   prune_at=0 if old else settings.prune_at)
     factory = functools.partial(_old_task if old else make_augment_task, task.name, {}, stl_cfg, None,
                                 settings.dtype)
     return augment_store(str(demos), str(out), factory, settings, stl.parse, seed=args.seed, workers=args.workers,

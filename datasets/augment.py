@@ -154,6 +154,8 @@ class AugmentSettings:
     Batching (``stlflow.datasets.augment_batch``): ``batch_demos`` demonstrations are optimised together in one
     tensor program and their replays run together (1: one at a time); ``replay_threads`` threads replay them when
     the task replays in parallel. Neither changes which episodes are stored beyond float round-off.
+    ``prune_at`` > 0: at that iteration's check, candidates whose exact robustness is still below ``prune_below``
+    stop (they rarely satisfy later; fewer candidate-iterations, a few satisfying candidates fewer); 0: never.
     """
 
     per_demo: int = 8
@@ -177,6 +179,8 @@ class AugmentSettings:
     cem_alpha: float = 0.7
     batch_demos: int = 8
     replay_threads: int = 1
+    prune_at: int = 0
+    prune_below: float = -0.3
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -187,7 +187,8 @@ def optimise_batch(
     generator, so a candidate gets the same start whatever else shares the batch; Adam acts element-wise and each
     candidate's loss is its own, so its path does not depend on the batch either (to float round-off). Every
     ``check_every`` iterations the exact robustness of the still-active candidates is checked on clipped controls;
-    those at or above the margin are frozen as they are and leave the batch.
+    those at or above the margin are frozen as they are and leave the batch. At the check of iteration
+    ``settings.prune_at`` (0: never) those still below ``settings.prune_below`` leave it too, unsatisfied.
 
     Returns, per problem, ``controls (B_i, H, Du)`` clipped to the bounds, ``rho (B_i,)`` the exact robustness of
     each candidate's own specification at its θ for those controls (in the model), and ``positions (B_i, H, P)``,
@@ -216,8 +217,11 @@ def optimise_batch(
         if it % check_every == 0 or it == settings.iters:
             with torch.no_grad():
                 controls = torch.einsum("hk,bkd->bhd", w, knots[active]).clamp(low, high)
-                ok = evaluate(controls, active, None) >= settings.margin
-                active = active[~ok]
+                rho = evaluate(controls, active, None)
+                keep = rho < settings.margin
+                if settings.prune_at and it == settings.prune_at:  # far from satisfying by now: rarely ever will
+                    keep &= rho >= settings.prune_below
+                active = active[keep]
             if on_check is not None:
                 done = torch.ones(n_total, dtype=torch.bool)
                 done[active] = False

@@ -143,6 +143,61 @@ def test_masked_evaluation_equals_one_evaluation_per_time_bound(smooth):
         torch.testing.assert_close(rho[3 * j : 3 * j + 3], own, rtol=0, atol=1e-12)
 
 
+# ------------------------------------------------------------------------------------------------ the optimiser
+def _toy_window(offset: float):
+    """A window whose 'dynamics' add ``offset`` to the single control channel; signal ``a`` is that state."""
+    from stlflow.datasets.augment import DemoWindow
+
+    return DemoWindow(12, lambda c: c + offset, lambda st: {"a": st[..., 0]}, lambda st: st, lambda c: None)
+
+
+def _toy_problems(seed: int):
+    from stlflow.datasets.augment_optim import CandidateGroup, DemoProblem
+    from stlflow.stl import parse
+
+    spec = parse("G(a <= {hi}) & F[0,{T}](a >= {lo})")
+    out = []
+    for d, (hi, t) in enumerate(((0.3, 0.4), (0.5, 0.8))):
+        groups = [CandidateGroup("m", spec, {"hi": hi, "lo": hi - 0.1, "T": t}, 5),
+                  CandidateGroup("m", spec, {"hi": hi + 0.1, "lo": hi - 0.05, "T": t + 0.2}, 4)]
+        out.append(DemoProblem(groups, torch.Generator().manual_seed(seed + d)))
+    return out
+
+
+def test_optimise_batch_equals_each_problem_alone():
+    """Two demonstrations (different dynamics, θ and time bounds) in one batch against each alone: the same
+    controls and robustness (float64), because draws, Adam and losses are per candidate."""
+    from stlflow.datasets.augment import AugmentSettings, WindowBatch
+    from stlflow.datasets.augment_optim import optimise_batch, optimise_controls
+
+    s = AugmentSettings(iters=25, check_every=5, lr=0.05, margin=0.01, knot_every=3, dtype="float64")
+    lo, hi = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    windows = [_toy_window(0.0), _toy_window(-0.2)]
+    together = optimise_batch(_toy_problems(0), WindowBatch.of(windows), lo, hi, 0.1, s)
+    for problem, window, got in zip(_toy_problems(0), windows, together):
+        alone = optimise_controls(problem.groups, window, lo, hi, 0.1, s, problem.generator)
+        for x, y in zip(got, alone):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    assert (torch.cat([r for _, r, _ in together]) >= s.margin).any()
+
+
+def test_pruning_stops_candidates_far_from_satisfying():
+    from stlflow.datasets.augment import AugmentSettings, WindowBatch
+    from stlflow.datasets.augment_optim import optimise_batch
+
+    lo, hi = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    seen = {}
+    s = AugmentSettings(iters=25, check_every=5, lr=0.05, margin=0.01, knot_every=3, dtype="float64", prune_at=5,
+                        prune_below=100.0)  # everything not yet satisfying at iteration 5 stops there
+    out = optimise_batch(_toy_problems(1), WindowBatch.of([_toy_window(0.0), _toy_window(-0.2)]), lo, hi, 0.1, s,
+                         on_check=lambda it, done: seen.setdefault(it, done.clone()))
+    assert set(seen) == {0, 5} and seen[5].all() and not seen[0].all()
+    free = optimise_batch(_toy_problems(1), WindowBatch.of([_toy_window(0.0), _toy_window(-0.2)]), lo, hi, 0.1,
+                          AugmentSettings(**{**s.__dict__, "prune_at": 0}))
+    n_pruned, n_free = (sum(int((r >= s.margin).sum()) for _, r, _ in x) for x in (out, free))
+    assert n_pruned < n_free
+
+
 # ------------------------------------------------------------------------------------------------ the whole batch
 @pytest.fixture(scope="module")
 def batched64(demos):
