@@ -9,9 +9,11 @@
     SimRobot (its stepping thread shares the loop's GIL) or a serve-sim twin process over ipc: lateness p50 / p99 /
     max and overruns (ticks later than 10% of the period), with the load average (other jobs on the machine) at
     the end of each row. "refused" where the OS refuses SCHED_FIFO.
-(b) equivalence: the same policy over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))` against
-    `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz): success rates, command
-    age p50, e-stops. The policy is --ckpt, or one trained here (expert demos + a short flow training run).
+(b) equivalence: the same policy and the shipped RTI over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))`
+    against `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz; the loop and the
+    inference process at SCHED_FIFO --eq-rt-priority), with the inference process and with a thread: success
+    rates, plan delay and command age p50 (the loop's and the twin's count), ticks per plan, e-stops. The policy
+    is --ckpt, or one trained here (expert demos + a short flow training run).
 (c) faults, each with the time to a safe state: the twin killed, the control process SIGKILLed, the inference
     worker raising, a NaN action, SIGINT.
 
@@ -156,7 +158,7 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
     period = robot.spec().period
     process = None
     if worker_kind == "process":
-        process = InferenceProcess(EpisodeController(ControllerSpec.create("rti", k=2), policy), period)
+        process = InferenceProcess(EpisodeController(ControllerSpec.create("rti", k=2), policy), period, priority=prio)
         process.start()
     try:
         t_end = time.monotonic() + seconds
@@ -205,7 +207,7 @@ def _twin_age_p50(episodes: list[dict]) -> float:
     return float(np.percentile(ages, 50))
 
 
-def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[str]) -> None:
+def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[str], prio: int | None) -> None:
     from stlflow.control.evaluate import evaluate
     from stlflow.control.jobs import EvalJob, controller_defaults
 
@@ -226,6 +228,7 @@ def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[st
     print(f"{'evaluate lock-step, delay=1':<52} {rep.metrics['success_rate']:>8.1%} {1:>15} "
           f"{np.median(np.arange(1, interval + 1)):>12.1f} {'-':>13} {interval:>11.2f} {'-':>8} {t_eval:>7.1f} "
           f"{load():>16}", flush=True)
+    fifo = f", FIFO {prio}" if prio else ""
     for worker in workers:
         addr = f"ipc://{folder}/eq-{worker}"
         twin = start_twin(addr, "mode=realtime", "speed=5")
@@ -234,7 +237,8 @@ def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[st
             out = folder / f"eq_out_{worker}"
             r = subprocess.run([*PY, "control", f"ckpt={ckpt}", "robot=zmq", f"addr={addr}", "mode=realtime",
                                 "speed=5", "rate_hz=50", "controller=rti", f"inference={worker}", f"episodes={seeds}",
-                                "seed=1000", f"out={out}"], capture_output=True, text=True, env=ENV)
+                                "seed=1000", f"out={out}", *([f"rt_priority={prio}"] if prio else [])],
+                               capture_output=True, text=True, env=ENV)
             t_zmq = time.perf_counter() - t0
         finally:
             stop(twin)
@@ -243,7 +247,7 @@ def equivalence(ckpt: str, seeds: int, folder: Path, what: str, workers: list[st
             continue
         report = json.loads((out / "report.json").read_text())
         agg, eps = report["aggregate"], report["episodes"]
-        print(f"{f'stlflow control robot=zmq, twin 5x (50 Hz), {worker}':<52} {agg['success_rate']:>8.1%} "
+        print(f"{f'stlflow control robot=zmq, twin 5x, {worker}{fifo}':<52} {agg['success_rate']:>8.1%} "
               f"{report['plan_delay_ticks_p50']:>15.0f} {agg['command_age_ticks_p50']:>12.1f} "
               f"{_twin_age_p50(eps):>13.1f} {_ticks_per_plan(eps):>11.2f} "
               f"{agg['estops']:>8} {t_zmq:>7.1f} {load():>16}", flush=True)
@@ -438,6 +442,7 @@ def main() -> None:
     ap.add_argument("--workers", default="thread,process", help="inference workers of the timing rows (a)")
     ap.add_argument("--robots", default="sim,zmq", help="robots of the timing rows (a): sim (in-process), zmq (twin)")
     ap.add_argument("--eq-workers", default="process,thread", help="inference workers of the twin rows of (b)")
+    ap.add_argument("--eq-rt-priority", type=int, default=1, help="rt_priority of the twin rows of (b) (0: none)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -452,7 +457,7 @@ def main() -> None:
         what = (f"trained here ({args.train_steps} steps on 60 expert demos, {time.perf_counter() - t0:.0f} s; "
                 f"no --ckpt given)")
     if "b" not in skip:
-        equivalence(ckpt, args.seeds, folder, what, args.eq_workers.split(","))
+        equivalence(ckpt, args.seeds, folder, what, args.eq_workers.split(","), args.eq_rt_priority or None)
     if "c" not in skip:
         faults(folder, ckpt)
 

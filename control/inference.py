@@ -176,10 +176,9 @@ class _Planner:
 
 
 class InferenceWorker:
-    """Runs ``controller`` on its own thread of this process (see the module docstring).
-
-    Use: :meth:`start`, :meth:`begin` (reset the controller and plan on the episode's first observation),
-    then :meth:`submit` every new observation and read :meth:`latest`; :meth:`stop` at the end.
+    """Runs ``controller`` on its own thread of this process (see the module docstring). Use: :meth:`start`,
+    :meth:`begin` (reset the controller, plan on the episode's first observation), :meth:`submit` every new
+    observation, read :meth:`latest`; :meth:`stop` at the end.
 
     Args:
         controller: see the module docstring.
@@ -210,6 +209,7 @@ class InferenceWorker:
 
     # -------------------------------------------------------------------------------------------- the loop's side
     started = property(lambda self: self._thread is not None)
+    alive = property(lambda self: self._thread is not None and self._thread.is_alive())
 
     def start(self) -> None:
         if self._thread is not None:
@@ -259,8 +259,6 @@ class InferenceWorker:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    alive = property(lambda self: self._thread is not None and self._thread.is_alive())
-
     # -------------------------------------------------------------------------------------------- the worker
     def _main(self) -> None:
         seq = -1
@@ -293,22 +291,18 @@ class InferenceWorker:
 
 
 # ------------------------------------------------------------------------------------------------ in a process
-def _wire(obs: Observation) -> tuple[np.ndarray, float, int]:
-    return np.asarray(obs.values), float(obs.t), int(obs.seq)  # what the process needs: a few hundred bytes
-
-
 def _process_main(conn: Any, make_controller: Callable[[int | None], Any], period: float, interval: int,
-                  cpus: set[int] | None) -> None:
-    """The worker process: controllers from ``make_controller(seed)`` per episode, plans back through ``conn``.
-
-    In: ``("begin", episode, seed, values, t, seq)``, ``("obs", episode, values, t, seq)``, ``("stop",)``. Out:
+                  cpus: set[int] | None, priority: int | None) -> None:
+    """The worker process: controllers from ``make_controller(seed)`` per episode, plans back through ``conn``. In:
+    ``("begin", episode, seed, values, t, seq)``, ``("obs", episode, values, t, seq)``, ``("stop",)``. Out:
     ``("ready",)``, ``("plan", episode, Plan, dropped)``, ``("taken", episode, seq)`` (an observation only added to
     the history), ``("failure", episode, error, traceback, seq)``. Ends on ``stop`` or when the parent is gone (EOF)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the parent's to handle
     normal_priority()
-    if cpus:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, cpus)
+    with contextlib.suppress(AttributeError, OSError):  # refused: unpinned
+        os.sched_setaffinity(0, cpus or os.sched_getaffinity(0))
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # refused (or None): normal priority
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(priority)))
     import torch
 
     torch.set_num_threads(1)
@@ -373,14 +367,17 @@ class InferenceProcess:
             process before :meth:`start` returns.
         period, interval: as :class:`InferenceWorker`'s.
         cpus: ``"auto"`` (above), a set of cores for the worker (:attr:`loop_cpus` the rest), or None (unpinned).
+        priority: SCHED_FIFO priority of the process (None: normal), at most the loop's: on its own core, other
+            work on the machine then cannot delay a plan (where refused, it runs at normal priority).
         start_timeout: seconds :meth:`start` waits for the process to be ready.
     """
 
     def __init__(self, make_controller: Callable[[int | None], Any], period: float, *, interval: int = 1,
-                 cpus: str | set[int] | None = "auto", start_timeout: float = 120.0,
+                 cpus: str | set[int] | None = "auto", priority: int | None = None, start_timeout: float = 120.0,
                  name: str = "stlflow-inference") -> None:
         _check_schedule(period, interval)
         self.loop_cpus, self.cpus = split_cpus(cpus)
+        self.priority = priority
         self.make_controller, self.period, self.interval = make_controller, float(period), int(interval)
         self.start_timeout, self.name = float(start_timeout), name
         self._proc: Any = None
@@ -403,7 +400,8 @@ class InferenceProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_process_main, name=self.name, daemon=True,
-                                 args=(child, self.make_controller, self.period, self.interval, self.cpus))
+                                 args=(child, self.make_controller, self.period, self.interval, self.cpus,
+                                       self.priority))
         self._proc.start()
         child.close()
         msg: tuple = ()
@@ -436,11 +434,11 @@ class InferenceProcess:
         self._episode += 1
         self._plan, self._taken = None, -1
         self.plans = self.dropped = self.nfe_total = 0
-        self._send(("begin", self._episode, seed, *_wire(obs)))
+        self._send(("begin", self._episode, seed, np.asarray(obs.values), float(obs.t), int(obs.seq)))
 
     def submit(self, obs: Observation) -> None:
         """Hand ``obs`` to the process (never blocks on the plan; see :meth:`InferenceWorker.submit`)."""
-        self._send(("obs", self._episode, *_wire(obs)))
+        self._send(("obs", self._episode, np.asarray(obs.values), float(obs.t), int(obs.seq)))  # ~200 bytes
 
     def latest(self) -> Plan | None:
         """The newest plan of this episode (reads what the process sent; no waiting)."""

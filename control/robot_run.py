@@ -80,7 +80,8 @@ class RobotJob:
         mode: ``lockstep`` or ``realtime`` (sim: virtual clock or wall clock; zmq: wait for every plan or not).
         addr: the twin's address (zmq).
         record: write ``out/episodes.zarr``.
-        rt_priority: SCHED_FIFO priority of the loop's thread (None: normal).
+        rt_priority: SCHED_FIFO priority of the loop's thread, of a ``sim`` robot's stepping thread and of the
+            inference process (on its own core; a thread worker stays at normal priority). None: normal.
         stl_params: θ for a conditioned policy (over the task's defaults).
         env_kwargs: the env's keyword arguments (sim).
         safety: the safety layer's settings.
@@ -265,7 +266,7 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
         if controller_factory is not None:
             raise JobError("inference=process builds the controller from the job in the worker process; a "
                            "controller_factory runs on a thread (inference=thread)")
-        process = InferenceProcess(recipe, spec.period, interval=interval)
+        process = InferenceProcess(recipe, spec.period, interval=interval, priority=job.rt_priority)
     elif controller_factory is None and job.controller.name != EXPERT and job.mode == "realtime":
         recipe.warmup()  # the thread worker's first plans would otherwise pay for the process's first network calls
     tally = _Tally()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stlflow.control.clock import split_cpus
+from stlflow.control.clock import realtime_priority, split_cpus
 from stlflow.control.controllers import ControllerSpec
 from stlflow.control.inference import InferenceProcess, InferenceWorker, Plan
 from stlflow.control.loop import run_episode
@@ -403,7 +403,7 @@ def test_the_worker_process_plans_as_the_thread_does_on_the_interval_schedule():
     plans = {}
     for kind in ("thread", "process"):
         worker = (InferenceWorker(recipe(3), period=0.1, interval=4) if kind == "thread" else
-                  InferenceProcess(recipe, period=0.1, interval=4))
+                  InferenceProcess(recipe, period=0.1, interval=4, priority=1))
         worker.start()
         worker.begin(3, obs[0])
         got = [worker.wait_for(0, 60.0)]
@@ -415,6 +415,8 @@ def test_the_worker_process_plans_as_the_thread_does_on_the_interval_schedule():
             assert pid != os.getpid() and worker.alive
             if worker.cpus is not None:  # 2+ cores: the worker on its own core, the loop kept off it
                 assert os.sched_getaffinity(pid) == worker.cpus and not worker.cpus & worker.loop_cpus
+            with realtime_priority(1) as granted:  # where this process may use SCHED_FIFO, the worker has it
+                assert (os.sched_getscheduler(pid) == os.SCHED_FIFO) == granted
         worker.stop()
         plans[kind] = got
         assert worker.plans == 3 and worker.failure is None
