@@ -364,11 +364,38 @@ class ResidualMLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, horizon * action_dim))
 
     def forward(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
-        """``x`` (B, Tp, Da), ``times`` (B, n_times), ``cond`` (B, Dc) -> (B, Tp, Da)."""
+        """``x`` (B, Tp, Da), ``times`` (B, n_times), ``cond`` (B, Dc) -> (B, Tp, Da).
+
+        Without autograd (inference: every control tick) the same operations run through :meth:`forward_inference`,
+        which skips the ~30 ``nn.Module`` calls of the network and gives the same numbers bit for bit.
+        """
+        if not torch.is_grad_enabled():
+            return self.forward_inference(x, times, cond)
         h = self.inp(torch.cat([x.flatten(1), self.time_encoder(times), cond], dim=-1))
         for blk in self.blocks:
             h = h + blk(h)
         return self.out(h).view(x.shape)
+
+    def forward_inference(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
+        """:meth:`forward` as functional calls on the layers' parameters (no module dispatch).
+
+        Hand-written because it is the hot path of a control tick: at batch 1 the module calls cost as much as the
+        matrix products (measured 1.3-2.2x faster for the default network, one thread, identical outputs;
+        ``tests/test_nets.py``). It assumes the layers :meth:`__init__` builds (Linear, LayerNorm, Mish).
+        """
+        enc = self.time_encoder
+        if times.ndim != 2 or times.shape[1] != enc.n_times:
+            raise ValueError(f"times must have shape (B, {enc.n_times}), got {tuple(times.shape)}")
+        emb = torch.cat([enc.embed(times[:, i]) for i in range(enc.n_times)], dim=-1)
+        t1, _, t2 = enc.mlp
+        emb = F.linear(F.mish(F.linear(emb, t1.weight, t1.bias)), t2.weight, t2.bias)
+        h = F.linear(torch.cat([x.flatten(1), emb, cond], dim=-1), self.inp.weight, self.inp.bias)
+        for ln, lin1, _, lin2 in self.blocks:
+            a = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            h = h + F.linear(F.mish(F.linear(a, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+        ln, lin = self.out
+        h = F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.linear(h, lin.weight, lin.bias).view(x.shape)
 
     def forward_jvp(self, x: Tensor, times: Tensor, cond: Tensor, dx: Tensor, dtimes: Tensor
                     ) -> tuple[Tensor, Tensor]:

@@ -112,3 +112,19 @@ def test_mlp_hand_written_jvp_equals_forward_mode_ad(n_times):
     g_ref = torch.autograd.grad((net(x, times, cond) * dx).sum(), params)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_times=st.sampled_from([1, 2]), batch=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_mlp_inference_path_equals_the_module_path_bit_for_bit(n_times, batch, seed):
+    torch.manual_seed(seed)
+    net = ResidualMLP(action_dim=3, horizon=8, cond_dim=5, n_times=n_times, width=32, n_blocks=2,
+                      time_embed_dim=16).eval()
+    x, times, cond = torch.randn(batch, 8, 3), torch.rand(batch, n_times), torch.randn(batch, 5)
+    with torch.enable_grad():
+        reference = net(x, times, cond)  # the nn.Module path (autograd on)
+    with torch.no_grad():
+        fast = net(x, times, cond)  # dispatched to forward_inference
+    assert torch.equal(fast, reference.detach())
+    with torch.no_grad(), pytest.raises(ValueError, match="times must have shape"):
+        net(x, times[:, :1].expand(batch, n_times + 1), cond)
