@@ -145,7 +145,7 @@ def test_every_controller_is_deterministic_under_a_seed_with_delay(spec):
     assert sum(a["nfe"]) > 0
 
 
-def test_the_wall_clock_loop_runs_rti_per_tick_and_refuses_lockstep_only_controllers():
+def test_the_wall_clock_spec_drops_the_schedule_options_and_refuses_lockstep_only_controllers():
     from stlflow.control.jobs import JobError
     from stlflow.control.robot_run import RobotJob, check
 
