@@ -103,24 +103,29 @@ FRONT_ONLY = {
 SMALL = dict(per_demo=2, n_theta=1, n_init=6, iters=60, lr=0.03, smooth=30.0, margin=0.02, knot_every=5, max_replays=6)
 
 
-@pytest.fixture(scope="module")
-def demos(tmp_path_factory):
-    """Three real expert episodes of Crossing in an EpisodeStore, calibrated."""
+def calibrated_demos(path, episodes: int = 3):
+    """``episodes`` real expert episodes of Crossing collected into an EpisodeStore at ``path``, each with its
+    calibrated θ in its attrs; returns the calibration."""
     from stlflow.control.collect import collect
     from stlflow.control.jobs import CollectJob
+    from stlflow.datasets import EpisodeStore
     from stlflow.datasets.calibration import calibrate_store
     from stlflow.envs.crossing import RULE_DEFAULTS, RULE_LIST
 
-    path = tmp_path_factory.mktemp("aug") / "demos.zarr"
-    store = collect(CollectJob("crossing", 3, path, seed=0, progress=False))
+    store = collect(CollectJob("crossing", episodes, path, seed=0, progress=False))
     cal = calibrate_store(store, RULE_LIST, ["v_max", "d_safe", "w", "T"], RULE_DEFAULTS,
                           margin={"v_max": 0.05, "d_safe": 0.05, "w": 0.05, "T": 1.0})
-    from stlflow.datasets import EpisodeStore
-
     with EpisodeStore.open(path, mode="a") as writable:
         for i, theta in enumerate(cal.per_episode):
             writable.set_episode_attrs(i, {"stl_params": {**RULE_DEFAULTS, **theta}})
-    return path, cal
+    return cal
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    """Three real expert episodes of Crossing in an EpisodeStore, calibrated."""
+    path = tmp_path_factory.mktemp("aug") / "demos.zarr"
+    return path, calibrated_demos(path)
 
 
 def test_rules_as_one_text_calibrate_each_parameter_with_the_others_at_their_defaults(demos):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_augment import calibrated_demos
 
 CROSSING = "stlflow/Crossing-v0"
 FRONT_AND_RIGHT = {
@@ -27,19 +28,10 @@ SMALL = dict(per_demo=2, n_theta=1, n_init=6, iters=40, max_replays=6, time_para
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     """Three calibrated expert episodes of Crossing."""
-    from stlflow.control.collect import collect
-    from stlflow.control.jobs import CollectJob
     from stlflow.datasets import EpisodeStore
-    from stlflow.datasets.calibration import calibrate_store
-    from stlflow.envs.crossing import RULE_DEFAULTS, RULE_LIST
 
     path = tmp_path_factory.mktemp("augb") / "demos.zarr"
-    store = collect(CollectJob("crossing", 3, path, seed=0, progress=False))
-    cal = calibrate_store(store, RULE_LIST, ["v_max", "d_safe", "w", "T"], RULE_DEFAULTS,
-                          margin={"v_max": 0.05, "d_safe": 0.05, "w": 0.05, "T": 1.0})
-    with EpisodeStore.open(path, mode="a") as writable:
-        for i, theta in enumerate(cal.per_episode):
-            writable.set_episode_attrs(i, {"stl_params": {**RULE_DEFAULTS, **theta}})
+    calibrated_demos(path)
     return EpisodeStore.open(path)
 
 
