@@ -30,8 +30,11 @@ def test_warm_tick_never_changes_the_committed_prefix(kind, k, frozen, elapsed, 
         ctrl.act(obs[i], elapsed=elapsed)
         n = min(ctrl.exec_offset + frozen, TP)
         assert torch.equal(ctrl._chunk[:, :n], guess[:, :n])
-        if n < TP:  # and the rest was really denoised (not copied)
-            assert not torch.equal(ctrl._chunk[:, n:], guess[:, n:])
+        if n < TP:  # and the rest was really denoised (not copied): it moved, unless the guess already sat at
+            # DDPM's clip bound (+-clip_sample), where a clean-chunk estimate clamps to the same values
+            clip = float(getattr(policy.head, "clip_sample", 0) or 0)
+            saturated = bool(clip) and bool(guess[:, n:].abs().eq(clip).all())
+            assert saturated or not torch.equal(ctrl._chunk[:, n:], guess[:, n:])
 
 
 def test_frozen_zero_is_plain_rti():
