@@ -247,8 +247,9 @@ def run(job: RobotJob, *, controller_factory: Callable[[Any, int], Any] | None =
     # the worker plans on the lock-step executor's schedule for the delay its plans act at (a wall-clock plan acts
     # from the tick after its observation on)
     delay = int(job.delay) if job.mode == "lockstep" else max(int(job.delay), 1)
-    interval, frozen = job.controller.worker_schedule(delay) if controller_factory is None else (1, 0)
-    recipe = EpisodeController(job.controller.per_tick(delay), job.policy if isinstance(job.policy, (str, Path))
+    controller = job.controller.for_policy(policy)  # a one-step head's cold schedule (ControllerSpec.for_policy)
+    interval, frozen = controller.worker_schedule(delay) if controller_factory is None else (1, 0)
+    recipe = EpisodeController(controller.per_tick(delay), job.policy if isinstance(job.policy, (str, Path))
                                else policy, theta, frozen)
 
     def make_controller(seed: int) -> Any:

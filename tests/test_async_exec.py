@@ -165,3 +165,21 @@ def test_the_k_shortcut_replaces_the_per_tick_budget_and_the_default_keeps_it():
     fixed = controller_options(compose("eval", ["ckpt=x", "k=3"]))
     assert fixed["k"] == 3 and "nfe_per_tick" not in fixed
     assert ControllerSpec.from_dict(fixed).build(tiny_policy("flow"), seed=0).planner.ctrl.k == 3
+
+
+def test_a_one_step_head_plans_cold_one_step_chunks_every_ta_ticks_by_default():
+    from stlflow.control.jobs import controller_defaults
+
+    spec = ControllerSpec.create("rti", **controller_defaults("rti", "crossing"))
+    assert spec.get("one_step_cold") is True
+    one_step, multi_step = tiny_policy("meanflow"), tiny_policy("flow")
+    assert one_step.nfe() == 1 and multi_step.nfe() > 1
+    resolved = dict(spec.for_policy(one_step).options)
+    assert (resolved["k"], resolved["t_start"], resolved["interval"]) == (1, 1.0, max(4, one_step.n_action_steps))
+    assert "nfe_per_tick" not in resolved and "one_step_cold" not in resolved
+    assert spec.for_policy(multi_step) is spec
+    assert ControllerSpec.create("rti", **{**controller_defaults("rti", "crossing"), "one_step_cold": False}
+                                 ).for_policy(one_step).get("t_start") == 0.4
+    ex = spec.build(one_step, seed=0, delay=1)  # the executor runs the resolved schedule
+    assert (ex.interval, ex.planner.ctrl.k, ex.planner.ctrl.t_start) == (max(4, one_step.n_action_steps), 1, 1.0)
+    assert spec.build(multi_step, seed=0).planner.ctrl.t_start == 0.4
