@@ -103,6 +103,25 @@ FRONT_ONLY = {
 SMALL = dict(per_demo=2, n_theta=1, n_init=6, iters=60, lr=0.03, smooth=30.0, margin=0.02, knot_every=5, max_replays=6)
 
 
+def replay_crossing(env, seed: int, actions):
+    """Replay ``actions`` in the Crossing ``env`` from ``reset(seed)``, stepping MuJoCo: (first observation, the
+    observations after each step (T, Do), the signals plus the mode signals, whether it collided)."""
+    from stlflow.control.tasks.crossing import CrossingAugmentation
+
+    first, _ = env.reset(seed=seed)
+    sig, collided, nxt = {}, False, []
+    for a in actions:
+        obs, _, _, _, info = env.step(a)
+        nxt.append(obs)
+        collided |= bool(info["collision"])
+        for k, v in info["signals"].items():
+            sig.setdefault(k, []).append(v)
+    sig = {k: np.asarray(v) for k, v in sig.items()}
+    nxt = np.asarray(nxt)
+    sig.update(CrossingAugmentation.mode_signals_from_obs(nxt, float(np.sign(env.unwrapped.peds.direction[0, 1]))))
+    return first, nxt, sig, collided
+
+
 def calibrated_demos(path, episodes: int = 3):
     """``episodes`` real expert episodes of Crossing collected into an EpisodeStore at ``path``, each with its
     calibrated θ in its attrs; returns the calibration."""
@@ -205,20 +224,8 @@ def test_optimised_trajectory_satisfies_theta_in_model_and_after_replay(demos):
         full[:, u.shape[1] :] = u[:, -1:]
         assert attrs["rho_model"] >= SMALL["margin"]
         # after an independent MuJoCo replay of the stored actions
-        obs, _ = env.reset(seed=store.episode_attrs(0)["seed"])
-        assert np.allclose(obs, arrays["obs"][0])
-        sig, collided, nxt = {}, False, []
-        for a in arrays["action"]:
-            obs, _, term, trunc, info = env.step(a)
-            nxt.append(obs)
-            collided |= info["collision"]
-            for k, v in info["signals"].items():
-                sig.setdefault(k, []).append(v)
-        from stlflow.control.tasks.crossing import CrossingAugmentation
-
-        dir_y = float(np.sign(env.unwrapped.peds.direction[0, 1]))
-        sig = {k: np.asarray(v) for k, v in sig.items()}
-        sig.update(CrossingAugmentation.mode_signals_from_obs(np.asarray(nxt), dir_y))
+        first, nxt, sig, collided = replay_crossing(env, store.episode_attrs(0)["seed"], arrays["action"])
+        assert np.allclose(first, arrays["obs"][0])
         rho = float(spec.robustness({k: torch.as_tensor(sig[k]) for k in spec.signals}, dt=task.dt, params=theta))
         assert not collided and rho >= 0
         assert rho == pytest.approx(attrs["rho_replay"], abs=1e-5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_augment import calibrated_demos
+from test_augment import calibrated_demos, replay_crossing
 
 CROSSING = "stlflow/Crossing-v0"
 FRONT_AND_RIGHT = {
@@ -242,7 +242,6 @@ def test_batched_augmentation_stores_what_each_demo_alone_stores(batched64):
 
 
 def test_every_stored_episode_replays_in_mujoco_to_its_signals_and_satisfies_its_theta(demos, batched64):
-    from stlflow.control.tasks.crossing import CrossingAugmentation
     from stlflow.datasets.augment_theta import spec_text
     from stlflow.envs import make_env
     from stlflow.stl import parse
@@ -253,18 +252,8 @@ def test_every_stored_episode_replays_in_mujoco_to_its_signals_and_satisfies_its
     n = 0
     for i, res in enumerate(results):
         for arrays, attrs in res.episodes:
-            obs, _ = env.reset(seed=demos.episode_attrs(i)["seed"])
-            np.testing.assert_array_equal(obs, arrays["obs"][0])
-            sig, nxt, collided = {}, [], False
-            for a in arrays["action"]:
-                obs, _, term, trunc, info = env.step(a)
-                nxt.append(obs)
-                collided |= info["collision"]
-                for k, v in info["signals"].items():
-                    sig.setdefault(k, []).append(v)
-            sig = {k: np.asarray(v) for k, v in sig.items()}
-            sig.update(CrossingAugmentation.mode_signals_from_obs(np.asarray(nxt), float(
-                np.sign(env.unwrapped.peds.direction[0, 1]))))
+            first, nxt, sig, collided = replay_crossing(env, demos.episode_attrs(i)["seed"], arrays["action"])
+            np.testing.assert_array_equal(first, arrays["obs"][0])
             np.testing.assert_array_equal(np.asarray(nxt[:-1]), arrays["obs"][1:])
             for k, v in arrays["signals"].items():
                 np.testing.assert_allclose(v, sig[k], rtol=0, atol=1e-6, err_msg=k)
