@@ -8,7 +8,10 @@
     (rt_priority=1), the worker a thread of the loop's process or an InferenceProcess, the robot the in-process
     SimRobot (its stepping thread shares the loop's GIL) or a serve-sim twin process over ipc: lateness p50 / p99 /
     max and overruns (ticks later than 10% of the period), with the load average (other jobs on the machine) at
-    the end of each row. "refused" where the OS refuses SCHED_FIFO.
+    the end of each row and the host's steal time during it (ms per second: the time the hypervisor ran something
+    else while this machine's vCPUs were runnable, from /proc/stat). "refused" where the OS refuses SCHED_FIFO.
+    The anchor, before each rate's rows: a bare loop (a 15-line sleep-then-spin loop in a fresh interpreter, no
+    package code, nothing else to do) at the same rate and priority: the lateness this machine gives any loop.
 (b) equivalence: the same policy and the shipped RTI over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))`
     against `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz; the loop and the
     inference process at SCHED_FIFO --eq-rt-priority), with the inference process and with a thread: success
@@ -110,19 +113,76 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def steal_ticks() -> int:
+    """The host's steal time so far, summed over the CPUs, in clock ticks (``/proc/stat``; 0 where absent)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) if fields[0] == "cpu" and len(fields) > 8 else 0
+    except OSError:
+        return 0
+
+
+def steal_rate(start: int, seconds: float) -> float:
+    """Steal time in ms per second of wall time since ``start`` (:func:`steal_ticks`)."""
+    return (steal_ticks() - start) * 1e3 / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-9)
+
+
+# The anchor: the plainest loop Python can write, in a fresh interpreter (no torch, no package code): sleep until
+# 0.5 ms before each deadline, then spin; SCHED_FIFO when asked. Its lateness is what the machine gives any loop.
+BARE_LOOP = """
+import os, sys, time
+period, seconds, prio = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+if prio:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
+n = int(seconds / period)
+t0 = time.perf_counter() + period
+late = []
+for k in range(n):
+    due = t0 + k * period
+    while True:
+        left = due - time.perf_counter()
+        if left <= 0:
+            break
+        if left > 5e-4:
+            time.sleep(left - 5e-4)
+    late.append(time.perf_counter() - due)
+print(" ".join(repr(x) for x in late))
+"""
+
+
+def bare_row(rate: int, prio: int | None, seconds: float) -> str:
+    """The anchor row of (a): :data:`BARE_LOOP` at ``rate`` Hz and ``prio`` for ``seconds``."""
+    s0, t0 = steal_ticks(), time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", BARE_LOOP, str(1.0 / rate), str(seconds), str(prio or 0)],
+                       capture_output=True, text=True)
+    steal = steal_rate(s0, time.perf_counter() - t0)
+    if r.returncode != 0:
+        granted = "refused" if "Operation not permitted" in r.stderr else "failed"
+        return f"{rate:>4}Hz {'bare loop (anchor)':>21} {granted:>12}  {r.stderr.strip()[-200:]}"
+    lat = np.array([float(x) for x in r.stdout.split()]) * 1e3
+    p50, p99 = np.percentile(lat, [50, 99])
+    return (f"{rate:>4}Hz {'bare loop (anchor)':>21} {'SCHED_FIFO 1' if prio else 'off':>12} {'-':>8} {lat.size:>6} "
+            f"{p50:>12.3f} {p99:>12.3f} {lat.max():>12.3f} {int(np.sum(lat > 100.0 / rate)):>9} {'-':>7} "
+            f"{'-':>13} {load():>16} {steal:>10.1f}")
+
+
 def timing(seconds: float, rates: list[int], workers: list[str], robots: list[str]) -> None:
     """Rows of (a): consecutive episodes (seeds 0, 1, ...) until ``seconds`` of ticking, their ticks pooled."""
     print(f"(a) timing: Crossing realtime, RTI k=2 planning every tick on its worker, {seconds:g} s per row (episodes "
           f"in a row); {os.cpu_count()} cores, load average {load()} at the start")
     print("    robot sim: SimRobot stepping on a thread of the loop's process; zmq: a serve-sim twin process over ipc")
     print("    worker thread: the controller on a thread of the loop's process; process: InferenceProcess (own core)")
-    print(f"{'rate':>6} {'robot':>5} {'worker':>7} {'rt_priority':>12} {'episodes':>8} {'ticks':>6} "
+    print("    steal: ms per second that the hypervisor kept this machine's runnable vCPUs (both) from running")
+    print(f"{'rate':>6} {'robot / worker':>21} {'rt_priority':>12} {'episodes':>8} {'ticks':>6} "
           f"{'late p50 ms':>12} {'late p99 ms':>12} {'late max ms':>12} {'overruns':>9} {'missed':>7} "
-          f"{'infer p50 ms':>13} {'load 1/5/15 min':>16}")
+          f"{'infer p50 ms':>13} {'load 1/5/15 min':>16} {'steal ms/s':>10}")
     policy = slow_policy()
     folder = Path(tempfile.mkdtemp(prefix="ctlt-", dir="/tmp"))
-    for robot in robots:
-        for rate in rates:
+    for rate in rates:
+        for prio in (None, 1):
+            print(bare_row(rate, prio, seconds), flush=True)
+        for robot in robots:
             for worker in workers:
                 for prio in (None, 1):
                     print(timing_row(policy, robot, worker, rate, prio, seconds, folder), flush=True)
@@ -154,6 +214,7 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
     from stlflow.policy.rti import RTIController
 
     late, infer, overruns, missed, ticks, episodes, granted, estop = [], [], 0, 0, 0, 0, "off", None
+    s0, t0 = steal_ticks(), time.perf_counter()
     robot, close = _timing_robot(robot_kind, rate, prio, folder)
     period = robot.spec().period
     process = None
@@ -179,13 +240,14 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
         if process is not None:
             process.stop()
         close()
+    steal = steal_rate(s0, time.perf_counter() - t0)
     lat = np.concatenate(late) * 1e3
     inf = np.concatenate(infer) * 1e3
     inf = inf[np.isfinite(inf)]
     p50, p99 = np.percentile(lat, [50, 99])
-    return (f"{rate:>4}Hz {robot_kind:>5} {worker_kind:>7} {granted:>12} {episodes:>8} {ticks:>6} {p50:>12.3f} "
+    return (f"{rate:>4}Hz {f'{robot_kind} / {worker_kind}':>21} {granted:>12} {episodes:>8} {ticks:>6} {p50:>12.3f} "
             f"{p99:>12.3f} {lat.max():>12.3f} {overruns:>9} {missed:>7} "
-            f"{np.median(inf) if inf.size else float('nan'):>13.3f} {load():>16}"
+            f"{np.median(inf) if inf.size else float('nan'):>13.3f} {load():>16} {steal:>10.1f}"
             + (f"  e-stop: {estop}" if estop else ""))
 
 
