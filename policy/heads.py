@@ -107,8 +107,8 @@ class DDPMHead(Head):
         self._check_chunk(x0, "x0")
         if t <= 0:
             return x0.clone()
-        ab = self.alphas_cumprod[self.level_to_step(t)].to(x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * randn_from(x0.shape, generator, x0)
+        a, s = self._roots(self.level_to_step(t))
+        return a * x0 + s * randn_from(x0.shape, generator, x0)
 
     def _grid(self, steps: int | None, t_start: float) -> list[int]:
         """Decreasing training steps visited by DDIM; each is followed by the next one (the last by 'clean')."""
@@ -128,20 +128,35 @@ class DDPMHead(Head):
                guidance_scale=1.0):
         x = self._start(cond, x_init, t_start, generator)
         grid = self._grid(steps, t_start)
-        ab_all = self.alphas_cumprod.to(x)
+        # the schedule's square roots as Python floats: a control tick runs one or two of these steps, and a dozen
+        # 0-d tensor operations per step cost as much as the step's arithmetic on the chunk
+        roots = [self._roots(k) for k in grid] + [(1.0, 0.0)]
         for i, k in enumerate(grid):
-            ab = ab_all[k]
-            ab_prev = ab_all[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), dtype=x.dtype, device=x.device)
+            (a, s), (a_prev, s_prev) = roots[i], roots[i + 1]
             times = torch.full((x.shape[0], 1), k / (self.num_train_steps - 1), dtype=x.dtype, device=x.device)
             eps = self._model(x, times, cond, uncond, guidance_scale)
-            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            x0 = (x - s * eps) / a
             if guidance_fn is not None:
                 x0 = x0 + guidance_fn(x0, k / (self.num_train_steps - 1))
             if self.clip_sample:
                 x0 = x0.clamp(-self.clip_sample, self.clip_sample)
-            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # consistent with the corrected x0
-            x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+            if s_prev == 0.0:  # the last step lands on the clean chunk: x0 itself (a tick's only step)
+                x = x0
+                continue
+            eps = (x - a * x0) / s  # consistent with the corrected x0
+            x = a_prev * x0 + s_prev * eps
         return x
+
+    def _roots(self, k: int) -> tuple[float, float]:
+        """(sqrt(ᾱ_k), sqrt(1 - ᾱ_k)) as Python floats (kept per step until the schedule buffer is written)."""
+        buf = self.alphas_cumprod
+        memo = self.__dict__.get("_roots_memo")
+        if memo is None or memo[0] is not buf or memo[1] != buf._version:
+            memo = self.__dict__["_roots_memo"] = (buf, buf._version, {})
+        if k not in memo[2]:
+            ab = float(buf[k])
+            memo[2][k] = (math.sqrt(ab), math.sqrt(1.0 - ab))
+        return memo[2][k]
 
 
 class FlowHead(Head):

@@ -61,6 +61,7 @@ Discrete action channels (``policy.discrete_action_mask``, e.g. a binary gripper
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -228,6 +229,7 @@ class RTIController:
         self.history = ObservationHistory(policy.n_obs_steps, policy.obs_dim)
         mask = np.asarray(getattr(policy, "discrete_action_mask", np.zeros(policy.action_dim, bool)), dtype=bool)
         self.discrete_mask = torch.as_tensor(mask.reshape(policy.action_dim))
+        self._has_discrete = bool(mask.any())  # asked on every tick: a Python bool, not a tensor reduction
         if discrete_mode == "scale" and mask.any() and float(getattr(policy, "discrete_scale", 1.0)) == 1.0:
             raise ValueError("discrete_mode='scale' needs a policy trained with discrete_scale > 1 "
                              "(policy.discrete_scale=4 in stlflow train); this one has discrete_scale=1")
@@ -303,7 +305,7 @@ class RTIController:
         """
         s = self.shift if shift is None else int(shift)
         guess = torch.cat([chunk[:, s:], chunk[:, -1:].expand(-1, s, -1)], dim=1) if s else chunk
-        if self.discrete_mode == "clip" and bool(self.discrete_mask.any()):
+        if self.discrete_mode == "clip" and self._has_discrete:
             lo, zero, hi = self._discrete_levels
             snapped = torch.where(guess > zero, hi, lo)
             snapped = zero + (snapped - zero) / self.clip_factor
@@ -360,7 +362,7 @@ class RTIController:
             if n_kept:  # exactly the committed actions (the pin leaves float rounding behind)
                 chunk = torch.cat([guess[:, :n_kept], chunk[:, n_kept:]], dim=1)
             nfe += self.policy.nfe(self.k, self.t_start)
-            residual = float(torch.sqrt(torch.mean((chunk - guess) ** 2)))
+            residual = float(torch.dist(chunk, guess)) / math.sqrt(chunk.numel())  # RMS, in one operation
             if self.residual_max is not None and residual > self.residual_max:
                 reason = "residual"
                 self.fallbacks["residual"] += 1
@@ -370,7 +372,7 @@ class RTIController:
         self._chunk, self._unshifted = chunk.detach(), False
         self._tick, self._t = (0 if reason == "reset" else self._tick + ticks), t
         action = self.policy.unnormalize_action(chunk[0, self.exec_offset])
-        if bool(self.discrete_mask.any()):
+        if self._has_discrete:
             action = self.policy.threshold_discrete(action)
         action = np.asarray(action.detach().cpu().numpy() if torch.is_tensor(action) else action, dtype=np.float32)
         self.last_nfe, self.last_residual, self.last_cold = nfe, residual, bool(reason)
@@ -387,7 +389,7 @@ class RTIController:
         if self._chunk is None:
             return None
         actions = self.policy.unnormalize_action(self._chunk[0, self.exec_offset:])
-        if bool(self.discrete_mask.any()):
+        if self._has_discrete:
             actions = self.policy.threshold_discrete(actions)
         actions = np.asarray(actions.detach().cpu().numpy() if torch.is_tensor(actions) else actions,
                              dtype=np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -124,7 +126,43 @@ def test_mlp_inference_path_equals_the_module_path_bit_for_bit(n_times, batch, s
     with torch.enable_grad():
         reference = net(x, times, cond)  # the nn.Module path (autograd on)
     with torch.no_grad():
-        fast = net(x, times, cond)  # dispatched to forward_inference
+        fast = net.forward_inference(x, times, cond)  # what a batched no-grad call runs
     assert torch.equal(fast, reference.detach())
     with torch.no_grad(), pytest.raises(ValueError, match="times must have shape"):
         net(x, times[:, :1].expand(batch, n_times + 1), cond)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_times=st.sampled_from([1, 2]), seed=st.integers(0, 10_000), scale=st.sampled_from([0.05, 1.0, 30.0]))
+def test_mlp_single_sample_numpy_path_matches_torch(n_times, seed, scale):
+    """A no-grad batch-1 call runs ``forward_single`` (numpy); it gives ``forward_inference``'s numbers up to
+    float32 rounding, over weights small and large (mish's exp clamp, layer norm of large activations)."""
+    torch.manual_seed(seed)
+    net = ResidualMLP(action_dim=3, horizon=8, cond_dim=5, n_times=n_times, width=32, n_blocks=2,
+                      time_embed_dim=16).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, scale / max(1, p.shape[-1]) ** 0.5)
+    x, times, cond = torch.randn(1, 8, 3), torch.rand(1, n_times), torch.randn(1, 5)
+    with torch.no_grad():
+        single = net(x, times, cond)
+        reference = net.forward_inference(x, times, cond)
+    assert single.shape == x.shape and single.dtype == torch.float32
+    torch.testing.assert_close(single, reference, rtol=2e-5, atol=2e-5 * float(reference.abs().max()))
+    # the numpy views follow in-place weight updates (a policy evaluated between training steps)
+    with torch.no_grad():
+        net.out[1].bias.add_(1.0)
+        torch.testing.assert_close(net(x, times, cond), net.forward_inference(x, times, cond), rtol=2e-5,
+                                   atol=2e-5 * float(reference.abs().max() + 1))
+        # new parameter tensors (a dtype round trip, a state dict loaded by assignment) and storages moved to shared
+        # memory (what starting a worker process does to the parent's tensors) are picked up
+        net.share_memory()
+        torch.testing.assert_close(net(x, times, cond), net.forward_inference(x, times, cond), rtol=2e-5,
+                                   atol=2e-5 * float(reference.abs().max() + 1))
+        assert "_np_cache" not in pickle.loads(pickle.dumps(net)).__dict__  # a pickled net makes its own views
+        net.double().float()
+        net.load_state_dict({k: v.clone() + 0.01 for k, v in net.state_dict().items()}, assign=True)
+        torch.testing.assert_close(net(x, times, cond), net.forward_inference(x, times, cond), rtol=2e-5,
+                                   atol=2e-5 * float(reference.abs().max() + 1))
+    with torch.no_grad(), pytest.raises(ValueError, match="times must have shape"):
+        net(x, times[:, :1].expand(1, n_times + 1), cond)
