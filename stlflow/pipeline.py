@@ -62,6 +62,9 @@ class StageError(RuntimeError):
         super().__init__(f"stage '{stage}' failed: {why}")
 
 
+HEAD_NAMES = {"flow": "flow", "ddpm": "diffusion (DDPM)", "meanflow": "one-step MeanFlow"}  # demo heads, in words
+
+
 @contextmanager
 def stage(name: str, index: int, total: int, log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
     """Announce a stage, time it, and turn any exception inside it into a :class:`StageError`."""
@@ -125,8 +128,9 @@ def stage_augment(data: Path, out: Path, per_demo: int, demos: int | None, worke
 
 def stage_train(stores: Sequence[Path], merged: Path, out: Path, cond_params: Sequence[str], steps: int,
                 batch_size: int, net: Mapping[str, Any] | None = None, seed: int = 0, threads: int = 1,
-                progress: bool = True, task: str = TASK) -> Any:
-    """A θ-conditioned flow policy (MLP) trained on the concatenation of ``stores``; returns the Policy."""
+                progress: bool = True, task: str = TASK, head: str = "flow") -> Any:
+    """A θ-conditioned policy (``head``: flow, ddpm or meanflow; MLP) trained on the concatenation of ``stores``;
+    returns the Policy."""
     from stlflow.control.training import train_policy
     from stlflow.datasets import EpisodeStore
 
@@ -138,7 +142,7 @@ def stage_train(stores: Sequence[Path], merged: Path, out: Path, cond_params: Se
     train = {"steps": steps, "batch_size": int(batch_size), "seed": int(seed), "threads": int(threads),
              "warmup_steps": max(1, min(500, steps // 10)), "val_every": max(1, steps // 4), "ckpt_every": steps,
              "tensorboard": False, "progress": bool(progress)}
-    policy = policy_config("flow", "mlp", {"cond_params": list(cond_params)}, net_overrides=net)
+    policy = policy_config(head, "mlp", {"cond_params": list(cond_params)}, net_overrides=net)
     return train_policy(TrainJob(task, data, out, policy=policy, train=train))
 
 
@@ -156,6 +160,8 @@ def rti_options(task: str, k: int | None = None) -> dict[str, Any]:
 def describe_rti(opts: Mapping[str, Any]) -> str:
     """``a plan every 4 ticks, 1 network evaluation per tick``: the RTI schedule of :func:`rti_options` in words."""
     every = f"a plan every {opts['interval']} ticks" if opts.get("interval") else "a plan every tick"
+    if float(opts.get("t_start", 0.0)) >= 1.0 and int(opts.get("k", 0)) == 1:
+        return f"{every}, each a one-step plan from noise"
     if opts.get("nfe_per_tick"):
         per = float(opts["nfe_per_tick"])
         return f"{every}, {per:g} network evaluation{'s' if per != 1 else ''} per tick"
@@ -234,8 +240,11 @@ def demo_settings(c: Mapping[str, Any]) -> dict[str, Any]:
     sweep = c.get("v_max_sweep") or per_task.get("v_max_sweep")
     if not cond or not sweep:
         raise ValueError(f"task {name!r} needs cond_params and v_max_sweep (tasks.{name} in conf/demo.yaml)")
+    head = str(c.get("head") or "flow")
+    if head not in HEAD_NAMES:
+        raise ValueError(f"head={head!r} is not one of {list(HEAD_NAMES)}")
     return {"task": name, "budget": budget, "cond_params": [str(x) for x in cond],
-            "sweep": [float(v) for v in sweep], "guidance": guidance}
+            "sweep": [float(v) for v in sweep], "guidance": guidance, "head": head}
 
 
 def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -278,16 +287,17 @@ def run_demo(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     summary["stages"]["augment"] = {"seconds": info["seconds"], **{k: v for k, v in aug.items() if k != "text"}}
 
     train_threads = int(c.get("train_threads") or c["threads"])  # training runs alone: it may use every core
-    with stage("train a θ-conditioned flow policy", 4, total, log) as info:
+    with stage(f"train a θ-conditioned {HEAD_NAMES[d['head']]} policy", 4, total, log) as info:
         policy = stage_train([demos, augmented], out / "data" / "train.zarr", out / "policy", d["cond_params"],
                              b["train_steps"], b["batch_size"], net=b.get("net"), seed=seed, threads=train_threads,
-                             progress=progress, task=task)
+                             progress=progress, task=task, head=d["head"])
     torch.set_num_threads(int(c["threads"]))  # the trainer set its own count; latency is measured on `threads`
-    summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"],
+    summary["stages"]["train"] = {"seconds": info["seconds"], "steps": b["train_steps"], "head": d["head"],
                                   "parameters": policy.num_parameters(), "threads": train_threads}
 
     k = None if c.get("k") is None else int(c["k"])
-    summary["controller"] = {"name": "rti", **rti_options(task, k)}
+    resolved = ControllerSpec.create("rti", **rti_options(task, k)).for_policy(policy)  # one-step heads: cold plans
+    summary["controller"] = {"name": "rti", **dict(resolved.options)}
     summary["controller_text"] = describe_rti(summary["controller"])
     dataset_theta = {name: float(v) for name, v in cal["dataset_theta"].items()}
     thetas = [{**dataset_theta, **dict(c.get("stl_params") or {}), "v_max": v} for v in d["sweep"]]

@@ -125,12 +125,14 @@ def summary_sentence(task: Task, rows: Sequence[EvalRow], summary: Mapping[str, 
     demos = st.get("collect", {}).get("episodes", "?")
     aug = st.get("augment", {}).get("n_accepted", "?")
     steps = st.get("train", {}).get("steps", "?")
+    head = {"flow": "flow", "ddpm": "diffusion (DDPM)", "meanflow": "one-step MeanFlow"}.get(
+        st.get("train", {}).get("head", "flow"), "flow")
     vmax = ", ".join(f"{v:g}" for v in dict.fromkeys(r.theta.get("v_max", float("nan")) for r in rows))
     n = int(rows[0].metrics["episodes"]) if rows else 0
     guided = " each without and with STL guidance," if any(r.guided for r in rows) else ""
     per_row = f"{n} episode{'s' if n != 1 else ''} per row"
     return (f"We recorded {demos} scripted-expert demonstrations of {task.env_id}, added {aug} rule-satisfying "
-            f"augmented episodes, trained a θ-conditioned flow policy for {steps} steps and ran it in closed loop "
+            f"augmented episodes, trained a θ-conditioned {head} policy for {steps} steps and ran it in closed loop "
             f"with the RTI controller ({summary.get('controller_text', '?')}) at the requested speed limits v_max = "
             f"{vmax} m/s,"
             f"{guided} {per_row}; the table shows how often the robot succeeded, kept every rule and collided (with "

@@ -9,6 +9,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np
 import pytest
+from test_rti import tiny_policy
 
 from stlflow.control.controllers import ControllerSpec
 from stlflow.control.intervals import format_rate, wilson_interval
@@ -265,3 +266,21 @@ def test_demo_settings_per_task_and_overrides():
     del cfg["tasks"]["crossing"]
     with pytest.raises(ValueError, match="no settings for task 'crossing'"):
         demo_settings(cfg)
+    assert cross["head"] == "flow" and settings("head=meanflow")["head"] == "meanflow"
+    with pytest.raises(ValueError, match="head='unet' is not one of"):
+        settings("head=unet")
+
+
+def test_the_demo_describes_the_rti_schedule_it_ran():
+    """The sentence results.md opens with names the schedule: the per-tick budget of a multi-step head, the cold
+    one-step plans a one-step head gets (``ControllerSpec.for_policy``), or a fixed k."""
+    from stlflow.pipeline import describe_rti, rti_options
+
+    opts = rti_options("crossing")
+    assert describe_rti(opts) == "a plan every 4 ticks, 1 network evaluation per tick"
+    assert describe_rti(rti_options("crossing", k=3)) == "a plan every 4 ticks, k=3 solver steps a plan"
+
+    one_step = tiny_policy("meanflow")
+    cold = dict(ControllerSpec.create("rti", **opts).for_policy(one_step).options)
+    every = max(4, one_step.n_action_steps)
+    assert describe_rti(cold) == f"a plan every {every} ticks, each a one-step plan from noise"
