@@ -10,8 +10,9 @@
     max and overruns (ticks later than 10% of the period), with the load average (other jobs on the machine) at
     the end of each row and the host's steal time during it (ms per second: the time the hypervisor ran something
     else while this machine's vCPUs were runnable, from /proc/stat). "refused" where the OS refuses SCHED_FIFO.
-    The anchor, before each rate's rows: a bare loop (a 15-line sleep-then-spin loop in a fresh interpreter, no
-    package code, nothing else to do) at the same rate and priority: the lateness this machine gives any loop.
+    The anchor, before each rate's rows: a bare loop (`benchmarks/bare_loop.py`: a sleep-then-spin loop in a fresh
+    interpreter, no package code, nothing else to do) at the same rate and priority: the lateness this machine
+    gives any loop.
 (b) equivalence: the same policy and the shipped RTI over --seeds seeds, lock-step `evaluate(EvalJob(..., delay=1))`
     against `stlflow control robot=zmq` on a `serve-sim` twin at 5x real time (speed=5, 50 Hz; the loop and the
     inference process at SCHED_FIFO --eq-rt-priority), with the inference process and with a thread: success
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stlflow.control.clock import host_steal_seconds
 from stlflow.control.controllers import ControllerSpec
 from stlflow.control.realtime import RealtimeLoop
 from stlflow.control.robot_run import RobotJob, run
@@ -113,49 +115,16 @@ def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def steal_ticks() -> int:
-    """The host's steal time so far, summed over the CPUs, in clock ticks (``/proc/stat``; 0 where absent)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) if fields[0] == "cpu" and len(fields) > 8 else 0
-    except OSError:
-        return 0
-
-
-def steal_rate(start: int, seconds: float) -> float:
-    """Steal time in ms per second of wall time since ``start`` (:func:`steal_ticks`)."""
-    return (steal_ticks() - start) * 1e3 / os.sysconf("SC_CLK_TCK") / max(seconds, 1e-9)
-
-
-# The anchor: the plainest loop Python can write, in a fresh interpreter (no torch, no package code): sleep until
-# 0.5 ms before each deadline, then spin; SCHED_FIFO when asked. Its lateness is what the machine gives any loop.
-BARE_LOOP = """
-import os, sys, time
-period, seconds, prio = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-if prio:
-    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
-n = int(seconds / period)
-t0 = time.perf_counter() + period
-late = []
-for k in range(n):
-    due = t0 + k * period
-    while True:
-        left = due - time.perf_counter()
-        if left <= 0:
-            break
-        if left > 5e-4:
-            time.sleep(left - 5e-4)
-    late.append(time.perf_counter() - due)
-print(" ".join(repr(x) for x in late))
-"""
+def steal_rate(start: float, seconds: float) -> float:
+    """Host steal time in ms per second of wall time since ``start`` (a :func:`host_steal_seconds` reading)."""
+    return (host_steal_seconds() - start) * 1e3 / max(seconds, 1e-9)
 
 
 def bare_row(rate: int, prio: int | None, seconds: float) -> str:
-    """The anchor row of (a): :data:`BARE_LOOP` at ``rate`` Hz and ``prio`` for ``seconds``."""
-    s0, t0 = steal_ticks(), time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", BARE_LOOP, str(1.0 / rate), str(seconds), str(prio or 0)],
-                       capture_output=True, text=True)
+    """The anchor row of (a): ``benchmarks/bare_loop.py`` at ``rate`` Hz and ``prio`` for ``seconds``."""
+    s0, t0 = host_steal_seconds(), time.perf_counter()
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("bare_loop.py")), str(1.0 / rate), str(seconds),
+                        str(prio or 0)], capture_output=True, text=True)
     steal = steal_rate(s0, time.perf_counter() - t0)
     if r.returncode != 0:
         granted = "refused" if "Operation not permitted" in r.stderr else "failed"
@@ -214,7 +183,7 @@ def timing_row(policy, robot_kind: str, worker_kind: str, rate: int, prio: int |
     from stlflow.policy.rti import RTIController
 
     late, infer, overruns, missed, ticks, episodes, granted, estop = [], [], 0, 0, 0, 0, "off", None
-    s0, t0 = steal_ticks(), time.perf_counter()
+    s0, t0 = host_steal_seconds(), time.perf_counter()
     robot, close = _timing_robot(robot_kind, rate, prio, folder)
     period = robot.spec().period
     process = None

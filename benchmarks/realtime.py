@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stlflow.control.clock import host_steal_seconds
 from stlflow.control.controllers import RTI_ASYNC_OPTIONS, ControllerSpec
 from stlflow.control.evaluate import Report, evaluate, load_policy
 from stlflow.control.intervals import format_rate
@@ -154,17 +155,6 @@ def checks(results: dict, combos: list[tuple[str, str]], rows: list[str], delays
     return "\n".join(out)
 
 
-def _steal_ticks() -> int:
-    """The host's steal time so far (both vCPUs, clock ticks; /proc/stat, 0 where absent): a tick's p99 on a VM
-    follows it."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) if len(fields) > 8 else 0
-    except OSError:
-        return 0
-
-
 def steady_tick(ckpt: str, task: str, ticks: int) -> dict[str, float]:
     """p50 / p99 of RTI k=1 warm ticks (default options, one thread) over recorded observations of the task; beside
     them, interleaved in blocks of 250 ticks on the same controller, the same tick with the network called through
@@ -188,7 +178,7 @@ def steady_tick(ckpt: str, task: str, ticks: int) -> dict[str, float]:
     lat: dict[str, list[float]] = {p: [] for p in paths}
     for i in range(20):
         ctrl.act(obs[i % len(obs)])
-    i, steal0, t_start = 0, _steal_ticks(), time.perf_counter()
+    i, steal0, t_start = 0, host_steal_seconds(), time.perf_counter()
     while len(lat["shipped"]) < ticks:
         for path in paths:
             if path == "torch":
@@ -200,7 +190,7 @@ def steady_tick(ckpt: str, task: str, ticks: int) -> dict[str, float]:
                 if not ctrl.last_cold:
                     lat[path].append(time.perf_counter() - t0)
             net.__dict__.pop("forward_single", None)
-    steal = (_steal_ticks() - steal0) * 1e3 / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t_start)
+    steal = (host_steal_seconds() - steal0) * 1e3 / (time.perf_counter() - t_start)
     out = {"ticks": len(lat["shipped"]), "load": os.getloadavg()[0], "steal_ms_per_s": steal}
     for path, values in lat.items():
         ms = 1e3 * np.asarray(values)

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Clock", "MonotonicClock", "Tick", "Ticker", "VirtualClock", "cpu_affinity", "frozen_gc", "normal_priority",
-           "realtime_priority", "split_cpus", "switch_interval"]
+__all__ = ["Clock", "MonotonicClock", "Tick", "Ticker", "VirtualClock", "cpu_affinity", "frozen_gc",
+           "host_steal_seconds", "normal_priority", "realtime_priority", "split_cpus", "switch_interval"]
 
 
 # ------------------------------------------------------------------------------------------------ clocks
@@ -271,3 +271,17 @@ def split_cpus(worker: set[int] | None | str = "auto") -> tuple[set[int] | None,
     mine = {sorted(allowed)[-1]} if worker == "auto" else set(worker) & allowed
     rest = allowed - mine
     return (rest, mine) if mine and rest else (None, None)
+
+
+def host_steal_seconds() -> float:
+    """The time the hypervisor has kept this machine's runnable vCPUs from running, summed over the CPUs, in
+    seconds since boot (``/proc/stat``'s steal column; 0.0 where there is none: not Linux, not a VM). The
+    difference over a run says how much of it the host took: on a shared VM a thread of any priority stalls for
+    milliseconds while its vCPU is descheduled."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = int(fields[8]) if fields and fields[0] == "cpu" and len(fields) > 8 else 0
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return 0.0

@@ -39,28 +39,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stlflow.policy import mlp_numpy
+
 __all__ = ["Conv1d", "SinusoidalEmbedding", "UNet1D", "ResidualMLP", "build_net", "count_parameters", "layer_norm_jvp",
            "linear_jvp", "mish_jvp"]
-
-
-def _np_mish(x: np.ndarray) -> np.ndarray:
-    """Mish ``x * tanh(softplus(x))`` on a numpy vector (the numpy twin of ``F.mish`` for ``forward_single``)."""
-    # tanh(log(1 + e)) = n / (n + 2) with n = e (e + 2), e = exp(x): one exp instead of exp, log1p and tanh (the
-    # clamp keeps n finite in float32; above 20 the ratio is 1 to float32 precision, as in F.mish's softplus)
-    e = np.exp(np.minimum(x, np.float32(20.0)))
-    n = e * (e + np.float32(2.0))
-    return x * n / (n + np.float32(2.0))
-
-
-def _np_layer_norm(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """Layer norm of one numpy vector (biased variance, as ``F.layer_norm``)."""
-    c = h - np.float32(h.sum() / h.size)
-    return c * (weight / np.float32(np.sqrt(np.dot(c, c) / h.size + eps))) + bias
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -416,70 +402,23 @@ class ResidualMLP(nn.Module):
         return F.linear(h, lin.weight, lin.bias).view(x.shape)
 
     def forward_single(self, x: Tensor, times: Tensor, cond: Tensor) -> Tensor:
-        """:meth:`forward` for one sample (batch 1, float32, CPU, no autograd) in numpy: a control tick's call.
+        """:meth:`forward` for one sample (batch 1, float32, CPU, no autograd) in numpy: a control tick's call
+        (:mod:`stlflow.policy.mlp_numpy`: about half the time of torch's at batch 1; the same numbers up to float32
+        rounding)."""
+        return mlp_numpy.forward(self, x, times, cond)
 
-        Hand-written because it is the per-tick hot path: at batch 1 each layer is a matrix-vector product, which
-        numpy's BLAS does in about half the time of torch's (12 products: measured 9-10 µs against 13-20 µs each
-        for 256 x 512 on one thread), with no per-operator dispatch around the small layer norms and activations.
-        The weights are numpy views of the parameters (no copy: an in-place update is seen at once); the same
-        numbers as :meth:`forward_inference` up to float32 rounding (``tests/test_nets.py``).
-        """
-        enc = self.time_encoder
-        if times.ndim != 2 or times.shape != (1, enc.n_times):
-            raise ValueError(f"times must have shape (1, {enc.n_times}), got {tuple(times.shape)}")
-        w = self._numpy_params()
-        freqs, scale = w["freqs"], enc.embed.scale
-        arg = np.outer(times.detach().numpy()[0].astype(np.float32) * np.float32(scale), freqs).astype(np.float32)
-        emb = np.concatenate([np.concatenate([a, c]) for a, c in zip(np.sin(arg), np.cos(arg))])
-        (w1, b1), (w2, b2) = w["time"]
-        emb = w2 @ _np_mish(w1 @ emb + b1) + b2
-        flat = [x.detach().numpy().reshape(-1), emb, cond.detach().numpy().reshape(-1).astype(np.float32, copy=False)]
-        h = w["inp"][0] @ np.concatenate(flat) + w["inp"][1]
-        for (lw, lb, eps), (w1, b1), (w2, b2) in w["blocks"]:
-            h = h + (w2 @ _np_mish(w1 @ _np_layer_norm(h, lw, lb, eps) + b1) + b2)
-        (lw, lb, eps), (wo, bo) = w["out"]
-        return torch.from_numpy(wo @ _np_layer_norm(h, lw, lb, eps) + bo).view(x.shape)
-
-    def __getstate__(self) -> dict:  # pickled (a spawned worker): the views are rebuilt there, on its tensors
+    def __getstate__(self) -> dict:  # pickled (a spawned worker): the views are remade there, on its tensors
         state = dict(super().__getstate__())
-        state.pop("_np_cache", None)
+        state.pop(mlp_numpy.CACHE_KEY, None)
         return state
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .share_memory(), ...: parameters may be new tensors
-        self.__dict__.pop("_np_cache", None)
+        self.__dict__.pop(mlp_numpy.CACHE_KEY, None)
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):  # load_state_dict(assign=True) puts new tensors in place
-        self.__dict__.pop("_np_cache", None)
+        self.__dict__.pop(mlp_numpy.CACHE_KEY, None)
         return super()._load_from_state_dict(*args, **kwargs)
-
-    def _numpy_params(self) -> dict:
-        """numpy views of the parameters for :meth:`forward_single`, made on first use and dropped when the
-        parameters may have been replaced (:meth:`_apply`, :meth:`_load_from_state_dict`) or their storage moved
-        (``share_memory_()`` when a worker process is started): an in-place update (an optimiser step,
-        ``load_state_dict``) shows through the views. Walking ``self.parameters()`` on every call instead would
-        cost a quarter of the network call."""
-        cache = self.__dict__.get("_np_cache")
-        if cache is not None and cache[3] is self.inp.weight and all(
-                p.data_ptr() == ptr for p, ptr in zip(cache[0], cache[1])):  # a storage moved (share_memory_)
-            return cache[2]
-        params = tuple(self.parameters())
-        if any(p.dtype != torch.float32 for p in params):
-            raise TypeError("forward_single needs float32 parameters")
-
-        def lin(m: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
-            return m.weight.detach().numpy(), m.bias.detach().numpy()
-
-        def norm(m: nn.LayerNorm) -> tuple[np.ndarray, np.ndarray, float]:
-            return m.weight.detach().numpy(), m.bias.detach().numpy(), float(m.eps)
-
-        enc = self.time_encoder
-        t1, _, t2 = enc.mlp
-        w = {"freqs": enc.embed._freqs(torch.zeros(1)).numpy(), "time": (lin(t1), lin(t2)), "inp": lin(self.inp),
-             "blocks": [(norm(ln), lin(l1), lin(l2)) for ln, l1, _, l2 in self.blocks],
-             "out": (norm(self.out[0]), lin(self.out[1]))}
-        self.__dict__["_np_cache"] = (params, tuple(p.data_ptr() for p in params), w, self.inp.weight)
-        return w
 
     def forward_jvp(self, x: Tensor, times: Tensor, cond: Tensor, dx: Tensor, dtimes: Tensor
                     ) -> tuple[Tensor, Tensor]:

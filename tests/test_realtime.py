@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stlflow.control.clock import realtime_priority, split_cpus
+from stlflow.control.clock import host_steal_seconds, realtime_priority, split_cpus
 from stlflow.control.controllers import ControllerSpec
 from stlflow.control.inference import InferenceProcess, InferenceWorker, Plan
 from stlflow.control.loop import run_episode
@@ -474,3 +474,12 @@ def test_a_killed_worker_process_latches_the_estop_and_a_new_run_refuses_to_star
     assert res.ticks["scheduled"][-1] - res.t0 < 10.0  # stopped soon after the kill, not at the end of the run
     with pytest.raises(EStopLatched):
         loop.run(1)
+
+
+def test_host_steal_time_is_read_from_proc_stat():
+    """The steal column of /proc/stat's cpu line, in seconds: what the benchmarks print beside a timing."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    first = host_steal_seconds()
+    assert first == pytest.approx(int(fields[8]) / os.sysconf("SC_CLK_TCK"), abs=0.5)  # it may grow meanwhile
+    assert host_steal_seconds() >= first >= 0.0
