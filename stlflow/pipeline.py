@@ -45,7 +45,7 @@ from stlflow.control.jobs import (
 from stlflow.control.samples import sample_metrics
 from stlflow.control.tasks import get_task
 from stlflow.policy.rti import DEFAULT_K
-from stlflow.report import EvalRow, episode_record, results_table, write_demo_outputs, write_json
+from stlflow.report import HEAD_NAMES, EvalRow, episode_record, results_table, write_demo_outputs, write_json
 
 __all__ = ["StageError", "stage_collect", "stage_calibrate", "stage_augment", "stage_train", "stage_evaluate",
            "run_demo"]
@@ -60,9 +60,6 @@ class StageError(RuntimeError):
         self.stage, self.cause = stage, cause
         why = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
         super().__init__(f"stage '{stage}' failed: {why}")
-
-
-HEAD_NAMES = {"flow": "flow", "ddpm": "diffusion (DDPM)", "meanflow": "one-step MeanFlow"}  # demo heads, in words
 
 
 @contextmanager

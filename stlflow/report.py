@@ -119,14 +119,16 @@ def results_table(rows: Sequence[EvalRow]) -> str:
     return "\n".join(out) + "\n"
 
 
+HEAD_NAMES = {"flow": "flow", "ddpm": "diffusion (DDPM)", "meanflow": "one-step MeanFlow"}  # demo heads, in words
+
+
 def summary_sentence(task: Task, rows: Sequence[EvalRow], summary: Mapping[str, Any]) -> str:
     """The one sentence ``results.md`` opens with: what was run, and what the table shows."""
     st = summary.get("stages", {})
     demos = st.get("collect", {}).get("episodes", "?")
     aug = st.get("augment", {}).get("n_accepted", "?")
     steps = st.get("train", {}).get("steps", "?")
-    head = {"flow": "flow", "ddpm": "diffusion (DDPM)", "meanflow": "one-step MeanFlow"}.get(
-        st.get("train", {}).get("head", "flow"), "flow")
+    head = HEAD_NAMES.get(st.get("train", {}).get("head", "flow"), "flow")
     vmax = ", ".join(f"{v:g}" for v in dict.fromkeys(r.theta.get("v_max", float("nan")) for r in rows))
     n = int(rows[0].metrics["episodes"]) if rows else 0
     guided = " each without and with STL guidance," if any(r.guided for r in rows) else ""
