@@ -291,3 +291,32 @@ def test_one_step_actions_stay_inside_the_action_bounds():
         outside[label] = float((raw.abs() > 1.1).float().mean())
     assert outside["defaults"] < 0.05, outside
     assert outside["neither"] > 0.5, outside
+
+
+def test_act_picks_the_best_of_its_samples_by_the_critics():
+    """``act_samples=N`` (default 50, Diffusion-QL's selection): the action is the candidate with the highest
+    twin-minimum Q among the N one-step samples drawn with the same noise; ``act_samples=1`` is one sample."""
+    assert OFQLAgent.defaults["act_samples"] == 50 and "act_samples" not in BCFlowAgent.defaults
+    data = Transitions(_random_data())
+    agent = OFQLAgent(3, 2, seed=2, act_samples=8, **SMALL_Q)
+    agent.prepare(data)
+    _train(agent, data, 5)
+    obs = np.random.default_rng(1).normal(size=(4, 3))
+    agent.reset_act_noise(7)
+    chosen = agent.act(obs)
+    agent.reset_act_noise(7)
+    with torch.no_grad():
+        rep = agent.obs_norm(torch.as_tensor(obs, dtype=torch.float32)).repeat_interleave(8, 0)
+        cands = agent.one_step(agent.ema_actor, rep, agent.act_generator)
+        q = agent.q_values(agent.critic, rep, cands).min(0).values.view(4, 8)
+    best = cands.view(4, 8, 2)[torch.arange(4), q.argmax(1)]
+    np.testing.assert_allclose(chosen, best.numpy(), rtol=0, atol=0)
+    assert (q.max(1).values > q.median(1).values).all()  # the candidates differ: a choice was made
+    agent.config["act_samples"] = 1
+    agent.reset_act_noise(7)
+    single = agent.act(obs)
+    agent.reset_act_noise(7)
+    with torch.no_grad():
+        one = agent.one_step(agent.ema_actor, agent.obs_norm(torch.as_tensor(obs, dtype=torch.float32)),
+                             agent.act_generator)
+    np.testing.assert_allclose(single, one.numpy(), rtol=0, atol=0)
