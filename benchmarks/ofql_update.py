@@ -17,7 +17,8 @@ what the update costs the core, less the time other processes held it). The load
 shared machine other processes slow every wall-time figure. The target (one update at batch 256 in at most
 ``--target-ms``) is judged on the fastest variant's median: ok / MISSED, in wall and in CPU time. The last lines
 give the update's matmul GFLOP (``torch.utils.flop_counter``) and the time those matmuls alone take at the rate
-one thread reaches now on 256 x 256 x 256 products, float32 and bfloat16: floors no eager implementation beats.
+one thread reaches now on 256 x 256 x 256 products, float32 and bfloat16, and the time the update's own matmuls take
+at their real shapes (profiled): floors no rewrite of the rest of the update beats.
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ def update_gflop(agent: OFQLAgent, data: Transitions, batch: int = 256) -> float
     return counter.get_total_flops() / 1e9
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_ms_in_update(agent: OFQLAgent, data: Transitions, batch: int = 256, updates: int = 20) -> float:
+    """Milliseconds per update that the update's own matrix products take (``torch.profiler``, self CPU time of
+    the mm / addmm / bmm / baddbmm kernels, averaged over ``updates`` updates): the floor at these shapes, below
+    which no rewrite of the surrounding work can bring an update."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [data.sample(batch, agent.generator) for _ in range(updates)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            agent.update(b)
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS)
+    return total_us / updates / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--updates", type=int, default=200, help="timed updates per variant (batch 256)")
@@ -114,6 +132,7 @@ def main() -> None:
     print(f"{'dims':>5}  {'variant':>12}  {'batch':>5}  {'wall p50':>8}  {'min':>6}  {'cpu p50':>7}  {'min':>6}  "
           f"{'ms/action':>9}")
     best: dict[str, tuple[str, dict[str, float]]] = {}
+    floors: dict[str, dict[str, float]] = {}
     for spec in args.dims.split(","):
         obs_dim, action_dim = (int(x) for x in spec.lower().split("x"))
         data = _data(obs_dim, action_dim)
@@ -131,6 +150,12 @@ def main() -> None:
                       f"{t['cpu_min']:6.2f}  {act_ms:9.4f}", flush=True)
             if batch == 256:
                 best[spec] = min(times.items(), key=lambda kv: kv[1]["p50"])
+                for name, agent in agents.items():
+                    from stlflow.policy.agents.base import use_compiled_mish
+
+                    use_compiled_mish(bool(agent.config.get("compile")))
+                    floors.setdefault(spec, {})[name] = matmul_ms_in_update(agent, data)
+                use_compiled_mish(False)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     f32, b16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     for spec in args.dims.split(","):
@@ -139,6 +164,9 @@ def main() -> None:
         print(f"{spec}: {gflop:.3f} GFLOP of matmuls per update (batch 256); at this thread's matmul rate now "
               f"(256^3, CPU time: float32 {f32:.0f}, bfloat16 {b16:.0f} GFLOP/s) they alone take "
               f"{gflop / f32 * 1e3:.1f} ms in float32, {gflop / b16 * 1e3:.1f} ms in bfloat16")
+    for spec, per in floors.items():
+        parts = ", ".join(f"{name} {ms:.1f} ms" for name, ms in per.items())
+        print(f"{spec}: the matmuls inside one update (batch 256, torch.profiler self CPU time): {parts}")
     for spec, (name, t) in best.items():
         wall_ok, cpu_ok = t["p50"] <= args.target_ms, t["cpu_p50"] <= args.target_ms
         print(f"target: one OFQL update ({spec}, batch 256, 3 x 256 networks) <= {args.target_ms:g} ms, fastest "
