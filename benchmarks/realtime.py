@@ -27,7 +27,9 @@ Columns per row and delay: success, collisions, STL satisfaction, network evalua
 first plan, made in reset, included), p50 / p99 wall time of a tick (the work of a plan is charged to the tick it
 starts on; one torch thread per worker process), and smoothness: the mean and the (episode-mean) max of the
 per-tick change of the executed continuous actions (physical units). The checks of the per-tick control issue are
-printed under the tables, and ``success_vs_delay.png`` (one line per controller, one panel per task and head) is
+printed under the tables (check 2 on the rates as measured, and seed by seed: every row runs the same seeds, so
+McNemar's exact test on the seeds only one of two rows solves says whether a rival's lead is more than seed
+noise), and ``success_vs_delay.png`` (one line per controller, one panel per task and head) is
 written to ``--out``, with ``report.json``.
 
 ``--timing-ticks N`` (default 3000): the steady tick of RTI k=1 (default MLP, one thread) timed apart, on a quiet
@@ -42,13 +44,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from stlflow.control.clock import host_steal_seconds
 from stlflow.control.controllers import RTI_ASYNC_OPTIONS, ControllerSpec
 from stlflow.control.evaluate import Report, evaluate, load_policy
-from stlflow.control.intervals import format_rate
+from stlflow.control.intervals import format_rate, paired_better_p
 from stlflow.control.jobs import EvalJob, controller_defaults
 from stlflow.control.tasks import TASKS, get_task
 from stlflow.control.workers import limit_threads
@@ -82,11 +85,30 @@ def run_cell(task: str, ckpt: str, row: str, delay: int, args: argparse.Namespac
                             keep_ticks=False))
 
 
-def cell(report: Report) -> dict[str, float]:
+def cell(report: Report) -> dict[str, Any]:
+    """The cell's rates, and ``outcomes``: success per episode in seed order (for the paired comparison)."""
     m = report.metrics
     keys = ("success_rate", "collision_rate", "stl_satisfaction_rate", "nfe_per_action", "latency_p50_ms",
             "latency_p99_ms", "action_change_mean", "action_change_max", "episodes")
-    return {k: float(m.get(k, float("nan"))) for k in keys}
+    out: dict[str, Any] = {k: float(m.get(k, float("nan"))) for k in keys}
+    out["outcomes"] = [int(r["success"]) for r in sorted(report.episodes, key=lambda r: r["seed"])]
+    return out
+
+
+def paired_line(results: dict, task: str, head: str, rows: list[str], d: int) -> str | None:
+    """Check 2 seed by seed: per rival with recorded outcomes on the same seeds, McNemar's one-sided p that it
+    succeeds more often than ours (small p: a real gap, not seed noise); None when no cell holds outcomes."""
+    ours = results.get((task, head, OURS, d), {}).get("outcomes")
+    if not ours:
+        return None
+    ps = {r: paired_better_p(ours, results[(task, head, r, d)]["outcomes"]) for r in rows
+          if r != OURS and len(results.get((task, head, r, d), {}).get("outcomes") or []) == len(ours)}
+    if not ps:
+        return None
+    worst = min(ps, key=ps.get)
+    verdict = "ok (no rival significantly better)" if ps[worst] >= 0.05 else f"MISSED ({worst} significantly better)"
+    return (f"  [2'] {task}/{head} d={d}, paired on the same {len(ours)} seeds (McNemar, one-sided): smallest p "
+            f"{ps[worst]:.3f} ({worst}): {verdict}")
 
 
 def table(results: dict, task: str, head: str, rows: list[str], delays: list[int]) -> str:
@@ -148,6 +170,9 @@ def checks(results: dict, combos: list[tuple[str, str]], rows: list[str], delays
             best = format_rate(others[best_row], n) if best_row else "-"
             out.append(f"  [2] {task}/{head} d={d}: {OURS} {format_rate(ours['success_rate'], n)}, best other "
                        f"{best_row} {best}: {verdict}")
+            paired = paired_line(results, task, head, rows, d)
+            if paired:
+                out.append(paired)
             if d == 3 and ours0 is not None:
                 loss = (ours0["success_rate"] - ours["success_rate"]) * 100
                 out.append(f"  [2] {task}/{head} d=3 vs its own d=0: {loss:+.0f} pts lost: "

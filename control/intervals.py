@@ -8,6 +8,10 @@ approximation ``p ± z sqrt(p (1 - p) / n)``) stays inside [0, 1] and does not c
     halfwidth = z / (1 + z² / n) * sqrt(p (1 - p) / n + z² / 4n²)
 
 with p = k / n and z the two-sided normal quantile of the confidence level (1.96 for 95%).
+
+Two controllers run on the same seeds are compared episode by episode with :func:`paired_better_p` (McNemar's
+exact test): only the seeds where exactly one of them succeeds carry information, and on those the null
+hypothesis "equally good" is a fair coin.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-__all__ = ["wilson_interval", "format_rate"]
+__all__ = ["wilson_interval", "format_rate", "paired_better_p"]
 
 
 def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -47,3 +51,20 @@ def format_rate(rate: float, n: int, confidence: float = 0.95) -> str:
         return "-"
     lo, hi = wilson_interval(round(float(rate) * n), int(n), confidence)
     return f"{float(rate):.0%} ({100 * lo:.0f}-{100 * hi:.0f})"
+
+
+def paired_better_p(ours: "list[bool] | tuple[bool, ...]", theirs: "list[bool] | tuple[bool, ...]") -> float:
+    """One-sided p-value (McNemar's exact test) that ``theirs`` succeeds more often than ``ours`` on the same seeds.
+
+    ``ours[i]``, ``theirs[i]``: the outcomes of the two controllers on seed i. With b the seeds only ``theirs``
+    succeeds on and c those only ``ours`` does, p = P(X >= b) for X ~ Binomial(b + c, 1/2) (1.0 when b + c = 0):
+    a small p says the gap is not seed noise. Raises ValueError when the lists differ in length.
+    """
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired outcomes need the same seeds: {len(ours)} against {len(theirs)} episodes")
+    b = sum(1 for o, t in zip(ours, theirs) if t and not o)
+    c = sum(1 for o, t in zip(ours, theirs) if o and not t)
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, i) for i in range(b, n + 1)) / 2.0**n)
