@@ -69,8 +69,9 @@ def main() -> None:
                          agent_settings=settings.get(agent, {}), max_minutes=args.minutes,
                          resume=(out / agent).exists())
         reports[agent] = run(job)
-    print(f"\nmaze2d-umaze-v1, {len(seeds)} seeds, {args.minutes:g} training minutes per seed, {args.episodes} "
-          f"evaluation episodes; data {data} (load average {os.getloadavg()[0]:.1f})")
+    budget = f"{args.minutes:g} training minutes" + (f" or {args.steps} updates" if args.steps < 10**9 else "")
+    print(f"\nmaze2d-umaze-v1, {len(seeds)} seeds, at most {budget} per seed (whichever comes first), "
+          f"{args.episodes} evaluation episodes; data {data} (load average {os.getloadavg()[0]:.1f})")
     print(f"{'agent':<18} {'last':>14} {'best':>14}  updates per seed      ms/update")
     for agent, rep in reports.items():
         ms = "n/a" if rep["ms_per_update"] is None else f"{rep['ms_per_update']['mean']:.1f}"

@@ -97,7 +97,10 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"- data: `{r['data']}`", f"- evaluation env: `{r['env_id']}`; comparison with published scores: "
              f"**{r['comparison']}** ({r['comparison_note']})",
              f"- seeds: {r['seeds']}; updates per seed: {r['steps']}; {r['eval_episodes']} evaluation episodes "
-             f"per evaluation; metric: {r['metric']}", ""]
+             f"per evaluation; metric: {r['metric']}"]
+    if r.get("agent_config"):
+        lines.append("- agent settings (all, as run): " + ", ".join(f"`{k}={v}`" for k, v in r["agent_config"].items()))
+    lines.append("")
     if r.get("warning"):
         lines += [f"> warning: {r['warning']}", ""]
     stl = r.get("stl_satisfied_last") is not None

@@ -319,6 +319,7 @@ def run_seed(args: tuple[D4RLRunJob, EvalTarget, int]) -> dict[str, Any]:
         metrics.append(row)
         save_agent(agent, seed_dir / "checkpoint", {"task": job.task, "train_seconds": train_s})
     return {"seed": seed, "rows": metrics.rows, "updates_this_run": agent.steps - done_at_start,
+            "agent_config": dict(agent.config),
             "ms_per_action": _ms_per_action(agent, data.obs[:64].numpy())}
 
 
@@ -379,6 +380,7 @@ def report(job: D4RLRunJob, target: EvalTarget, results: list[dict[str, Any]]) -
     rep = {"task": job.task, "agent": job.agent, "data": str(job.data), "env_id": target.env_id,
            "comparison": target.comparison, "comparison_note": target.note, "seeds": [r["seed"] for r in results],
            "eval_episodes": job.eval_episodes, "agent_settings": dict(job.agent_settings),
+           "agent_config": results[0].get("agent_config", {}) if results else {},
            "anchors": CORL_LAST.get(job.task, {}), "ms_per_action": float(np.mean([r["ms_per_action"]
                                                                                    for r in results])),
            **summary}

@@ -17,6 +17,7 @@ hypothesis "equally good" is a fair coin.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 
 __all__ = ["wilson_interval", "format_rate", "paired_better_p"]
@@ -53,7 +54,7 @@ def format_rate(rate: float, n: int, confidence: float = 0.95) -> str:
     return f"{float(rate):.0%} ({100 * lo:.0f}-{100 * hi:.0f})"
 
 
-def paired_better_p(ours: "list[bool] | tuple[bool, ...]", theirs: "list[bool] | tuple[bool, ...]") -> float:
+def paired_better_p(ours: Sequence[bool], theirs: Sequence[bool]) -> float:
     """One-sided p-value (McNemar's exact test) that ``theirs`` succeeds more often than ``ours`` on the same seeds.
 
     ``ours[i]``, ``theirs[i]``: the outcomes of the two controllers on seed i. With b the seeds only ``theirs``
