@@ -50,7 +50,10 @@ LOCKSTEP_ONLY = ("sync", "async", "ensemble", "rtc")  # always an AsyncExecutor:
 # RTI options of the asynchronous executor (stlflow.control.async_exec): plan every ``interval`` ticks, keep
 # ``commit`` actions fixed beyond the ones an inference delay commits; ``nfe_per_tick``: size each plan by a per-tick
 # budget (k = nfe_per_tick x the ticks between plans) instead of a fixed k
-RTI_ASYNC_OPTIONS = ("interval", "commit", "pin", "nfe_per_tick", "one_step_cold")
+RTI_ASYNC_OPTIONS = ("interval", "commit", "pin", "nfe_per_tick", "ddpm_nfe_per_tick", "one_step_cold")
+# RTI options that depend on the policy's head, resolved by ControllerSpec.for_policy: a one-step head's cold plans,
+# and a DDPM head's own per-tick budget
+HEAD_OPTIONS = ("one_step_cold", "ddpm_nfe_per_tick")
 
 
 def rti_options() -> tuple[str, ...]:
@@ -58,6 +61,11 @@ def rti_options() -> tuple[str, ...]:
     executor's ``interval`` / ``commit``."""
     names = inspect.signature(RTIController.__init__).parameters
     return tuple(n for n in names if n not in _RTI_NOT_OPTIONS) + RTI_ASYNC_OPTIONS
+
+
+def _head_kind(policy: Any) -> str | None:
+    """``"ddpm"``, ``"flow"``, ``"meanflow"``: the kind of ``policy``'s generative head (None if it has none)."""
+    return getattr(getattr(policy, "head", None), "kind", None)
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,10 @@ class ControllerSpec:
         k = self.get("k")
         if k is not None and int(k) < 1:
             raise ValueError(f"k (solver steps per tick) must be >= 1, got {k}")
-        per_tick = self.get("nfe_per_tick")
-        if per_tick is not None and not float(per_tick) > 0:
-            raise ValueError(f"nfe_per_tick (network evaluations per tick) must be > 0, got {per_tick}")
+        for key in ("nfe_per_tick", "ddpm_nfe_per_tick"):
+            per_tick = self.get(key)
+            if per_tick is not None and not float(per_tick) > 0:
+                raise ValueError(f"{key} (network evaluations per tick) must be > 0, got {per_tick}")
 
     @classmethod
     def create(cls, name: str = "receding", *, guidance: Any = None, **options: Any) -> ControllerSpec:
@@ -126,17 +135,28 @@ class ControllerSpec:
                                                                         for k in RTI_ASYNC_OPTIONS))
 
     def for_policy(self, policy: Any) -> ControllerSpec:
-        """This spec resolved for ``policy``'s head: with ``one_step_cold`` (RTI) and a one-step head (its default
-        schedule costs one network evaluation, e.g. MeanFlow), the plans are cold one-step chunks every
-        max(interval, Ta) ticks (k = 1 from t_start 1.0, no per-tick budget), the delayed actions still pinned.
-        Measured on a Crossing MeanFlow policy (100 seeds, d = 0..3): 98% at every delay against 85-91% for the
-        multi-step heads' warm settings (``benchmarks/realtime.py``). Any other spec is returned as is."""
+        """This spec resolved for ``policy``'s head (RTI's :data:`HEAD_OPTIONS`; any other spec is returned as is):
+
+        - ``one_step_cold`` and a one-step head (its default schedule costs one network evaluation, e.g. MeanFlow):
+          the plans are cold one-step chunks every max(interval, Ta) ticks (k = 1 from t_start 1.0, no per-tick
+          budget), the delayed actions still pinned. Measured on a Crossing MeanFlow policy (100 seeds,
+          d = 0..3): 98% at every delay against 85-91% for the multi-step heads' warm settings;
+        - ``ddpm_nfe_per_tick`` and a DDPM head: that per-tick budget replaces ``nfe_per_tick`` (the DDPM
+          policies did as well or better on half the evaluations of the flow policies' budget:
+          ``benchmarks/realtime.py``, conf/control/rti.yaml).
+
+        The resolved spec holds neither option."""
         options = dict(self.options)
-        cold = options.pop("one_step_cold", False)
-        if self.name != "rti" or not cold or policy is None or int(policy.nfe()) != 1:
+        if self.name != "rti" or policy is None or not any(k in options for k in HEAD_OPTIONS):
             return self
-        options.pop("nfe_per_tick", None)
-        options.update(k=1, t_start=1.0, interval=max(int(options.get("interval") or 1), int(policy.n_action_steps)))
+        cold = options.pop("one_step_cold", False)
+        ddpm_budget = options.pop("ddpm_nfe_per_tick", None)
+        if cold and int(policy.nfe()) == 1:
+            options.pop("nfe_per_tick", None)
+            options.update(k=1, t_start=1.0,
+                           interval=max(int(options.get("interval") or 1), int(policy.n_action_steps)))
+        elif ddpm_budget is not None and "nfe_per_tick" in options and _head_kind(policy) == "ddpm":
+            options["nfe_per_tick"] = float(ddpm_budget)
         return ControllerSpec(self.name, tuple(sorted(options.items())), self.guidance)
 
     def per_tick(self, delay: int = 1) -> ControllerSpec:
@@ -179,10 +199,8 @@ class ControllerSpec:
             return expert
         if policy is None:
             raise ValueError(f"controller {self.name!r} needs a policy or a checkpoint directory")
-        if self.name == "rti" and "one_step_cold" in dict(self.options):
-            resolved = self.for_policy(policy)
-            return ControllerSpec(resolved.name, tuple((k, v) for k, v in resolved.options if k != "one_step_cold"),
-                                  resolved.guidance).build(policy, seed=seed, stl_params=stl_params, delay=delay)
+        if self.name == "rti" and any(k in dict(self.options) for k in HEAD_OPTIONS):
+            return self.for_policy(policy).build(policy, seed=seed, stl_params=stl_params, delay=delay)
         o, g = dict(self.options), self.guidance
         if self.name in ASYNC_MODES and (self.asynchronous or delay > 0):
             return self._build_async(policy, seed, stl_params, int(delay))

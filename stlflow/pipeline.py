@@ -151,6 +151,7 @@ def rti_options(task: str, k: int | None = None) -> dict[str, Any]:
     if k is not None:
         opts["k"] = int(k)
         opts.pop("nfe_per_tick", None)
+        opts.pop("ddpm_nfe_per_tick", None)
     return opts
 
 

@@ -167,6 +167,23 @@ def test_the_k_shortcut_replaces_the_per_tick_budget_and_the_default_keeps_it():
     assert ControllerSpec.from_dict(fixed).build(tiny_policy("flow"), seed=0).planner.ctrl.k == 3
 
 
+def test_a_ddpm_head_takes_its_own_per_tick_budget():
+    from stlflow.control.jobs import controller_defaults
+
+    opts = {**controller_defaults("rti", "crossing"), "interval": 4, "nfe_per_tick": 1, "ddpm_nfe_per_tick": 0.5}
+    spec = ControllerSpec.create("rti", **opts)
+    ddpm, flow = tiny_policy("ddpm"), tiny_policy("flow")
+    assert spec.for_policy(ddpm).get("nfe_per_tick") == 0.5 and spec.for_policy(flow).get("nfe_per_tick") == 1
+    assert all("ddpm_nfe_per_tick" not in dict(spec.for_policy(p).options) for p in (ddpm, flow))
+    # a plan every 4 ticks: 2 solver steps on the DDPM head's budget, 4 on the flow head's; 6 ticks under d = 3
+    assert spec.build(ddpm, seed=0).planner.ctrl.k == 2 and spec.build(flow, seed=0).planner.ctrl.k == 4
+    assert spec.build(ddpm, seed=0, delay=3).planner.ctrl.k == 3
+    assert ControllerSpec.create("rti", **{**opts, "nfe_per_tick": None}).build(ddpm, seed=0).planner.ctrl.k == \
+        opts["k"]  # without a per-tick budget the DDPM budget has nothing to replace: the fixed k
+    with pytest.raises(ValueError, match="ddpm_nfe_per_tick"):
+        ControllerSpec.create("rti", ddpm_nfe_per_tick=0)
+
+
 def test_a_one_step_head_plans_cold_one_step_chunks_every_ta_ticks_by_default():
     from stlflow.control.jobs import controller_defaults
 
@@ -177,7 +194,8 @@ def test_a_one_step_head_plans_cold_one_step_chunks_every_ta_ticks_by_default():
     resolved = dict(spec.for_policy(one_step).options)
     assert (resolved["k"], resolved["t_start"], resolved["interval"]) == (1, 1.0, max(4, one_step.n_action_steps))
     assert "nfe_per_tick" not in resolved and "one_step_cold" not in resolved
-    assert spec.for_policy(multi_step) is spec
+    kept = dict(spec.for_policy(multi_step).options)
+    assert kept == {k: v for k, v in spec.options if k not in ("one_step_cold", "ddpm_nfe_per_tick")}
     assert ControllerSpec.create("rti", **{**controller_defaults("rti", "crossing"), "one_step_cold": False}
                                  ).for_policy(one_step).get("t_start") == 0.4
     ex = spec.build(one_step, seed=0, delay=1)  # the executor runs the resolved schedule
