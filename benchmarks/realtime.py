@@ -18,9 +18,10 @@ inference worker whose plan from the observation of tick s acts from tick s + d 
 - ``rti``: the warm-started RTI controller as shipped (``conf/control/rti.yaml`` with the task's ``rti_k``,
   ``rti_t_start`` and ``rti_interval``), a plan every max(interval, 2 d) ticks, the d actions that run while a plan
   is computed kept fixed, with a budget of ``nfe_per_tick`` = 1 network evaluation per tick (the issue's "RTI at
-  k = 1") spent as one plan of 1 x interval solver steps every interval ticks; ``rti:nfe_per_tick=2``: twice the
-  budget (the issue's "k = 2"); ``rti:nfe_per_tick=null``: a fixed k a plan instead (the task's ``rti_k``, 2 on
-  Crossing, 4 on PickPlace: the default before the per-tick budget);
+  k = 1"; 0.5 for a DDPM head, ``ddpm_nfe_per_tick``) spent as one plan of budget x interval solver steps every
+  interval ticks; ``rti:nfe_per_tick=x``: a budget of x for every head (2: the issue's "k = 2");
+  ``rti:nfe_per_tick=null``: a fixed k a plan instead (the task's ``rti_k``, 2 on Crossing, 4 on PickPlace: the
+  default before the per-tick budget);
 - ``--variant 'rti:k=2,commit=2'``: more rows (any controller, ``name:opt=value,...``) for the design search.
 
 Columns per row and delay: success, collisions, STL satisfaction, network evaluations per executed action (the
@@ -69,6 +70,8 @@ def parse_row(text: str, task: str, delay: int, rtc_interval: int) -> Controller
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         opts[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+    if "nfe_per_tick" in rest and "ddpm_nfe_per_tick" not in rest:
+        opts.pop("ddpm_nfe_per_tick", None)  # a row's own budget holds for every head
     if name == "rtc":
         opts.setdefault("interval", rtc_interval)
     if name == "rti":
@@ -131,15 +134,18 @@ def table(results: dict, task: str, head: str, rows: list[str], delays: list[int
     return "\n".join(lines + pivot) + "\n"
 
 
-def _per_tick_budget(row: str, task: str) -> float | None:
+def _per_tick_budget(row: str, task: str, head: str) -> float | None:
     """The network evaluations per tick an RTI row is given (``rti:nfe_per_tick=x``, or the shipped ``rti`` with its
-    task's ``nfe_per_tick``: the issue's "k network evaluations per tick", spent as one plan of k x interval solver
-    steps every interval ticks); None otherwise."""
+    task's ``nfe_per_tick``, ``ddpm_nfe_per_tick`` for a DDPM head: the issue's "k network evaluations per tick",
+    spent as one plan of k x interval solver steps every interval ticks); None otherwise."""
     name, _, rest = row.partition(":")
     opts = dict(item.partition("=")[::2] for item in filter(None, rest.split(",")))
     if name != "rti" or set(opts) - {"nfe_per_tick"}:
         return None
-    value = opts.get("nfe_per_tick", controller_defaults("rti", task).get("nfe_per_tick"))
+    shipped = controller_defaults("rti", task)
+    if head == "ddpm" and shipped.get("nfe_per_tick") is not None and shipped.get("ddpm_nfe_per_tick") is not None:
+        shipped["nfe_per_tick"] = shipped["ddpm_nfe_per_tick"]
+    value = opts.get("nfe_per_tick", shipped.get("nfe_per_tick"))
     return None if value in (None, "null") else float(value)
 
 
@@ -152,7 +158,7 @@ def checks(results: dict, combos: list[tuple[str, str]], rows: list[str], delays
         ref = results.get((task, head, "sync", 0))
         for row in rows:
             c = results.get((task, head, row, 0))
-            budget = _per_tick_budget(row, task)
+            budget = _per_tick_budget(row, task, head)
             if budget is not None and budget <= 2 and ref and c:
                 gap = round((c["success_rate"] - ref["success_rate"]) * 100, 6)
                 out.append(f"  [1] {task}/{head} {row} d=0: {c['success_rate']:.0%} vs receding "
