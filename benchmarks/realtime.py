@@ -181,7 +181,8 @@ def checks(results: dict, combos: list[tuple[str, str]], rows: list[str], delays
                 out.append(paired)
             if d == 3 and ours0 is not None:
                 loss = (ours0["success_rate"] - ours["success_rate"]) * 100
-                out.append(f"  [2] {task}/{head} d=3 vs its own d=0: {loss:+.0f} pts lost: "
+                out.append(f"  [2] {task}/{head} d=3 vs its own d=0: {ours['success_rate']:.0%} vs "
+                           f"{ours0['success_rate']:.0%} ({-loss:+.0f} pts; at most 5 lost): "
                            f"{'ok' if loss <= 5 else 'MISSED'}")
     return "\n".join(out)
 
